@@ -1,0 +1,3 @@
+from carbseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Command line: one thin sub-command per stage (parse, call the library, report).
+
+Exit status: 0 on success; 2 on bad usage or bad input (one line on stderr, no traceback);
+1 on an internal failure (with a traceback, since that is a bug to report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from carbseg import __version__
+from carbseg.errors import UserError
+
+DATASETS = ("cityscapes", "camvid", "wilddash2", "synthetic", "folder")
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout and class set")
+    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--split", required=split_default is None, default=split_default, help="train, val or test")
+    p.add_argument("--classes", default=None,
+                   help="classes file (JSON or YAML: names, optional text_names and palette); only for --dataset folder")
+
+
+def _dataset_from_args(args):
+    from carbseg.data.datasets import build_dataset
+
+    return build_dataset(args.dataset, args.root, args.split, classes_file=args.classes)
+
+
+# ---------------------------------------------------------------- labels
+def _add_labels(sub) -> None:
+    p = sub.add_parser("labels", help="derive image-level labels (the only supervision) from GT masks")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", help="dataset root folder (not needed with --from-npy)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--classes", default=None, help="classes file, only for --dataset folder")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--min-pixels", type=int, default=1,
+                   help="a class is present when it covers at least this many pixels (default 1)")
+    p.add_argument("--from-npy", default=None, metavar="FILE",
+                   help="convert the authors' labels.npy (pickled dict id -> multi-hot vector) instead")
+    p.set_defaults(func=_run_labels)
+
+
+def _run_labels(args) -> int:
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------- pseudo-masks
+def _add_pseudo_masks(sub) -> None:
+    p = sub.add_parser("pseudo-masks", help="teacher pseudo-masks for every image, from image-level labels")
+    _add_dataset_args(p)
+    p.add_argument("--labels", required=True, help="image-level labels JSON (carbseg labels)")
+    p.add_argument("--out", required=True, help="output folder; writes OUT/IMAGE_ID.png in train ids")
+    p.add_argument("--teacher", choices=("clip", "simulated"), default="clip",
+                   help="clip (default) or simulated: a research instrument that READS GROUND TRUTH")
+    p.add_argument("--clip-model", default="ViT-B-16")
+    p.add_argument("--clip-pretrained", default="openai", help="open_clip tag, local weights file, or none")
+    p.set_defaults(func=_run_pseudo_masks)
+
+
+def _run_pseudo_masks(args) -> int:
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------- evaluate
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="per-class IoU of predictions or of a checkpoint against ground truth")
+    _add_dataset_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pred", help="folder of predictions DIR/IMAGE_ID.png in train ids")
+    src.add_argument("--checkpoint", help="model.safetensors written by carbseg train")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------- train
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the segmenter (GLV + CARB) from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/cityscapes_carb.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_iters=1000")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations in total")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------- predict
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment an image, a folder of images or a video")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="image file, folder, or video file")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------- demo
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole method offline on generated driving scenes (minutes on a CPU)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    raise NotImplementedError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="carbseg",
+        description="Weakly supervised semantic segmentation for driving scenes (CLIP teacher, GLV, CARB).",
+    )
+    parser.add_argument("--version", action="version", version=f"carbseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_labels, _add_pseudo_masks, _add_evaluate, _add_train, _add_predict, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"carbseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"carbseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"carbseg {args.command}: internal error (a bug: please report it with the traceback above)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

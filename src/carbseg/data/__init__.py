@@ -1,0 +1,1 @@
+"""Datasets, class sets, image-level labels, joint transforms and global/local views."""

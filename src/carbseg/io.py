@@ -1,0 +1,115 @@
+"""File input/output shared by every stage: robust image reading and atomic writes.
+
+Every output is written to a temporary name in the same folder and renamed into place, so a
+killed job never leaves a half-written file behind (reruns skip only complete outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from carbseg.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 label map (H, W) or an RGB picture (H, W, 3) as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 RGB (H, W, 3), whatever its mode (gray, RGBA, palette, 16-bit).
+
+    Raises UserError naming the file when it is missing, unreadable or truncated.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # forces full decoding: truncated files fail here, not later
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                peak = arr.max() if arr.size else 0.0
+                # 16-bit images: scale the full 16-bit range down to 8 bits.
+                arr = (arr / (65535.0 if peak > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=2)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.asarray(img, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: cannot read image ({err}); re-download or remove this file") from None
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a single-channel label map as int32 (H, W), without any colour conversion.
+
+    Palette PNGs give their indices, 16-bit PNGs their full values; RGB label files are refused.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGB", "RGBA"):
+                raise UserError(
+                    f"{path}: label map is {img.mode}, expected a single-channel (index) PNG; "
+                    "convert colour-coded masks to class indices first"
+                )
+            return np.asarray(img).astype(np.int32)
+    except FileNotFoundError:
+        raise UserError(f"{path}: label file not found") from None
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: cannot read label map ({err}); re-download or remove this file") from None
+
+
+def safe_child(root: str | os.PathLike, relative: str) -> Path:
+    """Join ``relative`` under ``root`` and refuse anything that would escape it (``..``, absolute ids)."""
+    root_resolved = Path(root).resolve()
+    candidate = (root_resolved / relative).resolve()
+    if candidate != root_resolved and root_resolved not in candidate.parents:
+        raise UserError(f"refusing to write {relative!r}: it resolves outside the output folder {root}")
+    return candidate
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

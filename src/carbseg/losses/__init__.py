@@ -1,0 +1,1 @@
+"""Losses as pure functions first (CARB), thin modules second."""

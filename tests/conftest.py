@@ -1,0 +1,26 @@
+"""Shared test fixtures. Real data lives in ../shared/data (beside the project root) and is optional."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def camvid_root() -> Path:
+    root = SHARED_DATA / "camvid"
+    if not (root / "val").is_dir():
+        pytest.skip("real CamVid sample (../shared/data/camvid) not present")
+    return root
+
+
+@pytest.fixture
+def cityscapes_sample_root() -> Path:
+    root = SHARED_DATA / "cityscapes-sample"
+    if not (root / "leftImg8bit").is_dir():
+        pytest.skip("real Cityscapes sample (../shared/data/cityscapes-sample) not present")
+    return root
