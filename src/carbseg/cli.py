@@ -68,17 +68,47 @@ def _run_pseudo_masks(args) -> int:
 
 # ---------------------------------------------------------------- evaluate
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="per-class IoU of predictions or of a checkpoint against ground truth")
+    p = sub.add_parser(
+        "evaluate", help="per-class IoU of predictions or of a checkpoint against ground truth",
+        description="Per-class IoU, mIoU and pixel accuracy against the split's ground truth. Pseudo-masks "
+                    "(carbseg pseudo-masks --out DIR) are evaluated the same way: pass their folder as --pred. "
+                    "A prediction value 255 (ignore) on a labelled pixel counts as wrong.")
     _add_dataset_args(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pred", help="folder of predictions DIR/IMAGE_ID.png in train ids")
+    src.add_argument("--pred", help="folder of predictions or pseudo-masks DIR/IMAGE_ID.png in train ids")
     src.add_argument("--checkpoint", help="model.safetensors written by carbseg train")
-    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--json", default=None, help="write the report as JSON here (miou, pixel_acc, iou, num_images)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write report.md, report.json, IoU bars, confusion heat map and best/worst image grids here")
+    p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:1 ...")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    raise NotImplementedError
+    from carbseg.engine.evaluate import (
+        evaluate_predictions,
+        load_qualitative_samples,
+        qualitative_from_predictions,
+    )
+    from carbseg.engine.report import print_table, write_report
+    from carbseg.io import write_json_atomic
+
+    dataset = _dataset_from_args(args)
+    if args.pred is not None:
+        confusion, stats = evaluate_predictions(dataset, args.pred)
+        samples = load_qualitative_samples(dataset, args.pred, stats) if args.report else None
+    else:
+        from carbseg.engine.inference import evaluate_checkpoint
+
+        confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device)
+        samples = qualitative_from_predictions(stats, kept)
+    report = confusion.report(dataset.classes.names)
+    print_table(report, dataset.classes)
+    if args.json:
+        write_json_atomic(args.json, report)
+    if args.report:
+        write_report(args.report, report, confusion, dataset.classes, samples)
+    return 0
 
 
 # ---------------------------------------------------------------- train

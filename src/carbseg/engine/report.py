@@ -1,0 +1,199 @@
+"""Evaluation reports: the per-class table on stdout, and a folder with Markdown, JSON and pictures.
+
+The report dict is the evaluation contract of ``ConfusionMatrix.report``: ``miou`` and
+``pixel_acc`` in percent, ``iou`` class name -> percent (None when the class is absent from both
+GT and prediction), ``num_images``. Classes that the method calls small objects (the ones GLV is
+meant to recover) are marked with ``*``. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from carbseg.data.classes import ClassSet
+from carbseg.io import atomic_path, write_json_atomic, write_text_atomic
+from carbseg.metrics import ConfusionMatrix
+
+SMALL_MARK = "*"
+QUALITATIVE_TITLES = ["image", "ground truth", "prediction", "errors"]
+
+
+@dataclass
+class QualitativeSample:
+    """One row of a qualitative grid: the picture, its GT and prediction (train ids), its mIoU (%)."""
+
+    id: str
+    image: np.ndarray
+    gt: np.ndarray
+    pred: np.ndarray
+    miou: float
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def format_table(report: dict, classes: ClassSet) -> str:
+    """Aligned per-class IoU table, small classes marked, mIoU and pixel accuracy last."""
+    small = set(classes.small_classes)
+    names = [n + (f" {SMALL_MARK}" if n in small else "") for n in classes.names]
+    width = max([len(n) for n in names] + [len("pixel accuracy"), len("class")])
+    rule = "-" * (width + 10)
+    lines = [f"{'class':<{width}}  {'IoU (%)':>7}", rule]
+    for name, shown in zip(classes.names, names):
+        lines.append(f"{shown:<{width}}  {_percent(report['iou'].get(name)):>7}")
+    lines.append(rule)
+    lines.append(f"{'mIoU':<{width}}  {_percent(report['miou']):>7}")
+    lines.append(f"{'pixel accuracy':<{width}}  {_percent(report['pixel_acc']):>7}")
+    lines.append(f"({report['num_images']} images; n/a = class absent from GT and prediction, excluded from the mean"
+                 + (f"; {SMALL_MARK} = small-object class" if small else "") + ")")
+    return "\n".join(lines)
+
+
+def print_table(report: dict, classes: ClassSet) -> None:
+    print(format_table(report, classes))
+
+
+def format_markdown(report: dict, classes: ClassSet, pictures: list[str] = (),
+                    captions: dict[str, str] | None = None) -> str:
+    small = set(classes.small_classes)
+    lines = [
+        f"# Evaluation report ({classes.name})",
+        "",
+        f"- mIoU: **{_percent(report['miou'])}**",
+        f"- pixel accuracy: {_percent(report['pixel_acc'])}",
+        f"- images: {report['num_images']}",
+        "",
+        "| class | IoU (%) | small object |",
+        "|---|---:|:---:|",
+    ]
+    for name in classes.names:
+        lines.append(f"| {name} | {_percent(report['iou'].get(name))} | {'yes' if name in small else ''} |")
+    lines += ["", "n/a: the class is absent from both ground truth and prediction; it is excluded from the mean.", ""]
+    for picture in pictures:
+        lines += [f"![{Path(picture).stem}]({picture})", ""]
+        if captions and picture in captions:
+            lines += [captions[picture], ""]
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: reports are written on servers without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_iou_bars(path: Path, report: dict, classes: ClassSet) -> None:
+    """Per-class IoU bars in the class colours; classes without an IoU are labelled n/a."""
+    plt = _pyplot()
+    values = [report["iou"].get(n) for n in classes.names]
+    colours = [tuple(v / 255.0 for v in c) for c in classes.palette]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * classes.num_classes + 2), 4.0))
+    x = np.arange(classes.num_classes)
+    ax.bar(x, [0.0 if v is None else v for v in values], color=colours, edgecolor="black", linewidth=0.5)
+    for xi, v in zip(x, values):
+        ax.text(xi, (0.0 if v is None else v) + 1.0, "n/a" if v is None else f"{v:.0f}",
+                ha="center", va="bottom", fontsize=7)
+    if report["miou"] is not None:
+        ax.axhline(report["miou"], color="black", linestyle="--", linewidth=1,
+                   label=f"mIoU {report['miou']:.1f}")
+        ax.legend(loc="upper right", fontsize=8)
+    small = set(classes.small_classes)
+    ax.set_xticks(x, [n + (SMALL_MARK if n in small else "") for n in classes.names], rotation=60, ha="right")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("IoU (%)")
+    ax.set_title(f"{classes.name}: per-class IoU ({report['num_images']} images)")
+    _save_figure(fig, path)
+
+
+def plot_confusion(path: Path, confusion: ConfusionMatrix, classes: ClassSet) -> None:
+    """Row-normalised confusion heat map (each GT class sums to 1; a 'none' column holds misses)."""
+    plt = _pyplot()
+    counts = confusion.matrix.astype(np.float64)
+    columns = list(classes.names)
+    if confusion.missed.any():
+        counts = np.concatenate([counts, confusion.missed[:, None].astype(np.float64)], axis=1)
+        columns.append("none (ignore)")
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    size = max(5.0, 0.4 * classes.num_classes + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(np.arange(len(columns)), columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(np.arange(classes.num_classes), classes.names, fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title("confusion (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    _save_figure(fig, path)
+
+
+def _shrink(picture: np.ndarray, max_width: int) -> np.ndarray:
+    """Nearest-neighbour downscale to at most ``max_width`` (keeps label colours and error pixels exact)."""
+    from PIL import Image
+
+    h, w = picture.shape[:2]
+    if w <= max_width:
+        return picture
+    size = (max_width, max(1, round(h * max_width / w)))
+    return np.asarray(Image.fromarray(picture).resize(size, resample=Image.Resampling.NEAREST))
+
+
+def qualitative_grid(samples: list[QualitativeSample], classes: ClassSet, max_width: int = 512) -> np.ndarray:
+    """Rows of image | ground truth | prediction | errors, each picture at most ``max_width`` wide
+    (full-resolution Cityscapes frames would make a grid of tens of megapixels)."""
+    from carbseg.visualize import colorize, error_map, make_grid
+
+    rows = [[_shrink(p, max_width) for p in (s.image, colorize(s.gt, classes), colorize(s.pred, classes),
+                                              error_map(s.pred, s.gt, classes.ignore_index))]
+            for s in samples]
+    return make_grid(rows, list(QUALITATIVE_TITLES))
+
+
+def write_report(out_dir: str | os.PathLike, report: dict, confusion: ConfusionMatrix, classes: ClassSet,
+                 samples: dict[str, list[QualitativeSample]] | None = None, write_json: bool = True) -> list[Path]:
+    """Write report.json (if ``write_json``), report.md, iou_bar.png, confusion.png and, given
+    ``samples`` ({"worst": [...], "best": [...]}), qualitative_worst.png / qualitative_best.png.
+
+    Returns the paths written.
+    """
+    from carbseg.visualize import save_png
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if write_json:
+        write_json_atomic(out_dir / "report.json", report)
+        written.append(out_dir / "report.json")
+    plot_iou_bars(out_dir / "iou_bar.png", report, classes)
+    plot_confusion(out_dir / "confusion.png", confusion, classes)
+    pictures = ["iou_bar.png", "confusion.png"]
+    captions: dict[str, str] = {}
+    for kind in ("worst", "best"):
+        rows = (samples or {}).get(kind) or []
+        if rows:
+            name = f"qualitative_{kind}.png"
+            save_png(out_dir / name, qualitative_grid(rows, classes))
+            pictures.append(name)
+            captions[name] = f"{kind} images by per-image mIoU, top to bottom: " + ", ".join(
+                f"{r.id} ({r.miou:.1f})" for r in rows)
+    write_text_atomic(out_dir / "report.md", format_markdown(report, classes, pictures, captions))
+    written += [out_dir / "report.md"] + [out_dir / p for p in pictures]
+    return written
