@@ -1,0 +1,623 @@
+"""The training loop of the method: teacher in the loop, Global-Local View (GLV) and CARB.
+
+One iteration, read like the paper:
+
+1. an augmented global batch (images 0..255, validity of each pixel, image-level labels);
+2. the teacher labels the global view (dual path), or the offline pseudo-masks, augmented jointly
+   with the image, are the labels (single path, ``data.pseudo_masks``);
+3. GLV: one local patch per step at a random position; the images are zoomed by s ~ U[offset,
+   offset + rate), the teacher labels the zoomed patch, and its labels are resized back to the
+   patch size (single path: the pseudo-mask is simply cut out, there is no teacher to zoom for);
+4. the segmenter runs on the global batch only; its logits are cut out at the patch region;
+5. CARB: plain cross-entropy during the warm-up (``train.warmup_iters``); afterwards the
+   consistent / inconsistent split (teacher vs the segmenter's own label-restricted prediction),
+   the inconsistent part scaled by the adaptive (or fixed) coefficient c;
+6. backward, SGD step with the poly learning rate.
+
+Everything random is a function of (seed, iteration, rank) -- data order, augmentation, the patch,
+and the global torch generator, reseeded every iteration -- and everything stateful (weights,
+optimizer, CARB loss queues, AMP scaler) is in ``checkpoint_last.pt``, so a run stopped at N and
+resumed gives, on CPU, bit-identical weights to a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from carbseg import distributed as dist
+from carbseg.config import Config, config_to_dict, dump_config, load_config
+from carbseg.data.classes import IGNORE_INDEX, ClassSet
+from carbseg.engine.schedule import set_poly_lr
+from carbseg.engine.train_data import TrainingSamples, training_loader
+from carbseg.errors import UserError
+from carbseg.io import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_FILE = "checkpoint_last.pt"
+MODEL_FILE = "model.safetensors"
+LOG_FILE = "log.jsonl"
+TENSORBOARD_DIR = "tb"
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 -- it is a stop, not an error
+    """SIGTERM / SIGINT arrived: the current step was finished and ``checkpoint_last.pt`` written."""
+
+    def __init__(self, iteration: int, checkpoint: Path, signum: int):
+        self.iteration, self.checkpoint, self.signum = iteration, checkpoint, signum
+        super().__init__(
+            f"stopped by signal {signal.Signals(signum).name} after iteration {iteration}; "
+            f"checkpoint written to {checkpoint} (continue with --resume)"
+        )
+
+
+# ---------------------------------------------------------------- small helpers
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, iteration, rank, ...), well mixed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device = {name!r} but no CUDA GPU is visible; set device=cpu or device=auto")
+        if dist.launched_by_torchrun():
+            device = torch.device("cuda", dist.local_rank())
+    return device
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default; on CPU only when asked (it is slower there on most machines)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGINT into a flag checked between iterations (a step is never cut in half)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def any_rank_stopped(self, device: torch.device) -> int | None:
+        """The signal seen by any process, so that all stop after the same iteration."""
+        if not dist.is_distributed():
+            return self.signum
+        flag = torch.tensor([float(self.signum or 0)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+# ---------------------------------------------------------------- run directory
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def log(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    def check(self, resume: bool) -> None:
+        """Refuse to overwrite a run by accident, and to resume from nothing."""
+        if resume:
+            if not self.checkpoint.is_file():
+                raise UserError(
+                    f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
+                    "(or point --out to the run directory of the run to continue)"
+                )
+            return
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise UserError(
+                f"{self.path}: run directory is not empty; pass --resume to continue that run, "
+                "or choose another --out"
+            )
+
+
+def _warn_config_changes(saved: Path, cfg: Config) -> None:
+    before = config_to_dict(load_config(saved))
+    after = config_to_dict(cfg)
+    changed = [
+        f"{section}.{key}" if isinstance(after[section], dict) else section
+        for section in after
+        for key in (after[section] if isinstance(after[section], dict) else [None])
+        if (before[section].get(key) if key is not None else before[section])
+        != (after[section][key] if key is not None else after[section])
+    ]
+    if changed:
+        log.warning("resuming with a config that differs from %s in: %s", saved, ", ".join(changed))
+
+
+# ---------------------------------------------------------------- building the pieces
+def _image_labels(cfg: Config, dataset) -> np.ndarray:
+    """(N, C) bool image-level labels, the only supervision: from data.labels or derived from GT."""
+    from carbseg.data.labels import compute_image_labels, labels_to_multi_hot, read_labels_json
+
+    classes = dataset.classes
+    if cfg.data.labels:
+        labels = read_labels_json(cfg.data.labels, classes)
+        missing = [i for i in dataset.ids if i not in labels]
+        if missing:
+            raise UserError(
+                f"{cfg.data.labels}: no image-level labels for {len(missing)} training images "
+                f"(first: {missing[0]}); regenerate it with carbseg labels for this split"
+            )
+    else:
+        labels = compute_image_labels(dataset, min_pixels=1)
+    return np.stack([labels_to_multi_hot(labels[i], classes.num_classes) for i in dataset.ids]).astype(bool)
+
+
+def build_model(cfg: Config, classes: ClassSet, device: torch.device, load_pretrained: bool = True):
+    from carbseg.models.segmenter import build_segmenter
+
+    class_embeddings = None
+    if cfg.model.classifier == "text":
+        from carbseg.teacher.build import class_text_embeddings
+
+        class_embeddings = class_text_embeddings(
+            classes, cfg.teacher.clip_model, cfg.teacher.clip_pretrained, device, cache_dir=cfg.teacher.cache_dir
+        )
+    return build_segmenter(cfg.model, classes.num_classes, class_embeddings=class_embeddings,
+                           load_pretrained=load_pretrained)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
+    if hasattr(model, "param_groups"):
+        groups = model.param_groups(cfg.train.lr)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.train.lr}]
+    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                           weight_decay=cfg.train.weight_decay)
+
+
+# ---------------------------------------------------------------- one training step
+@dataclass
+class StepOutput:
+    terms: dict[str, float]  # every CARB term, the coefficient c and the consistent share
+
+
+def teacher_views(teacher, batch: dict, cfg: Config, generator: torch.Generator, single_path: bool):
+    """Teacher labels for the global view and for the GLV local patch (no gradient, ever).
+
+    Returns (global labels (B, H, W), patch region or None, patch labels (B, h, w) or None).
+    """
+    from carbseg.data import views
+
+    images, masks, valid, image_labels = batch["images"], batch["masks"], batch["valid"], batch["image_labels"]
+    gt = masks if (teacher is not None and teacher.reads_ground_truth) else None
+    if single_path:
+        global_labels = masks.masked_fill(~valid, IGNORE_INDEX)
+    else:
+        global_labels = teacher(images, image_labels, gt=gt, valid=valid)
+    if not cfg.glv.enabled:
+        return global_labels, None, None
+    patch = views.sample_local_patch(
+        tuple(images.shape[-2:]), tuple(cfg.glv.patch_size), cfg.glv.scale_offset, cfg.glv.scale_rate, generator
+    )
+    if single_path:
+        patch_labels = views.cut_out(global_labels, patch)
+    else:
+        # GLV: zooming gives CLIP's 16-pixel patches a finer footprint on small objects.
+        zoomed = views.zoom_images(images, patch)
+        zoomed_gt = views.zoom_labels(gt, patch) if gt is not None else None
+        zoomed_valid = views.zoom_labels(valid, patch)
+        zoomed_labels = teacher(zoomed, image_labels, gt=zoomed_gt, valid=zoomed_valid)
+        patch_labels = views.labels_to_patch_size(zoomed_labels, patch)
+    return global_labels, patch, patch_labels
+
+
+# ---------------------------------------------------------------- the trainer
+class Trainer:
+    """Holds the pieces of one run; ``run()`` trains from ``self.iteration`` to ``stop``."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True):
+        from carbseg.data.datasets import build_dataset
+        from carbseg.data.transforms import TrainAugmentation
+        from carbseg.losses.carb import LossQueue
+
+        self.cfg = cfg
+        self.run_dir = RunDir(Path(out_dir))
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        dist.init_from_env(self.device.type)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.is_main = dist.is_main_process()
+        self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
+        dist.barrier()
+        self.amp = amp_dtype(cfg.train.amp, self.device)
+        self.single_path = bool(cfg.data.pseudo_masks)
+
+        # Data: the training split with its image-level labels (the only supervision).
+        self.train_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
+                                       classes_file=cfg.data.classes)
+        self.classes = self.train_set.classes
+        image_labels = _image_labels(cfg, self.train_set)
+
+        # Teacher: online in the dual path; none in the single path (pseudo-masks come from disk).
+        self.teacher = None
+        if not self.single_path:
+            from carbseg.teacher.build import build_teacher
+
+            self.teacher = build_teacher(cfg.teacher, self.classes, self.device)
+        read_gt = bool(self.teacher is not None and self.teacher.reads_ground_truth)
+        if read_gt:
+            log.warning("teacher.kind = simulated reads ground truth: a research instrument, not weak supervision")
+        self.samples = TrainingSamples(
+            self.train_set, image_labels, TrainAugmentation(cfg.data), seed=cfg.seed,
+            batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum, rank=self.rank, world=self.world,
+            read_gt=read_gt, pseudo_masks=cfg.data.pseudo_masks,
+        )
+
+        # Model: the same initial weights on every rank (DDP also broadcasts rank 0's).
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, self.classes, self.device)
+        if self.world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # only when distributed
+        model.to(self.device)
+        if self.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False,
+            )
+        self.optimizer = build_optimizer(model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.loss_queue = LossQueue(cfg.carb.queue_size)
+        self.iteration = 0
+
+        if resume:
+            _warn_config_changes(self.run_dir.config, cfg) if self.run_dir.config.is_file() else None
+            self.load_state()
+        if self.is_main:
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir.config, dump_config(cfg))
+        self.val_set = None
+        if cfg.train.eval_interval > 0:
+            self.val_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split,
+                                         classes_file=cfg.data.classes)
+        self.writer = None
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        state = {
+            "iteration": self.iteration,  # the next iteration to run
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss_queue": self.loss_queue.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
+            "config": dump_config(self.cfg),
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state(self) -> None:
+        from carbseg.engine.checkpoint import load_training_state
+
+        state = load_training_state(self.run_dir.checkpoint)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loss_queue.load_state_dict(state["loss_queue"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.iteration = int(state["iteration"])
+            torch.set_rng_state(state["rng"]["torch"])
+            _set_numpy_rng_state(state["rng"]["numpy"])
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise UserError(
+                f"{self.run_dir.checkpoint}: does not match this config's model or optimizer "
+                f"({str(err).splitlines()[0]}); resume with the run's own config.yaml"
+            ) from None
+
+    def save_checkpoint(self) -> Path:
+        from carbseg.engine.checkpoint import save_training_state
+
+        if self.is_main:
+            save_training_state(self.run_dir.checkpoint, self.state_dict())
+        dist.barrier()
+        return self.run_dir.checkpoint
+
+    def save_model(self) -> Path:
+        from carbseg.engine.checkpoint import save_model
+
+        if self.is_main:
+            save_model(self.run_dir.model, self.model, self.cfg, self.classes)
+        dist.barrier()
+        return self.run_dir.model
+
+    # ---------------------------------------------------------------- step
+    def coefficient(self) -> float:
+        """CARB's c: fixed, or adaptive = coeff * mean(recent CE_cons) / mean(recent CE_incons)."""
+        from carbseg.losses.carb import adaptive_coefficient
+
+        if self.cfg.carb.fixed_coefficient is not None:
+            return float(self.cfg.carb.fixed_coefficient)
+        return float(adaptive_coefficient(self.loss_queue, self.cfg.carb.coeff))
+
+    def in_warmup(self, iteration: int) -> bool:
+        return (not self.cfg.carb.enabled) or iteration < self.cfg.train.warmup_iters
+
+    def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool) -> dict[str, float]:
+        from carbseg.data import views
+        from carbseg.losses.carb import carb_loss
+
+        cfg, device = self.cfg, self.device
+        non_blocking = device.type == "cuda"
+        batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+        batch["images"] = batch["images"].float()
+        if device.type == "cuda":
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, micro, self.rank, 1))
+        with torch.inference_mode(), autocast(device, self.amp):
+            global_labels, patch, patch_labels = teacher_views(
+                self.teacher, batch, cfg, generator, self.single_path
+            )
+        # Inference tensors cannot be saved for backward: the targets are cloned out of inference mode.
+        global_labels = global_labels.clone()
+        patch_labels = patch_labels.clone() if patch_labels is not None else None
+
+        warmup = self.in_warmup(iteration)
+        coefficient = 1.0 if warmup else self.coefficient()
+        net = self.ddp if self.ddp is not None else self.model
+        sync = contextlib.nullcontext() if (self.ddp is None or last_micro) else self.ddp.no_sync()
+        with sync:
+            with autocast(device, self.amp):
+                logits = net(batch["images"])
+            logits = logits.float()
+            patch_logits = views.cut_out(logits, patch) if patch is not None else None
+            terms = carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
+                              coefficient, warmup)
+            self.scaler.scale(terms.total / cfg.train.grad_accum).backward()
+        if not warmup and cfg.carb.fixed_coefficient is None:
+            self.loss_queue.push(terms.consistent.detach(), terms.inconsistent.detach())
+        values = _terms_to_floats(terms)
+        values["c"] = coefficient
+        return values
+
+    def train_iteration(self, batches: list[dict], iteration: int) -> dict[str, float]:
+        cfg = self.cfg
+        # Anything that draws from the global generators (dropout, a stochastic teacher) draws the
+        # same numbers at this iteration whether or not the run was resumed.
+        torch.manual_seed(derive_seed(cfg.seed, iteration, self.rank, 0))
+        lr = set_poly_lr(self.optimizer, iteration, cfg.train.max_iters, cfg.train.poly_power, cfg.train.min_lr)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro, batch in enumerate(batches):
+            values = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1)
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / len(batches)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        totals["lr"] = lr
+        return totals
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> float | None:
+        """mIoU (percent) on the validation ground truth, sharded over processes."""
+        from carbseg.engine.inference import predict_slide, predict_whole
+        from carbseg.metrics import ConfusionMatrix
+
+        if self.val_set is None:
+            return None
+        cfg = self.cfg
+        count = len(self.val_set)
+        if cfg.train.val_max_images is not None:
+            count = min(count, cfg.train.val_max_images)
+        self.model.eval()
+        matrix = ConfusionMatrix(self.classes.num_classes)
+        amp = self.amp is not None
+        for index in dist.shard(list(range(count))):
+            sample = self.val_set[index]
+            if sample.mask is None:
+                continue
+            images = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float().to(self.device)
+            if cfg.eval.mode == "slide":
+                logits = predict_slide(self.model, images, cfg.eval.crop_size, cfg.eval.stride,
+                                       self.classes.num_classes, amp=amp)
+            else:
+                logits = predict_whole(self.model, images, amp=amp)
+            matrix.update(logits.argmax(1)[0].cpu(), torch.from_numpy(sample.mask).long())
+        matrix.reduce_()
+        self.model.train()
+        return matrix.report(self.classes.names)["miou"]
+
+    # ---------------------------------------------------------------- logging
+    def log_scalars(self, iteration: int, values: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir.tensorboard))
+        record = {"iteration": iteration, **{k: _json_number(v) for k, v in values.items()}}
+        with open(self.run_dir.log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(_tensorboard_tag(key), value, iteration)
+        self.writer.flush()
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if not dist.is_distributed():
+            return values
+        keys = sorted(values)
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce_mean_(packed)
+        return dict(zip(keys, packed.tolist()))
+
+    # ---------------------------------------------------------------- loop
+    def run(self, stop: int) -> Path:
+        cfg = self.cfg
+        start = self.iteration
+        loader = training_loader(self.samples, start, stop, cfg.data.num_workers)
+        bar = tqdm(total=stop, initial=start, desc="train", unit="it", dynamic_ncols=True,
+                   disable=not (self.progress and self.is_main))
+        batches: list[dict] = []
+        started = time.perf_counter()
+        with StopSignal() as stop_signal:
+            try:
+                for batch in loader:
+                    batches.append(batch)
+                    if len(batches) < cfg.train.grad_accum:
+                        continue
+                    iteration = self.iteration
+                    values = self.train_iteration(batches, iteration)
+                    batches = []
+                    self.iteration = iteration + 1
+                    done = self.iteration
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['total']:.3f}", c=f"{values['c']:.2f}")
+                    evaluate_now = cfg.train.eval_interval > 0 and (
+                        done % cfg.train.eval_interval == 0 or done == stop)
+                    log_now = done % max(cfg.train.log_interval, 1) == 0 or done == stop or evaluate_now
+                    if log_now:
+                        values = self._mean_over_ranks(values)
+                        values["epoch"] = float(self.samples.epoch_of(iteration))
+                        values["iters_per_s"] = (done - start) / max(time.perf_counter() - started, 1e-9)
+                        if evaluate_now:
+                            values["val_miou"] = self.evaluate()
+                            bar.write(f"iteration {done}: val mIoU {values['val_miou']}")
+                        self.log_scalars(done, values)
+                    if done % max(cfg.train.checkpoint_interval, 1) == 0 and done != stop:
+                        self.save_checkpoint()
+                    signum = stop_signal.any_rank_stopped(self.device)
+                    if signum is not None and done != stop:
+                        checkpoint = self.save_checkpoint()
+                        raise TrainingInterrupted(done, checkpoint, signum)
+            finally:
+                bar.close()
+                if self.writer is not None:
+                    self.writer.close()
+                    self.writer = None
+        self.save_checkpoint()
+        return self.save_model()
+
+
+def _terms_to_floats(terms) -> dict[str, float]:
+    fields = terms.__dict__ if hasattr(terms, "__dict__") else terms._asdict()
+    out = {}
+    for key, value in fields.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value.detach())
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def _json_number(value):
+    if value is None:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _tensorboard_tag(key: str) -> str:
+    if key in ("lr", "epoch", "iters_per_s"):
+        return f"train/{key}"
+    if key.startswith("val"):
+        return f"val/{key[4:] or key}"
+    return f"loss/{key}" if key not in ("c", "consistent_share") else f"carb/{key}"
+
+
+def _numpy_rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
+
+
+# ---------------------------------------------------------------- public entry point
+def train(cfg: Config, out_dir: str | Path, max_iters: int | None = None, resume: bool = False,
+          progress: bool = True) -> Path:
+    """Train the segmenter with GLV and CARB; returns the path of the final ``model.safetensors``.
+
+    ``max_iters`` stops after that many iterations in total (the poly schedule still spans
+    ``cfg.train.max_iters``, so a run can be continued later with ``resume=True``). On SIGTERM or
+    SIGINT the current step is finished, ``checkpoint_last.pt`` written, and ``TrainingInterrupted`` raised.
+    """
+    stop = cfg.train.max_iters if max_iters is None else max_iters
+    if stop <= 0:
+        raise UserError(f"--max-iters must be positive, got {stop}")
+    if stop > cfg.train.max_iters:
+        raise UserError(
+            f"--max-iters {stop} exceeds train.max_iters {cfg.train.max_iters}, the end of the poly schedule; "
+            f"raise train.max_iters={stop} instead"
+        )
+    if cfg.train.grad_accum < 1:
+        raise UserError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
+    try:
+        trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
+        if trainer.iteration >= stop:
+            log.warning("checkpoint is already at iteration %d >= %d: nothing to train", trainer.iteration, stop)
+            return trainer.save_model()
+        return trainer.run(stop)
+    finally:
+        dist.shutdown()
+
