@@ -41,12 +41,59 @@ def _add_labels(sub) -> None:
     p.add_argument("--min-pixels", type=int, default=1,
                    help="a class is present when it covers at least this many pixels (default 1)")
     p.add_argument("--from-npy", default=None, metavar="FILE",
-                   help="convert the authors' labels.npy (pickled dict id -> multi-hot vector) instead")
+                   help="convert the authors' labels.npy (pickled dict id -> multi-hot vector) instead. "
+                        "Loading a pickle can run code: use only files from a trusted source (carbseg "
+                        "refuses pickles that ask for anything but numpy arrays and plain containers)")
     p.set_defaults(func=_run_labels)
 
 
 def _run_labels(args) -> int:
-    raise NotImplementedError
+    from carbseg.data.datasets import build_dataset, class_set_for
+    from carbseg.data.labels import compute_image_labels, labels_from_npy, write_labels_json
+
+    if args.min_pixels < 1:
+        raise UserError(f"--min-pixels {args.min_pixels}: must be at least 1")
+    if args.from_npy is not None:
+        classes = class_set_for(args.dataset, args.classes)
+        labels = labels_from_npy(args.from_npy, classes)
+        source = args.from_npy
+    else:
+        if args.root is None:
+            raise UserError("--root is required (the dataset folder), unless --from-npy converts labels.npy")
+        dataset = build_dataset(args.dataset, args.root, args.split, classes_file=args.classes)
+        classes = dataset.classes
+        labels = compute_image_labels(dataset, min_pixels=args.min_pixels)
+        source = f"{args.root} ({args.split})"
+    write_labels_json(args.out, args.dataset, classes, labels)
+    empty = sum(1 for v in labels.values() if not v)
+    print(f"wrote image-level labels of {len(labels)} images from {source} to {args.out}"
+          + (f" ({empty} with no class)" if empty else ""))
+    return 0
+
+
+# ---------------------------------------------------------------- convert-wilddash2
+def _add_convert_wilddash2(sub) -> None:
+    p = sub.add_parser("convert-wilddash2",
+                       help="convert the public WildDash2 panoptic release to train-id masks (25 classes)")
+    p.add_argument("--src", required=True, help="extracted release: images/, panoptic/, panoptic.json")
+    p.add_argument("--out", required=True, help="output root for --dataset wilddash2 (resumable)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of images for val (default 0.1): sorted ids, seeded permutation, first "
+                        "round(F*N) are val")
+    p.add_argument("--seed", type=int, default=0, help="seed of that permutation (default 0)")
+    p.add_argument("--split-file", default=None,
+                   help='JSON {"train": [IMAGE_ID, ...], "val": [...]} to use instead of the seeded split')
+    p.set_defaults(func=_run_convert_wilddash2)
+
+
+def _run_convert_wilddash2(args) -> int:
+    from carbseg.data.wilddash2 import convert_wilddash2
+
+    counts = convert_wilddash2(args.src, args.out, split_file=args.split_file,
+                               val_fraction=args.val_fraction, seed=args.seed)
+    print(f"converted WildDash2 into {args.out}: "
+          + ", ".join(f"{name} {n} images" for name, n in counts.items()))
+    return 0
 
 
 # ---------------------------------------------------------------- pseudo-masks
@@ -157,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"carbseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_labels, _add_pseudo_masks, _add_evaluate, _add_train, _add_predict, _add_demo):
+    for add in (_add_labels, _add_convert_wilddash2, _add_pseudo_masks, _add_evaluate, _add_train, _add_predict,
+                _add_demo):
         add(sub)
     return parser
 
