@@ -45,7 +45,9 @@ def _read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise UserError(f"{path}: cannot read weights ({type(err).__name__}: {err}); use a safetensors or torch state dict") from None
+        raise UserError(
+            f"{path}: cannot read weights ({type(err).__name__}: {err}); use a safetensors or torch state dict"
+        ) from None
     for wrapper in ("state_dict", "model"):  # common checkpoint layouts
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -54,7 +56,9 @@ def _read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str, ignore_prefixes=()) -> None:
+def _load_matching(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str, ignore_prefixes=()
+) -> None:
     """Load ``state`` into ``module``; every backbone tensor must be present with its shape."""
     state = {k.removeprefix("backbone."): v for k, v in state.items()}
     own = module.state_dict()
@@ -62,10 +66,14 @@ def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: st
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"shape mismatch for {wrong[:3]}"
-        raise UserError(f"{source}: weights do not fit the {type(module).__name__} backbone ({detail}); check model.backbone")
+        raise UserError(
+            f"{source}: weights do not fit the {type(module).__name__} backbone ({detail}); check model.backbone"
+        )
     unexpected = [k for k in state if k not in own and not k.startswith(tuple(ignore_prefixes))]
     if unexpected:
-        raise UserError(f"{source}: weights have keys the backbone lacks ({unexpected[:3]}); check model.backbone")
+        raise UserError(
+            f"{source}: weights have keys the backbone lacks ({unexpected[:3]}); check model.backbone"
+        )
     module.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
@@ -81,7 +89,9 @@ class ResNetBackbone(nn.Module):
 
         dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}
         if output_stride not in dilate:
-            raise UserError(f"model.output_stride = {output_stride} is not supported by ResNet; choose 8, 16 or 32")
+            raise UserError(
+                f"model.output_stride = {output_stride} is not supported by ResNet; choose 8, 16 or 32"
+            )
         build = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
         net = build(weights=None, replace_stride_with_dilation=dilate[output_stride])
         self.depth = depth
@@ -123,18 +133,24 @@ def efficientnet_lite0_weights_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def map_legacy_efficientnet_lite0(legacy: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def map_legacy_efficientnet_lite0(
+    legacy: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Rename the legacy (``_conv_stem``, ``_blocks.N…``, ``_fc``) keys onto timm's names.
 
     Both checkpoints list the same 296 tensors in the same order (stem, blocks, head, classifier),
     so the mapping is positional; every pair must agree in shape, which guards the order.
     """
     if len(legacy) != len(reference):
-        raise UserError(f"EfficientNet-Lite0 weights have {len(legacy)} tensors, timm's model {len(reference)}")
+        raise UserError(
+            f"EfficientNet-Lite0 weights have {len(legacy)} tensors, timm's model {len(reference)}"
+        )
     mapped = {}
     for (old_key, tensor), (new_key, ref) in zip(legacy.items(), reference.items()):
         if tuple(tensor.shape) != tuple(ref.shape):
-            raise UserError(f"EfficientNet-Lite0 weights: {old_key} {tuple(tensor.shape)} does not fit {new_key} {tuple(ref.shape)}")
+            raise UserError(
+                f"EfficientNet-Lite0 weights: {old_key} {tuple(tensor.shape)} does not fit {new_key} {tuple(ref.shape)}"
+            )
         mapped[new_key] = tensor
     return mapped
 
@@ -168,7 +184,11 @@ class EfficientNetLite0Backbone(nn.Module):
         import timm
 
         self.body = timm.create_model(
-            "efficientnet_lite0", features_only=True, output_stride=output_stride, out_indices=(4,), pretrained=False
+            "efficientnet_lite0",
+            features_only=True,
+            output_stride=output_stride,
+            out_indices=(4,),
+            pretrained=False,
         )
         self.out_channels = self.body.feature_info.channels()[-1]
         self.output_stride = output_stride
@@ -188,14 +208,24 @@ class TinyBackbone(nn.Module):
     def __init__(self, output_stride: int = 8, width: int = 32):
         super().__init__()
         if output_stride not in (8, 16, 32):
-            raise UserError(f"model.output_stride = {output_stride} is not supported by the tiny backbone; choose 8, 16 or 32")
+            raise UserError(
+                f"model.output_stride = {output_stride} is not supported by the tiny backbone; choose 8, 16 or 32"
+            )
         layers: list[nn.Module] = []
         channels = 3
         for i in range(output_stride.bit_length() - 1):  # log2(stride) stride-2 stages
             out = width * (2 ** min(i, 2)) // 2
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             channels = out
-        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        ]
         self.body = nn.Sequential(*layers)
         self.out_channels = channels
         self.output_stride = output_stride
@@ -205,10 +235,14 @@ class TinyBackbone(nn.Module):
         return self.body(x)
 
     def load_imagenet(self) -> None:
-        raise UserError("model.pretrained = 'imagenet' is not available for the tiny backbone; use 'none' or a weights file")
+        raise UserError(
+            "model.pretrained = 'imagenet' is not available for the tiny backbone; use 'none' or a weights file"
+        )
 
 
-def build_backbone(name: str, output_stride: int = 8, pretrained: str = "none", load_pretrained: bool = True) -> nn.Module:
+def build_backbone(
+    name: str, output_stride: int = 8, pretrained: str = "none", load_pretrained: bool = True
+) -> nn.Module:
     """Backbone ``name`` (resnet50 | resnet101 | efficientnet_lite0 | tiny) with its pretrained weights.
 
     ``load_pretrained=False`` reads and downloads nothing (a checkpoint is loaded right after).
@@ -220,7 +254,9 @@ def build_backbone(name: str, output_stride: int = 8, pretrained: str = "none", 
     elif name == "tiny":
         backbone = TinyBackbone(output_stride)
     else:
-        raise UserError(f"model.backbone = {name!r} is not valid; choose one of resnet50, resnet101, efficientnet_lite0, tiny")
+        raise UserError(
+            f"model.backbone = {name!r} is not valid; choose one of resnet50, resnet101, efficientnet_lite0, tiny"
+        )
     if not load_pretrained or pretrained in ("none", "", None):
         return backbone
     if pretrained == "imagenet":

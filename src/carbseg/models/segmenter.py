@@ -20,7 +20,9 @@ class Segmenter(nn.Module):
     only when they differ (the release uses 512 = 512, so no projection); otherwise Identity.
     """
 
-    def __init__(self, backbone: nn.Module, head: ASPP, projection: nn.Module, classifier: nn.Module, num_classes: int):
+    def __init__(
+        self, backbone: nn.Module, head: ASPP, projection: nn.Module, classifier: nn.Module, num_classes: int
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -50,7 +52,12 @@ class Segmenter(nn.Module):
         available by passing 10. Frozen tensors (the text embeddings) are buffers, never here.
         """
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        head = [p for m in (self.head, self.projection, self.classifier) for p in m.parameters() if p.requires_grad]
+        head = [
+            p
+            for m in (self.head, self.projection, self.classifier)
+            for p in m.parameters()
+            if p.requires_grad
+        ]
         return [
             {"name": "backbone", "params": backbone, "lr": lr},
             {"name": "head", "params": head, "lr": lr * head_lr_mult},
@@ -69,7 +76,9 @@ def build_segmenter(
     and no embeddings, a zero placeholder (C, cfg.embed_dim) is created for a checkpoint to fill.
     ``load_pretrained=False`` reads and downloads no weights at all.
     """
-    backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.pretrained, load_pretrained=load_pretrained)
+    backbone = build_backbone(
+        cfg.backbone, cfg.output_stride, cfg.pretrained, load_pretrained=load_pretrained
+    )
     head = ASPP(backbone.out_channels, cfg.head_channels, cfg.aspp_dilations)
     if cfg.classifier == "text":
         if class_embeddings is None:
@@ -85,7 +94,9 @@ def build_segmenter(
                 f"({num_classes}, model.embed_dim={cfg.embed_dim}); check the class set and model.embed_dim"
             )
         projection: nn.Module = (
-            nn.Identity() if cfg.head_channels == cfg.embed_dim else nn.Conv2d(cfg.head_channels, cfg.embed_dim, 1, bias=False)
+            nn.Identity()
+            if cfg.head_channels == cfg.embed_dim
+            else nn.Conv2d(cfg.head_channels, cfg.embed_dim, 1, bias=False)
         )
         classifier: nn.Module = TextEmbeddingClassifier(class_embeddings)
     elif cfg.classifier == "learned":

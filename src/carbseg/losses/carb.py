@@ -1,0 +1,275 @@
+"""Consistency-Aware Region Balancing (CARB): pure functions first, then the loss queue.
+
+Terms of the method (docs: method.md, "Consistency-aware region balancing"):
+
+* teacher mask -- the CLIP teacher's label map for the global view (and, with GLV, for the local patch);
+* self-prediction -- the segmenter's own argmax, restricted to the image-level classes;
+* consistent region -- valid pixels where teacher == self-prediction; inconsistent region -- the rest;
+* warm-up -- the first W iterations: plain CE on the teacher masks (global + patch);
+* after warm-up -- CE_cons + c * CE_incons + CE_patch_cons + c * CE_patch_incons, each CE averaged
+  over its own region's valid pixels; c is a plain float (never back-propagated);
+* adaptive c -- coeff * mean(last q CE_cons) / mean(last q CE_incons), q = 5.
+
+Three defects of the authors' release are avoided here: absent classes are masked with -inf, not
+multiplied by 0/1 (defect 1); an empty region gives exactly 0, not NaN (defect 2); the loss queue is
+averaged across processes and checkpointable (defect 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from carbseg import distributed
+
+IGNORE_INDEX = 255
+
+
+# ---------------------------------------------------------------- pure functions
+def restricted_argmax(logits: torch.Tensor, image_labels: torch.Tensor) -> torch.Tensor:
+    """Self-prediction: argmax over the classes present in the image-level label only.
+
+    logits (B, C, H, W), image_labels bool (B, C) -> (B, H, W) long. Absent classes get -inf, so a
+    present class wins even when all its logits are negative (the release multiplied by the 0/1
+    label, letting an absent class's 0 beat a present class's negative score: defect 1). An image
+    with no label at all keeps the unrestricted argmax.
+    """
+    present = image_labels.to(torch.bool)
+    present = present | ~present.any(dim=1, keepdim=True)  # no label at all: nothing to restrict to
+    masked = logits.detach().masked_fill(~present[:, :, None, None], float("-inf"))
+    return masked.argmax(dim=1)
+
+
+def region_masks(
+    teacher: torch.Tensor, prediction: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(consistent, inconsistent) bool (B, H, W): teacher == prediction / teacher != prediction.
+
+    Pixels the teacher marks ``ignore_index`` (padding, outside the view) are in neither region.
+    """
+    valid = teacher != ignore_index
+    agree = teacher == prediction
+    return valid & agree, valid & ~agree
+
+
+def _pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Per-pixel CE (B, H, W), 0 where the target is ``ignore_index``."""
+    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+
+
+def _region_mean(pixel_ce: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``pixel_ce`` over ``region``; an empty region gives exactly 0 with a live graph.
+
+    Dividing by max(count, 1) instead of count keeps an empty region at 0/1 = 0 (the release got
+    0/0 = NaN there: defect 2), and the gradient is a finite zero.
+    """
+    count = region.sum()
+    total = (pixel_ce * region.to(pixel_ce.dtype)).sum()
+    return total / count.clamp(min=1).to(pixel_ce.dtype), count
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    region: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean CE over the region's valid pixels, number of those pixels as a 0-d long tensor).
+
+    logits (B, C, H, W), target (B, H, W) in 0..C-1 or ``ignore_index``, region bool (B, H, W)
+    (None: every pixel). Empty region -> exactly 0 (not NaN), gradients finite.
+    """
+    valid = target != ignore_index
+    region = valid if region is None else (region.to(torch.bool) & valid)
+    return _region_mean(_pixel_cross_entropy(logits, target, ignore_index), region)
+
+
+def adaptive_coefficient(consistent_history, inconsistent_history=None, coeff: float = 1.0) -> float:
+    """Adaptive c = coeff * mean(consistent_history) / mean(inconsistent_history).
+
+    Scales the noisy (inconsistent) region's loss to the magnitude of the reliable (consistent)
+    one. Without information -- an empty history, or a non-positive mean inconsistent loss (no
+    inconsistent pixels recently) -- there is nothing to rebalance: returns ``coeff`` (ratio 1).
+
+    Convenience: ``adaptive_coefficient(queue, coeff)`` with a ``LossQueue`` reads its histories.
+    """
+    if isinstance(consistent_history, LossQueue):
+        if inconsistent_history is not None:
+            coeff = float(inconsistent_history)
+        consistent_history, inconsistent_history = (
+            consistent_history.consistent,
+            consistent_history.inconsistent,
+        )
+    cons = [float(v) for v in consistent_history]
+    incons = [float(v) for v in (inconsistent_history or [])]
+    if not cons or not incons:
+        return float(coeff)
+    mean_incons = sum(incons) / len(incons)
+    if not mean_incons > 0.0:
+        return float(coeff)
+    return float(coeff) * (sum(cons) / len(cons)) / mean_incons
+
+
+@dataclass
+class CARBTerms:
+    """Every term of one CARB loss evaluation; ``total`` is what is back-propagated.
+
+    The CE terms are always computed (so warm-up runs can log how consistent teacher and model
+    are); which of them enter ``total`` depends on ``warmup``. Patch terms are 0 without GLV.
+    """
+
+    global_ce: torch.Tensor  # warm-up: CE(global logits, teacher mask) over all valid pixels
+    patch_ce: torch.Tensor  # warm-up: CE(patch logits, teacher patch mask)
+    consistent: torch.Tensor  # CE_cons (global view)
+    inconsistent: torch.Tensor  # CE_incons (global view)
+    patch_consistent: torch.Tensor  # CE_patch_cons
+    patch_inconsistent: torch.Tensor  # CE_patch_incons
+    consistent_pixels: torch.Tensor
+    inconsistent_pixels: torch.Tensor
+    patch_consistent_pixels: torch.Tensor
+    patch_inconsistent_pixels: torch.Tensor
+    consistent_share: torch.Tensor  # consistent / (consistent + inconsistent) pixels, global view
+    coefficient: float  # c, a plain float: the rebalancing is not back-propagated
+    warmup: bool
+    total: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.warmup:
+            self.total = self.global_ce + self.patch_ce
+        else:
+            c = float(self.coefficient)
+            self.total = (
+                self.consistent + c * self.inconsistent + self.patch_consistent + c * self.patch_inconsistent
+            )
+
+    def with_coefficient(self, coefficient: float) -> CARBTerms:
+        """The same terms with another c (e.g. after pushing this step into the queue)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return CARBTerms(**{**values, "coefficient": float(coefficient)})
+
+
+def carb_loss(
+    global_logits: torch.Tensor,
+    teacher_global: torch.Tensor,
+    patch_logits: torch.Tensor | None,
+    teacher_patch: torch.Tensor | None,
+    image_labels: torch.Tensor,
+    coefficient: float | None,
+    warmup: bool,
+    ignore_index: int = IGNORE_INDEX,
+) -> CARBTerms:
+    """The CARB objective for one batch.
+
+    global_logits (B, C, H, W) with teacher_global (B, H, W); with GLV, patch_logits (B, C, h, w)
+    -- the global logits cut out at the local patch -- with teacher_patch (B, h, w), the teacher's
+    labels of the zoomed patch brought back to the patch size; both None without GLV.
+    image_labels bool (B, C). ``coefficient`` c (None: 1.0, no rebalancing; ignored in warm-up).
+
+    Warm-up: CE(global) + CE(patch). After: CE_cons + c*CE_incons + CE_patch_cons + c*CE_patch_incons,
+    where the regions compare the teacher with the self-prediction restricted by -inf to the
+    image-level classes.
+    """
+    zero = global_logits.new_zeros(())
+    zero_count = torch.zeros((), dtype=torch.long, device=global_logits.device)
+
+    with torch.no_grad():
+        prediction = restricted_argmax(global_logits, image_labels)
+        cons_region, incons_region = region_masks(teacher_global, prediction, ignore_index)
+    pixel_ce = _pixel_cross_entropy(global_logits, teacher_global, ignore_index)
+    global_ce, _ = _region_mean(pixel_ce, cons_region | incons_region)
+    consistent, n_cons = _region_mean(pixel_ce, cons_region)
+    inconsistent, n_incons = _region_mean(pixel_ce, incons_region)
+
+    patch_ce = patch_cons = patch_incons = zero
+    n_patch_cons = n_patch_incons = zero_count
+    if patch_logits is not None and teacher_patch is not None:
+        with torch.no_grad():
+            patch_prediction = restricted_argmax(patch_logits, image_labels)
+            patch_cons_region, patch_incons_region = region_masks(
+                teacher_patch, patch_prediction, ignore_index
+            )
+        patch_pixel_ce = _pixel_cross_entropy(patch_logits, teacher_patch, ignore_index)
+        patch_ce, _ = _region_mean(patch_pixel_ce, patch_cons_region | patch_incons_region)
+        patch_cons, n_patch_cons = _region_mean(patch_pixel_ce, patch_cons_region)
+        patch_incons, n_patch_incons = _region_mean(patch_pixel_ce, patch_incons_region)
+
+    share = (n_cons.float() / (n_cons + n_incons).clamp(min=1).float()).detach()
+    return CARBTerms(
+        global_ce=global_ce,
+        patch_ce=patch_ce,
+        consistent=consistent,
+        inconsistent=inconsistent,
+        patch_consistent=patch_cons,
+        patch_inconsistent=patch_incons,
+        consistent_pixels=n_cons,
+        inconsistent_pixels=n_incons,
+        patch_consistent_pixels=n_patch_cons,
+        patch_inconsistent_pixels=n_patch_incons,
+        consistent_share=share,
+        coefficient=1.0 if coefficient is None else float(coefficient),
+        warmup=bool(warmup),
+    )
+
+
+# ---------------------------------------------------------------- state: the adaptive-c queue
+class LossQueue:
+    """The last ``size`` (q) global-view CE_cons / CE_incons values, for the adaptive c.
+
+    As in the authors' release, the queue holds the *global* consistent and inconsistent terms
+    (not the patch terms, not their sum), and c = coeff * mean(CE_cons) / mean(CE_incons) scales
+    both the global and the patch inconsistent terms. Unlike the release (zero-filled buffers that
+    each GPU updates alone and that are lost on resume), only pushed values count, every push is
+    first averaged across processes so all ranks hold the same queue and the same c, and the
+    state is plain Python floats (checkpointable with ``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, size: int = 5):
+        if size < 1:
+            raise ValueError(f"queue size must be >= 1, got {size}")
+        self.size = size
+        self.consistent: deque[float] = deque(maxlen=size)
+        self.inconsistent: deque[float] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.consistent)
+
+    def push(self, consistent: float | torch.Tensor, inconsistent: float | torch.Tensor) -> None:
+        """Append one step's (CE_cons, CE_incons), averaged over all processes first (a collective:
+        every rank must call it at the same step)."""
+        device = consistent.device if isinstance(consistent, torch.Tensor) else torch.device("cpu")
+        pair = torch.stack(
+            [
+                torch.as_tensor(consistent, dtype=torch.float64, device=device).detach().reshape(()),
+                torch.as_tensor(inconsistent, dtype=torch.float64, device=device).detach().reshape(()),
+            ]
+        )
+        if (
+            distributed.is_distributed()
+            and device.type == "cpu"
+            and torch.distributed.get_backend() == "nccl"
+        ):
+            pair = pair.cuda()
+        distributed.all_reduce_mean_(pair)
+        cons, incons = pair.tolist()
+        self.consistent.append(float(cons))
+        self.inconsistent.append(float(incons))
+
+    def coefficient(self, coeff: float = 1.0) -> float:
+        """Adaptive c from the queued values (``coeff`` when the queue is empty)."""
+        return adaptive_coefficient(self.consistent, self.inconsistent, coeff)
+
+    def state_dict(self) -> dict:
+        return {
+            "size": self.size,
+            "consistent": list(self.consistent),
+            "inconsistent": list(self.inconsistent),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size = int(state.get("size", self.size))
+        self.consistent = deque((float(v) for v in state["consistent"]), maxlen=self.size)
+        self.inconsistent = deque((float(v) for v in state["inconsistent"]), maxlen=self.size)
