@@ -199,7 +199,7 @@ def _image_labels(cfg: Config, dataset) -> np.ndarray:
             )
     else:
         labels = compute_image_labels(dataset, min_pixels=1)
-    return np.stack([labels_to_multi_hot(labels[i], classes.num_classes) for i in dataset.ids]).astype(bool)
+    return labels_to_multi_hot([labels[i] for i in dataset.ids], classes.num_classes).numpy()
 
 
 def build_model(cfg: Config, classes: ClassSet, device: torch.device, load_pretrained: bool = True):
