@@ -1,0 +1,177 @@
+"""Joint image + label-map augmentations for training (the authors' mmsegmentation pipeline).
+
+Resize by a random ratio (keep aspect) -> random crop (at most ``cat_max_ratio`` of one class) ->
+horizontal flip -> photometric distortion -> pad with ignore. Images are uint8 (H, W, 3) RGB, label
+maps uint8 (H, W); images resize bilinearly, label maps with nearest (no new label values).
+
+Every random draw comes from a ``numpy.random.Generator`` passed in by the caller: the trainer
+seeds one per sample from (seed, iteration, ...) so a resumed run draws exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+from PIL import Image
+
+from carbseg.config import DataConfig
+
+IGNORE_INDEX = 255
+CROP_TRIES = 10
+
+
+def rescaled_size(height: int, width: int, scale_wh: Sequence[float]) -> tuple[int, int]:
+    """(h, w) of an image rescaled, aspect kept, to fit inside ``scale_wh`` (mmcv's ``imrescale``):
+    the long side fits the long edge of the scale and the short side its short edge."""
+    long_edge, short_edge = max(scale_wh), min(scale_wh)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_to(image: np.ndarray, mask: np.ndarray | None, size_hw: tuple[int, int]):
+    """Image bilinear, mask nearest, to (h, w)."""
+    h, w = size_hw
+    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+    return image, mask
+
+
+def resize_by_ratio(
+    image: np.ndarray,
+    mask: np.ndarray,
+    scale: Sequence[int],
+    ratio_range: Sequence[float],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """mmseg ``Resize(img_scale=scale, ratio_range=..., keep_ratio=True)``.
+
+    ``scale`` is (w, h), e.g. Cityscapes (2048, 1024); a ratio r ~ U[ratio_range) multiplies it and
+    the image is rescaled, aspect kept, to fit into (r*w, r*h).
+    """
+    ratio = rng.uniform(ratio_range[0], ratio_range[1])
+    target = (int(scale[0] * ratio), int(scale[1] * ratio))
+    return resize_to(image, mask, rescaled_size(image.shape[0], image.shape[1], target))
+
+
+def random_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    crop_hw: Sequence[int],
+    rng: np.random.Generator,
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random (h, w) crop (smaller when the image is smaller), retried up to 10 times until the
+    largest class covers <= ``cat_max_ratio`` of the crop's labelled pixels (mmseg's ``RandomCrop``;
+    a crop with a single class is retried too). ``cat_max_ratio >= 1`` disables the check."""
+
+    def draw() -> tuple[int, int, int, int]:
+        h, w = min(crop_hw[0], image.shape[0]), min(crop_hw[1], image.shape[1])
+        top = int(rng.integers(0, image.shape[0] - h + 1))
+        left = int(rng.integers(0, image.shape[1] - w + 1))
+        return top, left, h, w
+
+    top, left, h, w = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(CROP_TRIES):
+            window = mask[top : top + h, left : left + w]
+            counts = np.bincount(window.ravel(), minlength=256)
+            counts[ignore_index] = 0
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() <= cat_max_ratio:
+                break
+            top, left, h, w = draw()
+    return image[top : top + h, left : left + w], mask[top : top + h, left : left + w]
+
+
+def random_flip(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, prob: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontal flip of image and mask together with probability ``prob``."""
+    if rng.random() < prob:
+        return image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def photometric_distortion(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    brightness_delta: float = 32,
+    contrast_range: Sequence[float] = (0.5, 1.5),
+    saturation_range: Sequence[float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> np.ndarray:
+    """mmseg ``PhotoMetricDistortion``: each step applied with probability 1/2, in this order:
+    brightness (+delta), contrast (*alpha) either first or last (a coin decides), saturation
+    (*alpha in HSV), hue (shift in OpenCV's 0..180 hue units, i.e. 2 degrees each).
+
+    Values are clipped to 0..255 after every step as in mmseg, but kept in float until the end
+    (mmseg rounds to uint8 between steps; the difference is below one grey level per step).
+    """
+    img = image.astype(np.float32)
+    if rng.integers(2):
+        img = np.clip(img + rng.uniform(-brightness_delta, brightness_delta), 0, 255)
+    contrast_first = bool(rng.integers(2))
+
+    def contrast(x: np.ndarray) -> np.ndarray:
+        if rng.integers(2):
+            x = np.clip(x * rng.uniform(contrast_range[0], contrast_range[1]), 0, 255)
+        return x
+
+    if contrast_first:
+        img = contrast(img)
+    if rng.integers(2):
+        hsv = rgb_to_hsv(img / 255.0)
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(saturation_range[0], saturation_range[1]), 0, 1)
+        img = hsv_to_rgb(hsv) * 255.0
+    if rng.integers(2):
+        hsv = rgb_to_hsv(img / 255.0)
+        shift = int(rng.integers(-hue_delta, hue_delta)) / 180.0  # OpenCV hue unit: 1/180 of a turn
+        hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
+        img = hsv_to_rgb(hsv) * 255.0
+    if not contrast_first:
+        img = contrast(img)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def pad_to(
+    image: np.ndarray, mask: np.ndarray, crop_hw: Sequence[int], ignore_index: int = IGNORE_INDEX
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad bottom/right to at least ``crop_hw`` (image 0, mask ``ignore_index``) -> (image, mask, valid),
+    ``valid`` False on the padding, so the teacher's labels there can be ignored too."""
+    h, w = mask.shape
+    ph, pw = max(crop_hw[0] - h, 0), max(crop_hw[1] - w, 0)
+    valid = np.ones((h, w), dtype=bool)
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
+        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=ignore_index)
+        valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
+    return image, mask, valid
+
+
+class TrainAugmentation:
+    """The training pipeline of ``DataConfig``: resize by ratio, crop, flip, photometric, pad."""
+
+    def __init__(self, cfg: DataConfig, ignore_index: int = IGNORE_INDEX):
+        self.scale = tuple(cfg.resize)  # (w, h)
+        self.ratio_range = tuple(cfg.ratio_range)
+        self.crop_hw = tuple(cfg.crop_size)  # (h, w)
+        self.cat_max_ratio = cfg.cat_max_ratio
+        self.flip = cfg.flip
+        self.photometric = cfg.photometric
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image, mask = resize_by_ratio(image, mask, self.scale, self.ratio_range, rng)
+        image, mask = random_crop(image, mask, self.crop_hw, rng, self.cat_max_ratio, self.ignore_index)
+        if self.flip:
+            image, mask = random_flip(image, mask, rng)
+        if self.photometric:
+            image = photometric_distortion(image, rng)
+        image, mask, valid = pad_to(image, mask, self.crop_hw, self.ignore_index)
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask), valid
