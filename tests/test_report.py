@@ -1,0 +1,125 @@
+"""Report writers: the stdout table, report.md / report.json, and the pictures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carbseg.data.classes import ClassSet
+from carbseg.engine.report import (
+    QualitativeSample,
+    format_markdown,
+    format_table,
+    print_table,
+    qualitative_grid,
+    write_report,
+)
+from carbseg.metrics import ConfusionMatrix
+
+TINY = ClassSet(name="tiny", names=("road", "pole", "sky"), text_names=("road", "pole", "sky"),
+                palette=((128, 64, 128), (153, 153, 153), (70, 130, 180)), small_classes=("pole",))
+GT = np.array([[0, 0, 1, 1],
+               [0, 0, 1, 1],
+               [0, 0, 0, 255]], dtype=np.uint8)
+PRED = np.array([[0, 1, 1, 1],
+                 [0, 0, 255, 1],
+                 [0, 0, 0, 0]], dtype=np.uint8)
+
+
+def _confusion() -> ConfusionMatrix:
+    cm = ConfusionMatrix(3)
+    cm.update(PRED, GT)
+    return cm
+
+
+def test_report_values_used_by_the_writers():
+    # road: TP 6, GT 7, predicted 6 -> 6/7 ; pole: TP 3, GT 4 (one abstained pixel), predicted 4 -> 3/5 ;
+    # sky: absent from GT and prediction -> None.
+    r = _confusion().report(TINY.names)
+    assert r["iou"]["road"] == pytest.approx(100 * 6 / 7)
+    assert r["iou"]["pole"] == pytest.approx(60.0)
+    assert r["iou"]["sky"] is None
+    assert r["miou"] == pytest.approx(100 * (6 / 7 + 0.6) / 2)
+    assert r["pixel_acc"] == pytest.approx(100 * 9 / 11)
+
+
+def test_table_is_aligned_marks_small_classes_and_ends_with_means(capsys):
+    r = _confusion().report(TINY.names)
+    print_table(r, TINY)
+    out = capsys.readouterr().out
+    assert out == format_table(r, TINY) + "\n"
+    lines = out.splitlines()
+    assert lines[0].split() == ["class", "IoU", "(%)"]
+    rows = {line[:16].strip(): line[16:].strip() for line in lines if line and not line.startswith(("-", "("))}
+    assert rows["road"] == "85.71"
+    assert rows["pole *"] == "60.00"
+    assert rows["sky"] == "n/a"
+    assert rows["mIoU"] == "72.86"
+    assert rows["pixel accuracy"] == "81.82"
+    value_lines = [line for line in lines[2:] if not line.startswith(("-", "("))]
+    assert len({len(line) for line in value_lines}) == 1  # right-aligned values end in one column
+    assert lines[-4].startswith("-") and lines[-3].startswith("mIoU") and lines[-2].startswith("pixel accuracy")
+
+
+def test_markdown_table():
+    r = _confusion().report(TINY.names)
+    md = format_markdown(r, TINY, ["iou_bar.png"], {"iou_bar.png": "caption"})
+    assert "| road | 85.71 |  |" in md
+    assert "| pole | 60.00 | yes |" in md
+    assert "| sky | n/a |  |" in md
+    assert "- mIoU: **72.86**" in md
+    assert "![iou_bar](iou_bar.png)\n\ncaption" in md
+
+
+def test_write_report_files(tmp_path):
+    cm = _confusion()
+    r = cm.report(TINY.names)
+    image = np.zeros((3, 4, 3), dtype=np.uint8)
+    sample = QualitativeSample(id="f1", image=image, gt=GT, pred=PRED, miou=72.9)
+    written = write_report(tmp_path / "rep", r, cm, TINY, samples={"worst": [sample], "best": [sample, sample]})
+    names = sorted(p.name for p in written)
+    assert names == sorted(["report.json", "report.md", "iou_bar.png", "confusion.png", "qualitative_worst.png",
+                            "qualitative_best.png"])
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == names  # no temporary files left behind
+    assert json.loads((tmp_path / "rep" / "report.json").read_text()) == r
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "worst images by per-image mIoU, top to bottom: f1 (72.9)" in md
+    for picture in ("iou_bar.png", "confusion.png"):
+        with Image.open(tmp_path / "rep" / picture) as img:
+            assert img.format == "PNG" and img.width > 200 and img.height > 200
+    with Image.open(tmp_path / "rep" / "qualitative_best.png") as img:
+        best = np.asarray(img)
+    with Image.open(tmp_path / "rep" / "qualitative_worst.png") as img:
+        worst = np.asarray(img)
+    assert best.shape[1] == worst.shape[1]
+    assert best.shape[0] - worst.shape[0] == 3 + 4  # one more row of height 3 plus its padding
+
+
+def test_write_report_without_samples_or_json(tmp_path):
+    cm = _confusion()
+    written = write_report(tmp_path, cm.report(TINY.names), cm, TINY, write_json=False)
+    assert sorted(p.name for p in written) == ["confusion.png", "iou_bar.png", "report.md"]
+
+
+def test_qualitative_grid_layout_and_colours():
+    image = np.full((3, 4, 3), 7, dtype=np.uint8)
+    grid = qualitative_grid([QualitativeSample("f", image, GT, PRED, 50.0)], TINY)
+    pad = 4
+    assert grid.shape[1] == 4 * 4 + 5 * pad
+    bottom = grid[-pad - 3: -pad]  # the one row of pictures, just above the bottom padding
+    cells = [bottom[:, pad + c * (4 + pad): pad + c * (4 + pad) + 4] for c in range(4)]
+    np.testing.assert_array_equal(cells[0], image)
+    np.testing.assert_array_equal(cells[1][0, 0], TINY.palette[0])  # GT road
+    np.testing.assert_array_equal(cells[2][0, 1], TINY.palette[1])  # predicted pole
+    # errors: (0,1) wrong, (0,0) right, (2,3) ignored in GT -> three different colours
+    assert len({tuple(cells[3][0, 1]), tuple(cells[3][0, 0]), tuple(cells[3][2, 3])}) == 3
+
+
+def test_qualitative_grid_shrinks_large_frames():
+    big = np.zeros((512, 1024, 3), dtype=np.uint8)
+    mask = np.zeros((512, 1024), dtype=np.uint8)
+    grid = qualitative_grid([QualitativeSample("f", big, mask, mask, 100.0)], TINY, max_width=256)
+    assert grid.shape[1] == 4 * 256 + 5 * 4
