@@ -1,0 +1,170 @@
+"""Pictures for humans: colourised label maps, overlays, error maps, grids and legends.
+
+Used by evaluate, predict, the demo and the reports. Everything takes and returns uint8 numpy
+arrays (H, W, 3) so that pictures can be composed freely and written with ``save_png``.
+Label maps are train ids with ``classes.ignore_index`` (255) as ignore, drawn in black.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from carbseg.data.classes import IGNORE_INDEX, ClassSet
+from carbseg.io import write_png_atomic
+
+# error_map colours: correct pixels stay dark so that the red mistakes stand out.
+CORRECT_COLOR = (40, 100, 40)
+WRONG_COLOR = (255, 0, 0)
+IGNORE_COLOR = (0, 0, 0)
+GRID_BACKGROUND = 255  # white padding between grid cells
+TITLE_COLOR = (0, 0, 0)
+
+
+def _check_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a (H, W) label map, got shape {mask.shape}")
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError(f"{name} values must fit in 0..255 (train ids, 255 = ignore)")
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) from a gray (H, W), RGB or RGBA picture."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"pictures must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return image[..., :3]
+    raise ValueError(f"expected a (H, W) or (H, W, 3) picture, got shape {image.shape}")
+
+
+def colorize(mask: np.ndarray, classes: ClassSet) -> np.ndarray:
+    """Label map (H, W) -> palette colours (H, W, 3); ignore and unknown ids are black."""
+    mask = _check_mask(mask)
+    return classes.palette_array()[mask]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, classes: ClassSet, alpha: float = 0.5) -> np.ndarray:
+    """Blend the class colours over the picture: ``round((1 - alpha) * image + alpha * colour)``.
+
+    Ignore pixels keep the picture unchanged, so unlabelled regions remain readable.
+    """
+    image = _as_rgb(image)
+    mask = _check_mask(mask)
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
+    colours = classes.palette_array()[mask].astype(np.float64)
+    blended = np.rint((1.0 - alpha) * image.astype(np.float64) + alpha * colours)
+    out = np.clip(blended, 0, 255).astype(np.uint8)
+    ignore = mask == classes.ignore_index
+    out[ignore] = image[ignore]
+    return out
+
+
+def error_map(pred: np.ndarray, gt: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Correct pixels dark green, wrong pixels red, pixels without ground truth black."""
+    pred = _check_mask(pred, "pred")
+    gt = _check_mask(gt, "gt")
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred {pred.shape} and gt {gt.shape} differ in size")
+    out = np.empty(gt.shape + (3,), dtype=np.uint8)
+    out[...] = WRONG_COLOR
+    out[pred == gt] = CORRECT_COLOR
+    out[gt == ignore_index] = IGNORE_COLOR
+    return out
+
+
+def _resize_to_height(image: np.ndarray, height: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if h == height:
+        return image
+    width = max(1, round(w * height / h))
+    # Enlarging keeps pixels crisp (label maps stay readable); shrinking averages (no aliasing).
+    resample = Image.Resampling.NEAREST if height > h else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def make_grid(rows: list[list[np.ndarray]], titles: list[str] | None = None, pad: int = 4) -> np.ndarray:
+    """Compose pictures into a table: one list per row, white padding of ``pad`` pixels.
+
+    Every picture is resized (aspect kept) to the height of the tallest picture, so a row of an
+    image, its prediction and its ground truth lines up even when their sizes differ. Columns are
+    as wide as their widest cell; narrower pictures are centred. ``titles`` (one per column) are
+    drawn above the first row with PIL's default font.
+    """
+    if not rows or not any(rows):
+        raise ValueError("make_grid needs at least one picture")
+    pictures = [[_as_rgb(p) for p in row] for row in rows]
+    height = max(p.shape[0] for row in pictures for p in row)
+    pictures = [[_resize_to_height(p, height) for p in row] for row in pictures]
+    num_cols = max(len(row) for row in pictures)
+    col_widths = [max((row[c].shape[1] for row in pictures if c < len(row)), default=0) for c in range(num_cols)]
+
+    font = ImageFont.load_default()
+    title_band = 0
+    if titles:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        title_band = max(_text_size(probe, t, font)[1] for t in titles) + pad
+
+    grid_h = title_band + len(pictures) * height + (len(pictures) + 1) * pad
+    grid_w = sum(col_widths) + (num_cols + 1) * pad
+    grid = np.full((grid_h, grid_w, 3), GRID_BACKGROUND, dtype=np.uint8)
+    col_x = [pad + sum(col_widths[:c]) + c * pad for c in range(num_cols)]
+    for r, row in enumerate(pictures):
+        y = pad + title_band + r * (height + pad)
+        for c, picture in enumerate(row):
+            x = col_x[c] + (col_widths[c] - picture.shape[1]) // 2
+            grid[y : y + height, x : x + picture.shape[1]] = picture
+
+    if titles:
+        canvas = Image.fromarray(grid)
+        draw = ImageDraw.Draw(canvas)
+        for c, title in enumerate(titles[:num_cols]):
+            text_w, _ = _text_size(draw, title, font)
+            x = col_x[c] + max(0, (col_widths[c] - text_w) // 2)
+            draw.text((x, pad), title, fill=TITLE_COLOR, font=font)
+        grid = np.asarray(canvas).copy()
+    return grid
+
+
+def legend(classes: ClassSet, present: list[int] | None = None, swatch: int = 14, pad: int = 4) -> np.ndarray:
+    """A white panel listing class colours and names (all classes, or only ``present`` ones)."""
+    indices = list(range(classes.num_classes)) if present is None else sorted(set(int(i) for i in present))
+    indices = [i for i in indices if 0 <= i < classes.num_classes]
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max((_text_size(probe, classes.names[i], font)[0] for i in indices), default=0)
+    row_h = swatch + pad
+    width = pad + swatch + pad + text_w + pad
+    height = pad + max(1, len(indices)) * row_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row, i in enumerate(indices):
+        y = pad + row * row_h
+        draw.rectangle([pad, y, pad + swatch - 1, y + swatch - 1], fill=tuple(classes.palette[i]),
+                       outline=(0, 0, 0))
+        _, text_h = _text_size(draw, classes.names[i], font)
+        draw.text((2 * pad + swatch, y + (swatch - text_h) // 2 - 1), classes.names[i], fill=TITLE_COLOR,
+                  font=font)
+    return np.asarray(canvas).copy()
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 picture (H, W, 3) or label map (H, W) as PNG, atomically."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"save_png expects uint8, got {array.dtype}")
+    write_png_atomic(path, array)
