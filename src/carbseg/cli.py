@@ -175,15 +175,57 @@ def _run_train(args) -> int:
 
 # ---------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="segment an image, a folder of images or a video")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", required=True, help="image file, folder, or video file")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser(
+        "predict", help="segment an image, a folder of images or a video",
+        description="Writes OUT/IMAGE_ID.png (train ids) and OUT/overlay/IMAGE_ID.png; for a video, "
+                    "OUT/overlay/NAME.mp4 (.gif for a GIF). Existing outputs are skipped (resumable).")
+    p.add_argument("--checkpoint", required=True, help="model.safetensors written by carbseg train")
+    p.add_argument("--input", required=True,
+                   help="image file, folder of images (searched recursively), or video file (mp4 etc. need PyAV)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=("png", "cityscapes"), default="png",
+                   help="png: IMAGE_ID.png in train ids (default); cityscapes: test-server files "
+                        "<city>_<seq>_<frame>_leftImg8bit.png in Cityscapes label ids")
+    p.add_argument("--mode", choices=("whole", "slide"), default=None,
+                   help="whole image or sliding window (default: the checkpoint's eval.mode)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: horizontal flip and several scales (the checkpoint's "
+                        "eval.scales, or 0.5..1.75 when it names one)")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1 ...")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args) -> int:
-    raise NotImplementedError
+    from carbseg.engine.predict import predict_path
+
+    summary = predict_path(args.checkpoint, args.input, args.out, fmt=args.format, mode=args.mode, tta=args.tta,
+                           device=args.device)
+    print(f"carbseg predict: {summary.written} written, {summary.skipped} already present, in {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- export-onnx
+def _add_export_onnx(sub) -> None:
+    p = sub.add_parser(
+        "export-onnx", help="export a checkpoint to ONNX (input images 0..255, output logits)",
+        description="Exports the whole segmenter (normalisation and upsampling included): input 'images' "
+                    "float32 (B, 3, H, W) RGB in 0..255, output 'logits' (B, C, H, W).")
+    p.add_argument("--checkpoint", required=True, help="model.safetensors written by carbseg train")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--height", type=int, default=512, help="export height (default 512)")
+    p.add_argument("--width", type=int, default=1024, help="export width (default 1024)")
+    p.add_argument("--dynamic", action="store_true", help="free batch size, height and width")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    p.set_defaults(func=_run_export_onnx)
+
+
+def _run_export_onnx(args) -> int:
+    from carbseg.engine.export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, dynamic=args.dynamic,
+                       opset=args.opset)
+    print(f"carbseg export-onnx: wrote {path}")
+    return 0
 
 
 # ---------------------------------------------------------------- demo
@@ -205,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"carbseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_labels, _add_convert_wilddash2, _add_pseudo_masks, _add_evaluate, _add_train, _add_predict,
-                _add_demo):
+                _add_export_onnx, _add_demo):
         add(sub)
     return parser
 

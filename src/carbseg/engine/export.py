@@ -1,0 +1,73 @@
+"""ONNX export of a trained segmenter, for deployment without PyTorch.
+
+The exported graph is the whole segmenter, normalisation and final bilinear upsampling included:
+input ``images`` float32 (B, 3, H, W) RGB in 0..255, output ``logits`` float32 (B, C, H, W) at the
+input size; the argmax over C is the train-id prediction. With ``dynamic=True`` the batch, height
+and width are free; otherwise they are fixed to the export size (some runtimes optimise better).
+
+The TorchScript-based exporter is used because it needs nothing beyond torch and onnx (the newer
+torch.export-based exporter needs ``onnxscript``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from carbseg.engine.checkpoint import LoadedModel, load_model
+from carbseg.errors import UserError
+from carbseg.io import atomic_path
+
+MIN_OPSET = 17  # first opset with LayerNormalization; keeps every op of the backbones native
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+def export_onnx(
+    checkpoint: str | os.PathLike | LoadedModel,
+    out_path: str | os.PathLike,
+    height: int = 512,
+    width: int = 1024,
+    dynamic: bool = False,
+    opset: int = MIN_OPSET,
+) -> Path:
+    """Write ``out_path`` (atomically) and check it with ``onnx.checker``; returns the path."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the onnx package: pip install 'carbseg[onnx]'") from None
+    if opset < MIN_OPSET:
+        raise UserError(f"ONNX opset {opset} is too old; use {MIN_OPSET} or newer")
+    if height < 1 or width < 1:
+        raise UserError(f"export size {height}x{width} must be positive")
+    out_path = Path(out_path)
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device="cpu")
+    model = loaded.model.to("cpu").float().eval()
+    example = torch.zeros(1, 3, height, width)
+    free = {0: "batch", 2: "height", 3: "width"}
+    dynamic_axes = {INPUT_NAME: free, OUTPUT_NAME: free} if dynamic else None
+    with atomic_path(out_path) as tmp, warnings.catch_warnings():
+        # The TorchScript exporter warns that it is deprecated on every call; it is chosen on purpose.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            model, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+        onnx.checker.check_model(str(tmp))
+    return out_path
+
+
+def onnx_parity(model: torch.nn.Module, onnx_path: str | os.PathLike, images: torch.Tensor) -> float:
+    """Max absolute difference between PyTorch's and onnxruntime's logits on ``images`` (0..255)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run([OUTPUT_NAME], {INPUT_NAME: images.float().numpy()})[0]
+    with torch.inference_mode():
+        torch_logits = model.to("cpu").eval()(images.float()).numpy()
+    return float(np.abs(onnx_logits - torch_logits).max())

@@ -1,0 +1,307 @@
+"""Segment an image, a folder of images, or a video with a trained checkpoint.
+
+Outputs (all written atomically; an existing output is skipped, so an interrupted run resumes):
+
+* ``OUT/<id>.png``: 8-bit train ids (``--format png``), the format ``carbseg evaluate --pred`` reads;
+* ``OUT/<city>_<seq>_<frame>_leftImg8bit.png``: Cityscapes *label ids* (``--format cityscapes``),
+  the files the Cityscapes test server and ``cityscapesscripts``' evaluator match with the pattern
+  ``<city>_<seq>_<frame>*.png`` (it wants regular ids, not train ids);
+* ``OUT/overlay/<id>.png``: the class colours blended over the image, for people;
+* for a video: ``OUT/overlay/<name>.mp4`` (``.gif`` for a GIF), the overlay of every frame.
+
+Videos other than GIF are decoded and encoded with PyAV (``pip install av``, the ``video`` extra);
+GIFs only need Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageSequence
+from tqdm import tqdm
+
+from carbseg.data.base import check_unique_ids
+from carbseg.engine.checkpoint import LoadedModel, load_model
+from carbseg.engine.inference import images_to_tensor, predict, resolve_device
+from carbseg.errors import UserError
+from carbseg.io import IMAGE_EXTENSIONS, atomic_path, read_image, write_png_atomic
+from carbseg.visualize import overlay
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
+# Multi-scale + flip test-time augmentation used by --tta when the checkpoint's eval config names a
+# single scale (the usual mmsegmentation Cityscapes TTA ratios).
+DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+FORMATS = ("png", "cityscapes")
+CITYSCAPES_SUFFIX = "_leftImg8bit"
+_CITYSCAPES_ID = re.compile(r"^[a-z_]+_\d{6}_\d{6}$")
+
+
+@dataclass
+class PredictSummary:
+    written: int = 0
+    skipped: int = 0  # outputs that already existed (resumed run)
+
+
+@dataclass
+class InferenceSettings:
+    """How to run the model: mode, sliding-window geometry, TTA, batching; from the checkpoint's eval config."""
+
+    mode: str
+    crop_hw: tuple[int, int]
+    stride_hw: tuple[int, int]
+    scales: tuple[float, ...]
+    flip: bool
+
+    @classmethod
+    def from_checkpoint(cls, loaded: LoadedModel, mode: str | None = None, tta: bool = False) -> InferenceSettings:
+        cfg = loaded.config.eval
+        mode = cfg.mode if mode is None else mode
+        if mode not in ("whole", "slide"):
+            raise UserError(f"inference mode {mode!r} is not valid; choose whole or slide")
+        scales = tuple(cfg.scales)
+        if tta and len(scales) == 1:
+            scales = DEFAULT_TTA_SCALES
+        return cls(mode=mode, crop_hw=tuple(cfg.crop_size), stride_hw=tuple(cfg.stride), scales=scales,
+                   flip=cfg.flip or tta)
+
+
+def segment(loaded: LoadedModel, settings: InferenceSettings, images: list[np.ndarray]) -> np.ndarray:
+    """uint8 RGB images of one size -> uint8 train-id maps (B, H, W)."""
+    logits = predict(loaded.model, images_to_tensor(images), mode=settings.mode, crop_hw=settings.crop_hw,
+                     stride_hw=settings.stride_hw, num_classes=loaded.classes.num_classes,
+                     scales=settings.scales, flip=settings.flip)
+    return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+
+# ---------------------------------------------------------------- Cityscapes test-server format
+def train_ids_to_cityscapes_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Train ids (0..18, 255) -> Cityscapes label ids via cityscapesscripts' ``trainId2label``.
+
+    255 (no prediction) becomes 0 ("unlabeled"), which the evaluator ignores.
+    """
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    lut = np.zeros(256, dtype=np.uint8)
+    for train_id, label in trainId2label.items():
+        if 0 <= train_id < 255:
+            lut[train_id] = label.id
+    return lut[train_ids]
+
+
+def cityscapes_file_name(image_id: str) -> str:
+    """``frankfurt_000000_000294`` -> ``frankfurt_000000_000294_leftImg8bit.png``."""
+    return f"{image_id}{CITYSCAPES_SUFFIX}.png"
+
+
+# ---------------------------------------------------------------- inputs
+def image_id_of(path: Path) -> str:
+    """The image id: file name without extension, and without Cityscapes' ``_leftImg8bit``."""
+    stem = path.stem
+    return stem[: -len(CITYSCAPES_SUFFIX)] if stem.endswith(CITYSCAPES_SUFFIX) else stem
+
+
+def find_images(input_path: Path, out_dir: Path) -> list[Path]:
+    """One image, or every image below a folder (recursively, e.g. ``leftImg8bit/test/<city>/``).
+
+    Files inside the output folder are left out, so writing OUT inside the input folder is safe.
+    """
+    if input_path.is_file():
+        return [input_path]
+    out_resolved = out_dir.resolve()
+    found = []
+    for path in sorted(input_path.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        resolved = path.resolve()
+        if resolved == out_resolved or out_resolved in resolved.parents:
+            continue
+        found.append(path)
+    if not found:
+        raise UserError(f"{input_path}: no images found ({', '.join(IMAGE_EXTENSIONS)}); pass an image, "
+                        "a folder of images or a video")
+    return found
+
+
+# ---------------------------------------------------------------- images
+def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list[Path], out_dir: Path,
+                   fmt: str = "png", overlays: bool = True, progress: bool = True) -> PredictSummary:
+    ids = [image_id_of(p) for p in paths]
+    check_unique_ids(ids, paths[0].parent)
+    if fmt == "cityscapes":
+        for path, image_id in zip(paths, ids):
+            if not _CITYSCAPES_ID.match(image_id):
+                raise UserError(
+                    f"{path}: --format cityscapes needs Cityscapes file names <city>_<seq>_<frame>_leftImg8bit.png "
+                    "(e.g. berlin_000000_000019_leftImg8bit.png); use --format png for other images"
+                )
+    summary = PredictSummary()
+    for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not progress):
+        label_path = out_dir / (cityscapes_file_name(image_id) if fmt == "cityscapes" else f"{image_id}.png")
+        overlay_path = out_dir / "overlay" / f"{image_id}.png"
+        if label_path.is_file() and (not overlays or overlay_path.is_file()):
+            summary.skipped += 1
+            continue
+        image = read_image(path)
+        pred = segment(loaded, settings, [image])[0]
+        label = train_ids_to_cityscapes_ids(pred) if fmt == "cityscapes" else pred
+        write_png_atomic(label_path, label)
+        if overlays:
+            write_png_atomic(overlay_path, overlay(image, pred, loaded.classes))
+        summary.written += 1
+    return summary
+
+
+# ---------------------------------------------------------------- videos
+def _gif_frames(path: Path) -> tuple[Iterator[np.ndarray], int | None, float]:
+    img = Image.open(path)
+    duration_ms = img.info.get("duration", 100) or 100
+    count = getattr(img, "n_frames", None)
+    frames = (np.asarray(frame.convert("RGB")).copy() for frame in ImageSequence.Iterator(img))
+    return frames, count, 1000.0 / duration_ms
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise UserError(
+            "reading and writing videos needs PyAV: pip install av (or pip install 'carbseg[video]'); "
+            "or extract the frames to a folder of images and pass the folder"
+        ) from None
+    return av
+
+
+def _av_frames(path: Path) -> tuple[Iterator[np.ndarray], int | None, Fraction]:
+    av = _av()
+    try:
+        container = av.open(str(path))
+        stream = container.streams.video[0]
+    except (av.FFmpegError, IndexError) as err:
+        raise UserError(f"{path}: cannot read the video ({err}); check the file or convert it to mp4") from None
+    rate = stream.average_rate or Fraction(25)
+    count = stream.frames or None
+
+    def frames():
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+        finally:
+            container.close()
+
+    return frames(), count, rate
+
+
+class _AvWriter:
+    """Overlay frames -> mp4 (H.264 when available, else MPEG-4 part 2), even sizes for yuv420p."""
+
+    def __init__(self, path: Path, rate: Fraction):
+        av = _av()
+        self.container = av.open(str(path), mode="w")
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        self.stream = self.container.add_stream(codec, rate=rate)
+        self.stream.pix_fmt = "yuv420p"
+        self.av = av
+        self.started = False
+
+    def write(self, rgb: np.ndarray) -> None:
+        # yuv420p subsamples chroma by 2: odd sizes get one replicated row/column.
+        pad_h, pad_w = rgb.shape[0] % 2, rgb.shape[1] % 2
+        if pad_h or pad_w:
+            rgb = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        h, w = rgb.shape[:2]
+        if not self.started:
+            self.stream.height, self.stream.width = h, w
+            self.started = True
+        frame = self.av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+
+def predict_video(loaded: LoadedModel, settings: InferenceSettings, path: Path, out_dir: Path,
+                  batch_size: int = 4, progress: bool = True) -> PredictSummary:
+    """Overlay video ``OUT/overlay/<name>.mp4`` (``.gif`` for a GIF input), skipped when it exists."""
+    is_gif = path.suffix.lower() == ".gif"
+    out_path = out_dir / "overlay" / f"{path.stem}{'.gif' if is_gif else '.mp4'}"
+    if out_path.is_file():
+        return PredictSummary(skipped=1)
+    frames, count, rate = _gif_frames(path) if is_gif else _av_frames(path)
+    bar = tqdm(total=count, desc=f"predict {path.name}", unit="frame", disable=not progress)
+    gif_frames: list[Image.Image] = []
+    with atomic_path(out_path) as tmp:
+        writer = None if is_gif else _AvWriter(tmp, rate)
+        try:
+            batch: list[np.ndarray] = []
+
+            def flush():
+                for image, pred in zip(batch, segment(loaded, settings, batch)):
+                    picture = overlay(image, pred, loaded.classes)
+                    if writer is None:
+                        gif_frames.append(Image.fromarray(picture))
+                    else:
+                        writer.write(picture)
+                bar.update(len(batch))
+                batch.clear()
+
+            for frame in frames:
+                if batch and (len(batch) == batch_size or batch[0].shape != frame.shape):
+                    flush()
+                batch.append(frame)
+            if batch:
+                flush()
+        finally:
+            if writer is not None:
+                writer.close()
+            bar.close()
+        if writer is None:
+            if not gif_frames:
+                raise UserError(f"{path}: the GIF has no frames")
+            gif_frames[0].save(tmp, format="GIF", save_all=True, append_images=gif_frames[1:],
+                               duration=round(1000.0 / rate), loop=0)
+    return PredictSummary(written=1)
+
+
+# ---------------------------------------------------------------- entry point
+def predict_path(
+    checkpoint: str | os.PathLike | LoadedModel,
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    fmt: str = "png",
+    mode: str | None = None,
+    tta: bool = False,
+    device: str = "auto",
+    overlays: bool = True,
+    progress: bool = True,
+) -> PredictSummary:
+    """Segment an image, a folder of images (recursively) or a video into ``out_dir``."""
+    if fmt not in FORMATS:
+        raise UserError(f"output format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    if not input_path.exists():
+        raise UserError(f"{input_path}: input not found; pass an image, a folder of images or a video")
+    is_video = input_path.is_file() and input_path.suffix.lower() in VIDEO_EXTENSIONS
+    if is_video and fmt == "cityscapes":
+        raise UserError(f"{input_path}: --format cityscapes is for Cityscapes test images, not videos")
+    if input_path.is_file() and not is_video and input_path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UserError(f"{input_path}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or a video "
+                        f"({', '.join(VIDEO_EXTENSIONS)})")
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, resolve_device(device))
+    settings = InferenceSettings.from_checkpoint(loaded, mode=mode, tta=tta)
+    if fmt == "cityscapes" and loaded.classes.num_classes != 19:
+        raise UserError(f"--format cityscapes needs a 19-class Cityscapes model; this one has "
+                        f"{loaded.classes.num_classes} classes ({loaded.classes.name})")
+    if is_video:
+        return predict_video(loaded, settings, input_path, out_dir, progress=progress)
+    return predict_images(loaded, settings, find_images(input_path, out_dir), out_dir, fmt=fmt,
+                          overlays=overlays, progress=progress)
