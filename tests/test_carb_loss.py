@@ -1,0 +1,220 @@
+"""CARB loss: hand-computed cross-entropies, the -inf restriction, empty regions, adaptive c, the queue."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from carbseg.losses.carb import (
+    CARBTerms,
+    LossQueue,
+    adaptive_coefficient,
+    carb_loss,
+    masked_cross_entropy,
+    region_masks,
+    restricted_argmax,
+)
+
+
+def ce2(target_logit: float, other_logit: float) -> float:
+    """Two-class cross-entropy by hand: -log(e^t / (e^t + e^o)) = log(1 + e^(o - t))."""
+    return math.log(1.0 + math.exp(other_logit - target_logit))
+
+
+# 2 classes, one 2x2 image. Class-0 and class-1 logits per pixel:
+#   (0,0): (2, 0)  (0,1): (0, 1)
+#   (1,0): (0, 3)  (1,1): (1, 0)
+# -> self-prediction [[0, 1], [1, 0]]; teacher [[0, 0], [1, 1]]
+# -> consistent pixels (0,0), (1,0); inconsistent (0,1), (1,1).
+LOGITS = [[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0]]]
+TEACHER = [[0, 0], [1, 1]]
+CE_00, CE_01, CE_10, CE_11 = ce2(2, 0), ce2(0, 1), ce2(3, 0), ce2(0, 1)
+CE_CONS = (CE_00 + CE_10) / 2
+CE_INCONS = (CE_01 + CE_11) / 2
+
+
+def example(requires_grad: bool = True):
+    logits = torch.tensor([LOGITS], requires_grad=requires_grad)
+    teacher = torch.tensor([TEACHER])
+    labels = torch.tensor([[True, True]])
+    return logits, teacher, labels
+
+
+def test_restricted_argmax_uses_minus_inf_not_zero_one_multiplication():
+    # One pixel, three classes, class 2 absent from the image-level label.
+    logits = torch.tensor([-1.0, -2.0, 5.0]).view(1, 3, 1, 1)
+    labels = torch.tensor([[True, True, False]])
+    # The release's defect 1: scores * 0/1 label -> (-1, -2, 0): the absent class 2 wins.
+    assert int((logits * labels[:, :, None, None]).argmax(1)) == 2
+    assert int(restricted_argmax(logits, labels)) == 0
+    # Same with an absent class whose score is below the present ones: 0 still beats -1 and -2.
+    logits_low = torch.tensor([-1.0, -2.0, -5.0]).view(1, 3, 1, 1)
+    assert int((logits_low * labels[:, :, None, None]).argmax(1)) == 2
+    assert int(restricted_argmax(logits_low, labels)) == 0
+
+
+def test_restricted_argmax_without_any_label_is_plain_argmax():
+    logits = torch.tensor([0.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    assert int(restricted_argmax(logits, torch.zeros(1, 3, dtype=torch.bool))) == 1
+
+
+def test_region_masks_split_valid_pixels_and_skip_ignore():
+    teacher = torch.tensor([[[0, 0], [1, 255]]])
+    prediction = torch.tensor([[[0, 1], [1, 1]]])
+    cons, incons = region_masks(teacher, prediction)
+    assert cons.tolist() == [[[True, False], [True, False]]]
+    assert incons.tolist() == [[[False, True], [False, False]]]
+
+
+def test_masked_cross_entropy_by_hand():
+    logits, teacher, _ = example()
+    cons, incons = region_masks(teacher, torch.tensor([[[0, 1], [1, 0]]]))
+    loss, count = masked_cross_entropy(logits, teacher, cons)
+    assert int(count) == 2
+    assert loss.item() == pytest.approx(CE_CONS, rel=1e-6)
+    loss, count = masked_cross_entropy(logits, teacher, incons)
+    assert (loss.item(), int(count)) == (pytest.approx(CE_INCONS, rel=1e-6), 2)
+    # region None = every valid pixel; ignore pixels are excluded from the mean and the count
+    teacher_ignore = teacher.clone()
+    teacher_ignore[0, 1, 1] = 255
+    loss, count = masked_cross_entropy(logits, teacher_ignore)
+    assert int(count) == 3
+    assert loss.item() == pytest.approx((CE_00 + CE_01 + CE_10) / 3, rel=1e-6)
+
+
+def test_empty_region_gives_exact_zero_and_finite_gradient():
+    logits, teacher, _ = example()
+    empty = torch.zeros(1, 2, 2, dtype=torch.bool)
+    loss, count = masked_cross_entropy(logits, teacher, empty)
+    assert int(count) == 0 and loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None and torch.equal(logits.grad, torch.zeros_like(logits))
+    # The release's defect 2: averaging an empty region the usual way is NaN.
+    assert math.isnan(float(F.cross_entropy(logits, torch.full_like(teacher, 255), ignore_index=255)))
+
+
+def test_carb_loss_after_warmup_by_hand():
+    logits, teacher, labels = example()
+    terms = carb_loss(logits, teacher, None, None, labels, coefficient=0.5, warmup=False)
+    assert terms.consistent.item() == pytest.approx(CE_CONS, rel=1e-6)
+    assert terms.inconsistent.item() == pytest.approx(CE_INCONS, rel=1e-6)
+    assert (int(terms.consistent_pixels), int(terms.inconsistent_pixels)) == (2, 2)
+    assert terms.consistent_share.item() == pytest.approx(0.5)
+    assert terms.total.item() == pytest.approx(CE_CONS + 0.5 * CE_INCONS, rel=1e-6)
+    assert terms.patch_consistent.item() == 0.0 and terms.patch_inconsistent.item() == 0.0
+    # c is a plain float: the gradient of the inconsistent pixels is scaled by exactly c.
+    terms.total.backward()
+    grad_full = logits.grad.clone()
+    logits.grad = None
+    carb_loss(logits, teacher, None, None, labels, 1.0, False).total.backward()
+    assert torch.allclose(grad_full[..., 0, 1], 0.5 * logits.grad[..., 0, 1])  # inconsistent pixel
+    assert torch.allclose(grad_full[..., 0, 0], logits.grad[..., 0, 0])  # consistent pixel
+
+
+def test_carb_loss_with_patch_terms_by_hand():
+    logits, teacher, labels = example()
+    # The local patch is the top row (cut out of the global logits): pixel (0,0) consistent, (0,1) not.
+    # The teacher's patch labels differ from its global ones: it says class 1 at (0,0) -> inconsistent,
+    # and class 1 at (0,1) -> consistent with the self-prediction 1.
+    patch_logits = logits[..., :1, :]
+    teacher_patch = torch.tensor([[[1, 1]]])
+    terms = carb_loss(logits, teacher, patch_logits, teacher_patch, labels, coefficient=0.25, warmup=False)
+    patch_cons, patch_incons = ce2(1, 0), ce2(0, 2)  # (0,1) target 1: logits (0,1); (0,0) target 1: (2,0)
+    assert terms.patch_consistent.item() == pytest.approx(patch_cons, rel=1e-6)
+    assert terms.patch_inconsistent.item() == pytest.approx(patch_incons, rel=1e-6)
+    assert (int(terms.patch_consistent_pixels), int(terms.patch_inconsistent_pixels)) == (1, 1)
+    expected = CE_CONS + 0.25 * CE_INCONS + patch_cons + 0.25 * patch_incons
+    assert terms.total.item() == pytest.approx(expected, rel=1e-6)
+    # Warm-up: plain CE on both views, c ignored.
+    warm = carb_loss(logits, teacher, patch_logits, teacher_patch, labels, coefficient=0.25, warmup=True)
+    all_global = (CE_00 + CE_01 + CE_10 + CE_11) / 4
+    assert warm.global_ce.item() == pytest.approx(all_global, rel=1e-6)
+    assert warm.total.item() == pytest.approx(all_global + (patch_cons + patch_incons) / 2, rel=1e-6)
+
+
+def test_carb_self_prediction_is_restricted_to_image_classes():
+    # 3 classes; class 2 absent but with the largest logit. Teacher says class 0 everywhere.
+    logits = torch.tensor([[[[-1.0]], [[-2.0]], [[5.0]]]])
+    teacher = torch.tensor([[[0]]])
+    labels = torch.tensor([[True, True, False]])
+    terms = carb_loss(logits, teacher, None, None, labels, 1.0, warmup=False)
+    # restricted prediction = 0 = teacher -> consistent (the 0/1 product would have said 2: inconsistent)
+    assert (int(terms.consistent_pixels), int(terms.inconsistent_pixels)) == (1, 0)
+    assert terms.inconsistent.item() == 0.0
+    assert math.isfinite(terms.total.item())
+
+
+def test_carb_loss_all_consistent_is_finite_with_gradients():
+    logits, _, labels = example()
+    teacher = torch.tensor([[[0, 1], [1, 0]]])  # = the self-prediction
+    terms = carb_loss(logits, teacher, logits[..., :1, :], teacher[:, :1, :], labels, 3.0, warmup=False)
+    assert int(terms.inconsistent_pixels) == 0 and terms.inconsistent.item() == 0.0
+    terms.total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_terms_with_coefficient_recomputes_total():
+    logits, teacher, labels = example()
+    terms = carb_loss(logits, teacher, None, None, labels, None, warmup=False)
+    assert terms.coefficient == 1.0
+    assert terms.total.item() == pytest.approx(CE_CONS + CE_INCONS, rel=1e-6)
+    scaled = terms.with_coefficient(2.0)
+    assert isinstance(scaled, CARBTerms)
+    assert scaled.total.item() == pytest.approx(CE_CONS + 2.0 * CE_INCONS, rel=1e-6)
+
+
+def test_adaptive_coefficient_values_and_edge_cases():
+    assert adaptive_coefficient([1.0, 2.0, 3.0], [2.0, 4.0]) == pytest.approx(2.0 / 3.0)
+    assert adaptive_coefficient([1.0, 2.0, 3.0], [2.0, 4.0], coeff=0.5) == pytest.approx(1.0 / 3.0)
+    assert adaptive_coefficient([], [], coeff=0.7) == 0.7  # nothing known yet: no rebalancing
+    assert adaptive_coefficient([1.0], [0.0], coeff=1.0) == 1.0  # no inconsistent loss: no rebalancing
+
+
+def test_loss_queue_keeps_last_q_and_feeds_c():
+    queue = LossQueue(size=2)
+    assert queue.coefficient(0.9) == 0.9
+    queue.push(10.0, 1.0)
+    queue.push(torch.tensor(1.0), torch.tensor(2.0))
+    queue.push(3.0, 6.0)  # drops (10, 1)
+    assert list(queue.consistent) == [1.0, 3.0] and list(queue.inconsistent) == [2.0, 6.0]
+    assert queue.coefficient() == pytest.approx(2.0 / 4.0)
+    assert adaptive_coefficient(queue, 2.0) == pytest.approx(1.0)  # the trainer's call form
+
+
+def test_loss_queue_checkpoint_round_trip(tmp_path):
+    queue = LossQueue(size=3)
+    for cons, incons in [(0.5, 2.0), (0.25, 1.0), (0.75, 3.0), (1.0, 4.0)]:
+        queue.push(cons, incons)
+    path = tmp_path / "state.pt"
+    torch.save({"loss_queue": queue.state_dict()}, path)
+    restored = LossQueue(size=3)
+    restored.load_state_dict(torch.load(path, weights_only=True)["loss_queue"])
+    assert list(restored.consistent) == [0.25, 0.75, 1.0]
+    assert restored.coefficient() == queue.coefficient() == pytest.approx(2.0 / 8.0)
+    restored.push(9.0, 9.0)
+    assert len(restored) == 3  # maxlen survives the round trip
+
+
+def _queue_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        queue = LossQueue(size=5)
+        queue.push(float(rank + 1), float(2 * (rank + 1)))  # rank 0: (1, 2); rank 1: (2, 4)
+        torch.save(queue.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_queue_push_is_averaged_across_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_queue_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert states[0] == states[1]
+    assert states[0]["consistent"] == [1.5] and states[0]["inconsistent"] == [3.0]
