@@ -94,7 +94,9 @@ def test_empty_region_gives_exact_zero_and_finite_gradient():
     loss.backward()
     assert logits.grad is not None and torch.equal(logits.grad, torch.zeros_like(logits))
     # The release's defect 2: averaging an empty region the usual way is NaN.
-    assert math.isnan(float(F.cross_entropy(logits, torch.full_like(teacher, 255), ignore_index=255)))
+    assert math.isnan(
+        F.cross_entropy(logits.detach(), torch.full_like(teacher, 255), ignore_index=255).item()
+    )
 
 
 def test_carb_loss_after_warmup_by_hand():
@@ -211,6 +213,21 @@ def _queue_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def test_loss_queue_push_goes_through_the_cross_process_mean(monkeypatch):
+    # Stand-in for a 2-process all-reduce where the other rank pushed (3, 5): the mean is stored.
+    import carbseg.distributed
+
+    def fake_mean_(tensor):
+        tensor.add_(torch.tensor([3.0, 5.0], dtype=tensor.dtype)).div_(2)
+        return tensor
+
+    monkeypatch.setattr(carbseg.distributed, "all_reduce_mean_", fake_mean_)
+    queue = LossQueue(size=5)
+    queue.push(1.0, 1.0)
+    assert list(queue.consistent) == [2.0] and list(queue.inconsistent) == [3.0]
+
+
+@pytest.mark.slow
 def test_loss_queue_push_is_averaged_across_processes(tmp_path):
     import torch.multiprocessing as mp
 
