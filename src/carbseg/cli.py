@@ -239,6 +239,40 @@ def _run_demo(args) -> int:
     raise NotImplementedError
 
 
+# ---------------------------------------------------------------- synthesize
+def _add_synthesize(sub) -> None:
+    p = sub.add_parser("synthesize", help="write procedurally generated driving scenes (images + masks), resumable")
+    p.add_argument("--out", required=True, help="dataset root; writes OUT/images/SPLIT, OUT/masks/SPLIT, OUT/classes.json")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--num", type=int, default=100, help="number of scenes (default 100)")
+    p.add_argument("--size", default="512x256", help="WIDTHxHEIGHT in pixels (default 512x256)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed; splits never share scenes (default 0)")
+    p.set_defaults(func=_run_synthesize)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """'512x256' -> (width, height)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"--size {text!r}: expected WIDTHxHEIGHT such as 512x256")
+    width, height = (int(p) for p in parts)
+    if width < 8 or height < 8:
+        raise UserError(f"--size {text!r}: width and height must be at least 8 pixels")
+    return width, height
+
+
+def _run_synthesize(args) -> int:
+    from carbseg.data.synthetic import generate_synthetic_dataset
+
+    width, height = _parse_size(args.size)
+    if args.num < 1:
+        raise UserError(f"--num {args.num}: the number of scenes must be at least 1")
+    written = generate_synthetic_dataset(args.out, args.split, args.num, height, width, seed=args.seed)
+    print(f"{args.out}: {args.num} {args.split} scenes of {width}x{height} ({written} written, "
+          f"{args.num - written} already present)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carbseg",
@@ -247,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"carbseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_labels, _add_convert_wilddash2, _add_pseudo_masks, _add_evaluate, _add_train, _add_predict,
-                _add_export_onnx, _add_demo):
+                _add_export_onnx, _add_demo, _add_synthesize):
         add(sub)
     return parser
 

@@ -168,8 +168,11 @@ class _Canvas:
         region = u * u + v * v <= 1.0
         if not region.any():
             # Sub-pixel ellipse: keep its centre pixel so small parts do not vanish at low resolution.
+            pr, pc = int(py), int(px)
+            if not (r0 <= pr < r1 and c0 <= pc < c1):
+                return None
             region = np.zeros((r1 - r0, c1 - c0), bool)
-            region[min(int(py) - r0, r1 - r0 - 1), min(int(px) - c0, c1 - c0 - 1)] = True
+            region[pr - r0, pc - c0] = True
         return r0, c0, region, u, v
 
     def segment(self, p, q, z, thickness):
@@ -335,7 +338,7 @@ def _paint_facades(cv: _Canvas, rng: np.random.Generator, lay: _Layout, sun_left
             length = rng.uniform(8, 35)
             if urban and rng.random() < 0.85:
                 _building(cv, rng, walk_edge + side * rng.uniform(0, 1.5), z, z + length, light)
-            elif rng.random() < 0.5:
+            elif rng.random() < 0.7:
                 _low_boundary(cv, rng, walk_edge + side * rng.uniform(0, 1.0), z, z + length, light)
             z += length + (rng.uniform(3, 15) if rng.random() < 0.3 else 0.0)
 
@@ -367,7 +370,7 @@ def _building(cv: _Canvas, rng: np.random.Generator, x: float, z0: float, z1: fl
 
 def _low_boundary(cv: _Canvas, rng: np.random.Generator, x: float, z0: float, z1: float, light: float) -> None:
     """A wall, a fence or a hedge along the sidewalk's outer edge."""
-    kind = rng.choice(["wall", "fence", "hedge"], p=[0.4, 0.4, 0.2])
+    kind = rng.choice(["wall", "fence", "hedge"], p=[0.45, 0.4, 0.15])
     height = rng.uniform(1.0, 2.5)
     got = cv.side(x, z0, z1, 0.0, height)
     if got is None:
@@ -698,8 +701,9 @@ def _place_objects(cv: _Canvas, rng: np.random.Generator, lay: _Layout, blotch: 
                 z += rng.uniform(6, 18)
         for zp in _spread(rng, int(rng.poisson(2.5)), 10, 70):  # pedestrians on the sidewalk
             add(zp, _person_shape, rng.uniform(min(curb, walk), max(curb, walk)), zp, 0.0, PERSON, False, light)
-        for zb in _spread(rng, int(rng.poisson(0.6)), 10, 50):  # parked bicycles
-            add(zb, _two_wheeler, curb + side * rng.uniform(0.8, 1.8), zb, BICYCLE, light)
+        for zb in _spread(rng, int(rng.poisson(0.7)), 10, 50):  # parked bicycles and motorcycles
+            parked = MOTORCYCLE if rng.random() < 0.3 else BICYCLE
+            add(zb, _two_wheeler, curb + side * rng.uniform(0.8, 1.8), zb, parked, light)
     # Vehicles in the lanes (oncoming on the left of a two-way road) and parked at the edges.
     lane_w = (lay.road_right - lay.road_left) / (len(lay.lanes) + 1)
     for lane in range(len(lay.lanes) + 1):
@@ -716,10 +720,10 @@ def _place_objects(cv: _Canvas, rng: np.random.Generator, lay: _Layout, blotch: 
             else:
                 z += rng.uniform(10, 40)
     # Riders on bicycles / motorcycles near the right (or left) road edge, and in crossings.
-    for zr in _spread(rng, int(rng.poisson(1.0)), 12, 70):
+    for zr in _spread(rng, int(rng.poisson(1.3)), 12, 70):
         side = 1 if rng.random() < 0.6 else -1
         xr = (lay.road_right - 0.9) if side > 0 else (lay.road_left + 0.9)
-        vehicle = MOTORCYCLE if rng.random() < 0.35 else BICYCLE
+        vehicle = MOTORCYCLE if rng.random() < 0.4 else BICYCLE
         add(zr, _rider, xr, zr, vehicle, light_r if side > 0 else light_l)
     # Painter's algorithm: far objects first, so near ones occlude them.
     for _, draw in sorted(objects, key=lambda o: -o[0]):
