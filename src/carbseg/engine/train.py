@@ -210,7 +210,8 @@ def build_model(cfg: Config, classes: ClassSet, device: torch.device, load_pretr
         from carbseg.teacher.build import class_text_embeddings
 
         class_embeddings = class_text_embeddings(
-            classes, cfg.teacher.clip_model, cfg.teacher.clip_pretrained, device, cache_dir=cfg.teacher.cache_dir
+            classes, cfg.teacher.clip_model, cfg.teacher.clip_pretrained, device,
+            cache_dir=cfg.teacher.cache_dir, templates=cfg.teacher.text_templates,
         )
     return build_segmenter(cfg.model, classes.num_classes, class_embeddings=class_embeddings,
                            load_pretrained=load_pretrained)
@@ -226,11 +227,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
 
 
 # ---------------------------------------------------------------- one training step
-@dataclass
-class StepOutput:
-    terms: dict[str, float]  # every CARB term, the coefficient c and the consistent share
-
-
 def teacher_views(teacher, batch: dict, cfg: Config, generator: torch.Generator, single_path: bool):
     """Teacher labels for the global view and for the GLV local patch (no gradient, ever).
 
@@ -293,7 +289,7 @@ class Trainer:
         if not self.single_path:
             from carbseg.teacher.build import build_teacher
 
-            self.teacher = build_teacher(cfg.teacher, self.classes, self.device)
+            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, seed=cfg.seed)
         read_gt = bool(self.teacher is not None and self.teacher.reads_ground_truth)
         if read_gt:
             log.warning("teacher.kind = simulated reads ground truth: a research instrument, not weak supervision")
@@ -388,14 +384,6 @@ class Trainer:
         return self.run_dir.model
 
     # ---------------------------------------------------------------- step
-    def coefficient(self) -> float:
-        """CARB's c: fixed, or adaptive = coeff * mean(recent CE_cons) / mean(recent CE_incons)."""
-        from carbseg.losses.carb import adaptive_coefficient
-
-        if self.cfg.carb.fixed_coefficient is not None:
-            return float(self.cfg.carb.fixed_coefficient)
-        return float(adaptive_coefficient(self.loss_queue, self.cfg.carb.coeff))
-
     def in_warmup(self, iteration: int) -> bool:
         return (not self.cfg.carb.enabled) or iteration < self.cfg.train.warmup_iters
 
@@ -419,7 +407,6 @@ class Trainer:
         patch_labels = patch_labels.clone() if patch_labels is not None else None
 
         warmup = self.in_warmup(iteration)
-        coefficient = 1.0 if warmup else self.coefficient()
         net = self.ddp if self.ddp is not None else self.model
         sync = contextlib.nullcontext() if (self.ddp is None or last_micro) else self.ddp.no_sync()
         with sync:
@@ -428,13 +415,14 @@ class Trainer:
             logits = logits.float()
             patch_logits = views.cut_out(logits, patch) if patch is not None else None
             terms = carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
-                              coefficient, warmup)
+                              cfg.carb.fixed_coefficient, warmup)
+            if not warmup and cfg.carb.fixed_coefficient is None:
+                # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
+                # (averaged over processes) before c = coeff * mean(cons) / mean(incons) is read.
+                self.loss_queue.push(terms.consistent.detach(), terms.inconsistent.detach())
+                terms = terms.with_coefficient(self.loss_queue.coefficient(cfg.carb.coeff))
             self.scaler.scale(terms.total / cfg.train.grad_accum).backward()
-        if not warmup and cfg.carb.fixed_coefficient is None:
-            self.loss_queue.push(terms.consistent.detach(), terms.inconsistent.detach())
-        values = _terms_to_floats(terms)
-        values["c"] = coefficient
-        return values
+        return _terms_to_floats(terms)
 
     def train_iteration(self, batches: list[dict], iteration: int) -> dict[str, float]:
         cfg = self.cfg
@@ -540,7 +528,7 @@ class Trainer:
                         values["iters_per_s"] = (done - start) / max(time.perf_counter() - started, 1e-9)
                         if evaluate_now:
                             values["val_miou"] = self.evaluate()
-                            bar.write(f"iteration {done}: val mIoU {values['val_miou']}")
+                            log.info("iteration %d: val mIoU %s", done, values["val_miou"])
                         self.log_scalars(done, values)
                     if done % max(cfg.train.checkpoint_interval, 1) == 0 and done != stop:
                         self.save_checkpoint()
@@ -558,13 +546,12 @@ class Trainer:
 
 
 def _terms_to_floats(terms) -> dict[str, float]:
-    fields = terms.__dict__ if hasattr(terms, "__dict__") else terms._asdict()
-    out = {}
+    """Every scalar of CARBTerms as a float (losses, pixel counts, consistent share, c)."""
+    fields = vars(terms)
+    out = {"c": float(terms.coefficient), "warmup": float(terms.warmup)}
     for key, value in fields.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             out[key] = float(value.detach())
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value)
     return out
 
 
@@ -579,7 +566,9 @@ def _tensorboard_tag(key: str) -> str:
         return f"train/{key}"
     if key.startswith("val"):
         return f"val/{key[4:] or key}"
-    return f"loss/{key}" if key not in ("c", "consistent_share") else f"carb/{key}"
+    if key.endswith("_pixels") or key in ("c", "consistent_share", "warmup"):
+        return f"carb/{key}"
+    return f"loss/{key}"
 
 
 def _numpy_rng_state() -> dict:
