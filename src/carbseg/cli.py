@@ -170,7 +170,22 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    raise NotImplementedError
+    import logging
+    from pathlib import Path
+
+    from carbseg.config import load_config
+    from carbseg.engine.train import TrainingInterrupted, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    try:
+        model_path = train(cfg, out, max_iters=args.max_iters, resume=args.resume)
+    except TrainingInterrupted as stop:
+        print(f"carbseg train: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by a signal"
+    print(f"carbseg train: model written to {model_path}")
+    return 0
 
 
 # ---------------------------------------------------------------- predict
