@@ -54,6 +54,14 @@ def test_confusion_matrix_matches_loop_reference_on_random_batch():
             reference[g, p] += 1
     np.testing.assert_array_equal(confusion_matrix(pred, gt, 5), reference)
     np.testing.assert_array_equal(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), 5), reference)
+    # 8-bit maps take a lookup-table fast path: same counts, misses included
+    pred8, gt8 = pred.astype(np.uint8), gt.astype(np.uint8)
+    pred8[0, 0, :3] = (255, 9, 200)
+    fast = confusion_counts(pred8, gt8, 5)
+    generic = confusion_counts(pred8.astype(np.int64), gt8.astype(np.int64), 5)
+    np.testing.assert_array_equal(fast[0], generic[0])
+    np.testing.assert_array_equal(fast[1], generic[1])
+    assert fast[1].sum() == (gt8[0, 0, :3] != 255).sum()
 
 
 def test_iou_accuracy_and_report_hand_computed():

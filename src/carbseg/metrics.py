@@ -26,6 +26,24 @@ from carbseg.distributed import all_reduce_sum_, is_distributed
 ArrayLike = np.ndarray | torch.Tensor
 
 
+def _is_uint8_array(x) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype == np.uint8
+
+
+def _joint_counts_uint8(pred: np.ndarray, gt: np.ndarray, c: int, ignore_index: int) -> np.ndarray:
+    """Fast path for 8-bit label maps (what PNG files hold): two 256-entry lookups and one bincount,
+    with no boolean indexing. Ignored GT pixels land in a spill row that is cut off afterwards."""
+    spill = c * (c + 1)
+    gt_code = np.full(256, spill, dtype=np.int32)
+    gt_code[:c] = np.arange(c, dtype=np.int32) * (c + 1)
+    if 0 <= ignore_index < 256:
+        gt_code[ignore_index] = spill
+    pred_code = np.full(256, c, dtype=np.int32)  # anything outside 0..C-1 -> the misses column C
+    pred_code[:c] = np.arange(c, dtype=np.int32)
+    index = gt_code[gt.reshape(-1)] + pred_code[pred.reshape(-1)]
+    return np.bincount(index, minlength=(c + 1) * (c + 1))[:spill].reshape(c, c + 1).astype(np.int64)
+
+
 def confusion_counts(pred: ArrayLike, gt: ArrayLike, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
     """Joint counts of (GT class, predicted class) over valid GT pixels, plus per-class misses.
@@ -37,7 +55,9 @@ def confusion_counts(pred: ArrayLike, gt: ArrayLike, num_classes: int,
     if tuple(pred.shape) != tuple(gt.shape):
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from ground truth {tuple(gt.shape)}")
     c = num_classes
-    if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
+    if _is_uint8_array(pred) and _is_uint8_array(gt) and c < 256:
+        joint = _joint_counts_uint8(pred, gt, c, ignore_index)
+    elif isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
         pred_t = torch.as_tensor(pred).long().reshape(-1)
         gt_t = torch.as_tensor(gt, device=pred_t.device).long().reshape(-1)
         valid = (gt_t != ignore_index) & (gt_t >= 0) & (gt_t < c)

@@ -63,11 +63,15 @@ def read_prediction(path: Path, num_classes: int, expected_shape: tuple[int, int
         )
     # A value like 26 here usually means Cityscapes label ids instead of train ids: refuse it rather
     # than count it as a miss, since the whole file is then in the wrong encoding.
-    counts = np.bincount(pred.reshape(-1).clip(0, 256), minlength=257)
-    bad = np.flatnonzero(counts[num_classes:])
-    bad = [v + num_classes for v in bad if v + num_classes != IGNORE_INDEX]
-    if bad or (pred < 0).any():
-        value = bad[0] if bad else int(pred.min())
+    low, high = int(pred.min()), int(pred.max())
+    if low < 0 or high > 255:  # 16-bit files
+        bad = [low if low < 0 else high]
+    else:
+        pred = pred.astype(np.uint8)  # 8-bit maps take the fast counting path
+        counts = np.bincount(pred.reshape(-1), minlength=256)
+        bad = [v for v in np.flatnonzero(counts[num_classes:]) + num_classes if v != IGNORE_INDEX]
+    if bad:
+        value = int(bad[0])
         raise UserError(
             f"{path}: prediction value {value} is outside the {num_classes}-class set (valid 0..{num_classes - 1} "
             f"and {IGNORE_INDEX} = ignore); write train ids, not label ids or colours"
