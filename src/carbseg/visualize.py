@@ -93,8 +93,9 @@ def _resize_to_height(image: np.ndarray, height: int) -> np.ndarray:
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
+    """Extent of ``text`` drawn at the origin (fonts may start below y=0, so this is right/bottom)."""
+    _, _, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right, bottom
 
 
 def make_grid(rows: list[list[np.ndarray]], titles: list[str] | None = None, pad: int = 4) -> np.ndarray:

@@ -1,0 +1,84 @@
+"""Pictures: exact colours of colorize / overlay / error_map, and grid / legend geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carbseg.data.classes import SYNTHETIC
+from carbseg.visualize import (
+    CORRECT_COLOR,
+    IGNORE_COLOR,
+    WRONG_COLOR,
+    colorize,
+    error_map,
+    legend,
+    make_grid,
+    overlay,
+    save_png,
+)
+
+
+def test_colorize_uses_palette_and_black_for_ignore():
+    mask = np.array([[0, 255], [13, 1]], np.uint8)
+    out = colorize(mask, SYNTHETIC)
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+    assert out[0, 0].tolist() == [128, 64, 128]
+    assert out[0, 1].tolist() == [0, 0, 0]
+    assert out[1, 0].tolist() == [0, 0, 142]
+    assert out[1, 1].tolist() == [244, 35, 232]
+
+
+def test_overlay_blends_and_keeps_ignored_pixels():
+    image = np.full((1, 3, 3), 100, np.uint8)
+    mask = np.array([[0, 255, 13]], np.uint8)
+    out = overlay(image, mask, SYNTHETIC, alpha=0.5)
+    # road (128, 64, 128): 0.5 * 100 + 0.5 * 128 = 114, 0.5 * 100 + 0.5 * 64 = 82; car (0, 0, 142) -> 121
+    assert out[0].tolist() == [[114, 82, 114], [100, 100, 100], [50, 50, 121]]
+    out = overlay(image, mask, SYNTHETIC, alpha=0.25)
+    assert out[0, 0].tolist() == [107, 91, 107]
+
+
+def test_error_map_colours():
+    pred = np.array([[0, 1], [2, 3]], np.uint8)
+    gt = np.array([[0, 2], [255, 3]], np.uint8)
+    out = error_map(pred, gt)
+    assert out[0, 0].tolist() == list(CORRECT_COLOR)
+    assert out[0, 1].tolist() == list(WRONG_COLOR) == [255, 0, 0]
+    assert out[1, 0].tolist() == list(IGNORE_COLOR) == [0, 0, 0]
+    assert out[1, 1].tolist() == list(CORRECT_COLOR)
+
+
+def test_make_grid_layout_and_resizing():
+    a = np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)
+    b = np.full((20, 10, 3), 7, np.uint8)
+    c = np.full((10, 10), 200, np.uint8)  # gray pictures become RGB
+    grid = make_grid([[a, b], [c]], pad=2)
+    # Every picture is scaled to the tallest height (20): a -> 20x40, c -> 20x20; columns 40 and 10 wide.
+    assert grid.shape == (2 * 20 + 3 * 2, 40 + 10 + 3 * 2, 3)
+    np.testing.assert_array_equal(grid[2:22, 2:42], np.repeat(np.repeat(a, 2, 0), 2, 1))
+    np.testing.assert_array_equal(grid[2:22, 44:54], b)
+    np.testing.assert_array_equal(grid[24:44, 12:32], np.full((20, 20, 3), 200, np.uint8))  # centred in column 0
+    assert (grid[24:44, 2:12] == 255).all()
+    titled = make_grid([[a, b], [c]], titles=["image", "mask"], pad=2)
+    assert titled.shape[1] == grid.shape[1] and titled.shape[0] > grid.shape[0]
+    band = titled.shape[0] - grid.shape[0]
+    np.testing.assert_array_equal(titled[band:], grid)
+    assert (titled[:band] < 128).any()  # the title text is drawn
+
+
+def test_legend_lists_present_classes():
+    panel = legend(SYNTHETIC, present=[13, 0, 13])
+    assert panel.dtype == np.uint8 and panel.shape[0] == 4 + 2 * (14 + 4)
+    assert panel[4 + 7, 4 + 7].tolist() == [128, 64, 128]  # road swatch first (ascending order)
+    assert panel[4 + 18 + 7, 4 + 7].tolist() == [0, 0, 142]
+    assert legend(SYNTHETIC).shape[0] == 4 + SYNTHETIC.num_classes * 18
+
+
+def test_save_png_round_trip(tmp_path):
+    picture = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    save_png(tmp_path / "sub" / "p.png", picture)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sub" / "p.png")), picture)
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(tmp_path / "f.png", picture.astype(np.float32))
