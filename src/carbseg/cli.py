@@ -200,7 +200,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("png", "cityscapes"), default="png",
                    help="png: IMAGE_ID.png in train ids (default); cityscapes: test-server files "
-                        "<city>_<seq>_<frame>_leftImg8bit.png in Cityscapes label ids")
+                        "<city>_<seq>_<frame>_leftImg8bit.png in Cityscapes label ids, no overlays")
     p.add_argument("--mode", choices=("whole", "slide"), default=None,
                    help="whole image or sliding window (default: the checkpoint's eval.mode)")
     p.add_argument("--tta", action="store_true",

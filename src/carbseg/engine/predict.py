@@ -6,7 +6,8 @@ Outputs (all written atomically; an existing output is skipped, so an interrupte
 * ``OUT/<city>_<seq>_<frame>_leftImg8bit.png``: Cityscapes *label ids* (``--format cityscapes``),
   the files the Cityscapes test server and ``cityscapesscripts``' evaluator match with the pattern
   ``<city>_<seq>_<frame>*.png`` (it wants regular ids, not train ids);
-* ``OUT/overlay/<id>.png``: the class colours blended over the image, for people;
+* ``OUT/overlay/<id>.png``: the class colours blended over the image, for people (not with
+  ``--format cityscapes``: the server would take them for second predictions of the same frame);
 * for a video: ``OUT/overlay/<name>.mp4`` (``.gif`` for a GIF), the overlay of every frame.
 
 Videos other than GIF are decoded and encoded with PyAV (``pip install av``, the ``video`` extra);
@@ -141,6 +142,9 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
                     f"{path}: --format cityscapes needs Cityscapes file names <city>_<seq>_<frame>_leftImg8bit.png "
                     "(e.g. berlin_000000_000019_leftImg8bit.png); use --format png for other images"
                 )
+        # The server (and cityscapesscripts) search the submission folder recursively for
+        # <city>_<seq>_<frame>*.png: an overlay/<id>.png would count as a second prediction.
+        overlays = False
     summary = PredictSummary()
     for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not progress):
         label_path = out_dir / (cityscapes_file_name(image_id) if fmt == "cityscapes" else f"{image_id}.png")
