@@ -694,7 +694,7 @@ def _place_objects(cv: _Canvas, rng: np.random.Generator, lay: _Layout, blotch: 
             z += rng.uniform(8, 30)
         # Trees along the sidewalk's outer edge (or anywhere beyond it in green areas).
         if rng.random() < (0.5 if urban else 0.95):
-            z = rng.uniform(5, 15)
+            z = rng.uniform(9, 18)  # no tree right beside the camera hiding half the view
             while z < 150:
                 tx = walk - side * rng.uniform(0.5, 1.5) if urban else walk + side * rng.uniform(0.5, 8)
                 add(z, _tree, tx, z, blotch, light)
