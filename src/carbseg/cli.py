@@ -98,19 +98,91 @@ def _run_convert_wilddash2(args) -> int:
 
 # ---------------------------------------------------------------- pseudo-masks
 def _add_pseudo_masks(sub) -> None:
-    p = sub.add_parser("pseudo-masks", help="teacher pseudo-masks for every image, from image-level labels")
+    p = sub.add_parser(
+        "pseudo-masks", help="teacher pseudo-masks for every image, from image-level labels",
+        description="Writes OUT/IMAGE_ID.png (train ids, 255 = ignore) per image; resumable (existing files are "
+                    "skipped), shardable with torchrun. Score the masks with `carbseg evaluate --pred OUT`.")
     _add_dataset_args(p)
     p.add_argument("--labels", required=True, help="image-level labels JSON (carbseg labels)")
     p.add_argument("--out", required=True, help="output folder; writes OUT/IMAGE_ID.png in train ids")
     p.add_argument("--teacher", choices=("clip", "simulated"), default="clip",
-                   help="clip (default) or simulated: a research instrument that READS GROUND TRUTH")
-    p.add_argument("--clip-model", default="ViT-B-16")
-    p.add_argument("--clip-pretrained", default="openai", help="open_clip tag, local weights file, or none")
+                   help="clip (default) or simulated: a research instrument that READS GROUND TRUTH "
+                        "(16-px patch-grid majority of the GT plus seeded CLIP-like noise)")
+    p.add_argument("--clip-model", default="ViT-B-16", help="open_clip ViT name (ViT-B-16, ViT-B-32, ViT-L-14) "
+                   "or a JSON model config file")
+    p.add_argument("--clip-pretrained", default="openai", help="open_clip tag, local weights file (.pt, .bin, "
+                   ".safetensors), or none (random weights: meaningless masks)")
+    p.add_argument("--templates", default="ensemble85",
+                   help="prompt templates: ensemble85 (default), single, or a text file (one per line with {})")
+    p.add_argument("--scales", default="1.0", help="comma-separated multi-scale factors, e.g. 0.75,1.0,1.25")
+    p.add_argument("--key-smoothing", action="store_true", help="MaskCLIP key smoothing of the scores")
+    p.add_argument("--prompt-denoising", action="store_true", help="MaskCLIP prompt denoising")
+    p.add_argument("--confidence-threshold", type=float, default=None,
+                   help="pixels whose class probability is below this become 255 (ignore)")
+    p.add_argument("--crf", action="store_true", help="dense-CRF refinement with the authors' parameters "
+                   "(needs pip install carbseg[crf])")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="CLIP blocks under bf16 autocast (default, faster) or fp32")
+    p.add_argument("--patch-size", type=int, default=16, help="simulated teacher: grid cell size in pixels")
+    p.add_argument("--noise", type=float, default=0.3, help="simulated teacher: noise strength in [0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="simulated teacher: noise seed")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2, help="image-loading worker processes")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--cache-dir", default=None, help="cache of downloaded weights and text embeddings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_pseudo_masks)
 
 
 def _run_pseudo_masks(args) -> int:
-    raise NotImplementedError
+    import logging
+
+    import torch
+
+    from carbseg import distributed
+    from carbseg.config import TeacherConfig
+    from carbseg.data.labels import read_labels_json
+    from carbseg.teacher.build import build_teacher
+    from carbseg.teacher.generate import generate_pseudo_masks
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--scales {args.scales!r}: expected comma-separated numbers, e.g. 0.75,1.0,1.25") from None
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else torch.device(args.device)
+    dataset = _dataset_from_args(args)
+    labels = read_labels_json(args.labels, dataset.classes)
+    refine = None
+    if args.crf:
+        from carbseg.teacher.refine import _import_densecrf, dense_crf
+
+        _import_densecrf()  # fail before any work if the [crf] extra is missing
+        num_classes = dataset.classes.num_classes
+
+        def refine(image, mask):
+            return dense_crf(image, mask, num_classes)
+
+    cfg = TeacherConfig(kind=args.teacher, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                        text_templates=args.templates, scales=scales, key_smoothing=args.key_smoothing,
+                        prompt_denoising=args.prompt_denoising, confidence_threshold=args.confidence_threshold,
+                        patch_size=args.patch_size, noise=args.noise, cache_dir=args.cache_dir)
+    # Weights are resolved here, before the output folder exists: missing weights write nothing.
+    teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
+    distributed.init_from_env(device.type)
+    try:
+        report = generate_pseudo_masks(dataset, labels, teacher, args.out, device=device,
+                                       batch_size=args.batch_size, num_workers=args.workers, refine=refine,
+                                       progress=not args.no_progress and distributed.is_main_process())
+    finally:
+        distributed.barrier()
+        distributed.shutdown()
+    print(f"pseudo-masks: wrote {report.written}, skipped {report.skipped} existing, "
+          f"{report.total} images in the split -> {args.out}")
+    return 0
 
 
 # ---------------------------------------------------------------- evaluate

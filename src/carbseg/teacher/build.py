@@ -1,0 +1,42 @@
+"""``build_teacher``: the one way the trainer and ``carbseg pseudo-masks`` get a teacher."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from carbseg.config import TeacherConfig
+from carbseg.data.classes import ClassSet
+from carbseg.errors import UserError
+from carbseg.teacher.base import Teacher
+from carbseg.teacher.clip_dense import DenseCLIP
+from carbseg.teacher.clip_teacher import CLIPTeacher
+from carbseg.teacher.simulated import SimulatedTeacher
+from carbseg.teacher.text_embeddings import class_text_embeddings
+from carbseg.teacher.weights import load_clip
+
+log = logging.getLogger(__name__)
+
+
+def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str = "bf16",
+                  seed: int = 0) -> Teacher:
+    """A CLIP teacher (weights resolved first: MissingWeightsError before anything is written) or the
+    simulated one (reads ground truth)."""
+    device = torch.device(device)
+    if cfg.kind == "simulated":
+        return SimulatedTeacher(classes, patch_size=cfg.patch_size, noise=cfg.noise, seed=seed)
+    if cfg.kind != "clip":
+        raise UserError(f"teacher.kind = {cfg.kind!r} is not valid; choose clip or simulated")
+    if any(s <= 0 for s in cfg.scales):
+        raise UserError(f"teacher.scales must be positive, got {cfg.scales}")
+    model, _ = load_clip(cfg.clip_model, cfg.clip_pretrained, device, cfg.cache_dir)
+    embeddings = class_text_embeddings(classes, cfg.clip_model, cfg.clip_pretrained, device,
+                                       cache_dir=cfg.cache_dir, templates=cfg.text_templates, model=model)
+    if embeddings.shape[1] != model.visual.output_dim:
+        raise UserError("text embedding width does not match the CLIP image tower")
+    dense = DenseCLIP(model.visual)
+    del model.transformer, model.token_embedding  # only the image tower is needed from here on
+    return CLIPTeacher(dense, embeddings, scales=cfg.scales, use_key_smoothing=cfg.key_smoothing,
+                       use_prompt_denoising=cfg.prompt_denoising, confidence_threshold=cfg.confidence_threshold,
+                       precision=precision)

@@ -1,0 +1,142 @@
+"""Dense CLIP features by the MaskCLIP value path, for open_clip ViT image towers.
+
+MaskCLIP observes that CLIP's last block mixes patch tokens through query-key attention into a
+global (CLS-centred) representation that no longer says *where* things are. Replacing that
+attention by the identity -- each token keeps only its own value projection -- leaves features
+that live in the same joint space as the text embeddings but stay local. So, for dense
+features, the last block's query-key attention is never computed:
+
+    x = x + out_proj(v_proj(ln_1(x)))          # value path (attention forced to the identity)
+    x = x + mlp(ln_2(x))
+    features = ln_post(x) @ proj               # joint image-text space
+
+Any input size works: the learned positional embedding is interpolated bicubically to the
+input's patch grid (cached per grid size, since the teacher sees the same few view sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carbseg.errors import UserError
+
+
+class DenseCLIP(nn.Module):
+    """Wraps an open_clip ``VisionTransformer`` (``model.visual``); its weights are shared, not copied.
+
+    Inputs are CLIP-normalised images (B, 3, H, W); H and W are cut down to multiples of the patch
+    size (the last partial row/column of pixels is not seen, as in a strided convolution).
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self._check_supported(visual)
+        self.visual = visual
+        self.patch_size = tuple(visual.patch_size)
+        self.native_grid = tuple(visual.grid_size)
+        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    @staticmethod
+    def _check_supported(visual: nn.Module) -> None:
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if blocks is None or not hasattr(visual, "conv1"):
+            raise UserError("the dense CLIP teacher needs an open_clip ViT image tower (e.g. ViT-B-16); "
+                            "ResNet and timm towers are not supported")
+        last = blocks[-1]
+        if not isinstance(getattr(last, "attn", None), nn.MultiheadAttention):
+            raise UserError("the dense CLIP teacher supports open_clip ViTs with standard attention blocks; "
+                            "this model uses custom attention (choose e.g. ViT-B-16, ViT-B-32, ViT-L-14)")
+        if getattr(visual, "attn_pool", None) is not None:
+            raise UserError("the dense CLIP teacher does not support attentional pooling towers (CoCa)")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.proj.shape[1])
+
+    # ------------------------------------------------------------------ positional embedding
+    def positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+        """(1 + gh*gw, width) positional embedding for a ``grid`` of patches; exact at the native grid."""
+        key = (grid[0], grid[1], dtype, torch.device(device))
+        cached = self._pos_cache.get(key)
+        if cached is not None:
+            return cached
+        pos = self.visual.positional_embedding
+        if tuple(grid) == self.native_grid:
+            out = pos
+        else:
+            cls_pos, patch_pos = pos[:1], pos[1:]
+            gh0, gw0 = self.native_grid
+            width = patch_pos.shape[-1]
+            grid_pos = patch_pos.float().reshape(1, gh0, gw0, width).permute(0, 3, 1, 2)
+            grid_pos = F.interpolate(grid_pos, size=tuple(grid), mode="bicubic", align_corners=False)
+            patch_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width).to(pos.dtype)
+            out = torch.cat([cls_pos, patch_pos], dim=0)
+        out = out.detach().to(device=device, dtype=dtype)
+        self._pos_cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ shared trunk
+    def grid_of(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.patch_size[0], width // self.patch_size[1]
+
+    def _tokens_before_last_block(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        v = self.visual
+        grid = self.grid_of(images.shape[-2], images.shape[-1])
+        if grid[0] < 1 or grid[1] < 1:
+            raise UserError(f"image {images.shape[-1]}x{images.shape[-2]} is smaller than one CLIP patch "
+                            f"({self.patch_size[1]}x{self.patch_size[0]})")
+        crop = images[..., : grid[0] * self.patch_size[0], : grid[1] * self.patch_size[1]]
+        x = v.conv1(crop)
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.positional_embedding(grid, x.dtype, x.device)
+        x = v.ln_pre(x)
+        for block in v.transformer.resblocks[:-1]:
+            x = block(x)
+        return x, grid
+
+    # ------------------------------------------------------------------ outputs
+    def value_path(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block with its attention forced to the identity (no query-key product at all)."""
+        block = self.visual.transformer.resblocks[-1]
+        attn = block.attn
+        d = attn.embed_dim
+        w_v = attn.in_proj_weight[2 * d:]
+        b_v = attn.in_proj_bias[2 * d:] if attn.in_proj_bias is not None else None
+        v = F.linear(block.ln_1(x), w_v, b_v)
+        x = x + block.ls_1(attn.out_proj(v))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def last_block_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys of the last block (used only by MaskCLIP's key smoothing), (B, N, width)."""
+        block = self.visual.transformer.resblocks[-1]
+        attn = block.attn
+        d = attn.embed_dim
+        b_k = attn.in_proj_bias[d: 2 * d] if attn.in_proj_bias is not None else None
+        return F.linear(block.ln_1(x), attn.in_proj_weight[d: 2 * d], b_k)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm and visual projection into the joint image-text space."""
+        x = self.visual.ln_post(x)
+        return x @ self.visual.proj.to(x.dtype)
+
+    def dense_features(self, images: torch.Tensor, with_keys: bool = False):
+        """Patch features (B, D, gh, gw) in the joint space (not normalised); optionally last-block keys."""
+        x, grid = self._tokens_before_last_block(images)
+        patches = x[:, 1:]  # the value path is per token: the CLS token is not needed
+        feats = self.project(self.value_path(patches))
+        feats = feats.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+        if not with_keys:
+            return feats
+        keys = self.last_block_keys(patches).transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+        return feats, keys
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The standard CLS embedding (full attention in every block), at any input size."""
+        x, _ = self._tokens_before_last_block(images)
+        x = self.visual.transformer.resblocks[-1](x)
+        pooled, _ = self.visual._pool(x)
+        return pooled @ self.visual.proj.to(pooled.dtype)

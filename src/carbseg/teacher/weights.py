@@ -1,0 +1,180 @@
+"""Building an open_clip model and loading CLIP weights: a tag, a local file, or none.
+
+Sources of ``--clip-pretrained``:
+- an open_clip tag (``openai``, ``laion2b_s34b_b88k`` ...): the Hugging Face cache is tried first;
+  the network only when the cache misses and ``HF_HUB_OFFLINE`` is not set, with a short timeout;
+- a local file: OpenAI's TorchScript archive (``ViT-B-16.pt``; only its ``state_dict()`` is used),
+  or an open_clip state dict as ``.bin``/``.pth`` (``torch.load(weights_only=True)``) or
+  ``.safetensors``;
+- ``none``: random initialisation (the masks are then meaningless; a loud warning says so).
+
+``--clip-model`` is an open_clip model name (``ViT-B-16``) or a JSON model config file (the
+format of open_clip's ``model_configs/*.json``), which is how tiny test models are described.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from carbseg.errors import MissingWeightsError, UserError
+
+log = logging.getLogger(__name__)
+
+NO_WEIGHTS = "none"
+HUB_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where the weights come from, resolved before anything is written (``path`` is None for none)."""
+
+    model: str
+    pretrained: str
+    path: Path | None
+    quick_gelu: bool
+
+    def cache_key(self) -> str:
+        """Identifies model + weights for caches: tag name, or file path with size and mtime."""
+        if self.path is None or self.pretrained != str(self.path):
+            return f"{self.model}|{self.pretrained}|qg={self.quick_gelu}"
+        stat = self.path.stat()
+        return f"{self.model}|{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|qg={self.quick_gelu}"
+
+
+def model_config(model: str) -> dict:
+    """The open_clip config dict of a model name, or of a JSON file."""
+    if model.endswith(".json"):
+        path = Path(model)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: CLIP model config not found; give an open_clip name such as ViT-B-16") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from None
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        vits = [m for m in open_clip.list_models() if m.startswith("ViT-")][:12]
+        raise UserError(f"unknown CLIP model {model!r}; use an open_clip name such as {', '.join(vits)} "
+                        "or a JSON model config file")
+    return cfg
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+def _hub_file(repo_and_file: str, cache_dir: str | None) -> Path | None:
+    """A weights file from the Hugging Face hub: the cache first, then (if allowed) a short download."""
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = os.path.split(repo_and_file)
+    candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    for local_only in (True, False):
+        if not local_only and offline:
+            break
+        for name in candidates:
+            try:
+                kwargs = {} if local_only else {"etag_timeout": HUB_TIMEOUT_S}
+                return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir,
+                                            local_files_only=local_only, **kwargs))
+            except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
+                log.debug("hub %s/%s (local_only=%s): %s", repo_id, name, local_only, err)
+    return None
+
+
+def resolve_weights(model: str, pretrained: str, cache_dir: str | None = None) -> WeightsSource:
+    """Find the weights without building the model; raise MissingWeightsError when unavailable.
+
+    Called before any output folder is created, so a missing file leaves nothing behind.
+    """
+    model_config(model)  # validates the name early
+    if pretrained.lower() == NO_WEIGHTS:
+        return WeightsSource(model, NO_WEIGHTS, None, quick_gelu=False)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return WeightsSource(model, str(path), path, quick_gelu=_is_torchscript_archive(path))
+    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path:
+        raise MissingWeightsError(f"{pretrained}: CLIP weights file not found; check the path given to "
+                                  "--clip-pretrained")
+    cfg = open_clip.get_pretrained_cfg(model, pretrained) if not model.endswith(".json") else {}
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model) if not model.endswith(".json") else []
+        raise UserError(f"--clip-pretrained {pretrained!r} is not an open_clip tag for {model}; valid tags: "
+                        f"{', '.join(tags) or '(none)'}, or a local weights file, or none")
+    found = _hub_file(cfg["hf_hub"], cache_dir) if cfg.get("hf_hub") else None
+    if found is None:
+        raise MissingWeightsError(
+            f"CLIP weights {model}/{pretrained} are not in the cache and cannot be downloaded (no network "
+            f"or HF_HUB_OFFLINE set); download them elsewhere and pass the file with --clip-pretrained PATH"
+        )
+    return WeightsSource(model, pretrained, found, quick_gelu=bool(cfg.get("quick_gelu", False)))
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if _is_torchscript_archive(path):
+        # OpenAI's release format. torch.jit.load runs no pickle payload, but the archive holds
+        # TorchScript code: we never call it and keep only the tensors of its state_dict().
+        archive = torch.jit.load(str(path), map_location="cpu")
+        state = {k: v.detach().clone() for k, v in archive.state_dict().items()}
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"{path}: cannot read CLIP weights ({str(err).splitlines()[0]}); expected an "
+                            "OpenAI .pt archive, an open_clip .bin or a .safetensors file") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: does not contain a state dict of CLIP weights")
+    if state and next(iter(state)).startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive metadata
+        state.pop(key, None)
+    return state
+
+
+def build_clip_model(source: WeightsSource, device="cpu") -> nn.Module:
+    """An eval-mode fp32 open_clip CLIP model with the resolved weights loaded (or random ones)."""
+    cfg = dict(model_config(source.model))
+    if source.quick_gelu:
+        cfg["quick_gelu"] = True
+    cfg.pop("custom_text", None)
+    for key in ("hf_tokenizer_name", "tokenizer_kwargs"):
+        cfg.pop(key, None)
+    model = open_clip.model.CLIP(**cfg)
+    if source.path is None:
+        log.warning("!!! CLIP weights: none -- the model is RANDOMLY INITIALISED; its pseudo-masks are "
+                    "MEANINGLESS (use this only to test the pipeline) !!!")
+    else:
+        state = _load_state_dict(source.path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # open_clip adds attn_mask buffers or logit_bias only in some variants; weights must all match.
+        missing = [k for k in missing if not k.endswith("attn_mask")]
+        if missing or unexpected:
+            raise UserError(f"{source.path}: weights do not fit CLIP model {source.model} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the matching --clip-model")
+    return model.float().eval().requires_grad_(False).to(device)
+
+
+def load_clip(model: str, pretrained: str, device="cpu", cache_dir: str | None = None) -> tuple[nn.Module, WeightsSource]:
+    source = resolve_weights(model, pretrained, cache_dir)
+    return build_clip_model(source, device), source
