@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from carbseg.cli import main
@@ -237,3 +238,38 @@ def test_equivalent_to_official_cityscapes_evaluator(cityscapes_sample_root, tmp
     accuracy = conf[evaluated, evaluated].sum() / conf[evaluated, :].sum()
     assert ours["pixel_acc"] == pytest.approx(100 * accuracy, abs=1e-9)
     assert ours["num_images"] == 1
+
+
+def test_cli_evaluate_checkpoint_reports_what_evaluate_checkpoint_counts(tmp_path):
+    from carbseg.config import Config, ModelConfig
+    from carbseg.data.datasets import build_dataset
+    from carbseg.engine.checkpoint import save_model
+    from carbseg.engine.inference import evaluate_checkpoint
+    from carbseg.models.segmenter import build_segmenter
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "camvid"
+    for name in ("a", "b", "c"):
+        write_png_atomic(root / "val" / f"{name}.png", rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+        write_png_atomic(root / "valannot" / f"{name}.png", rng.integers(0, 12, (24, 32), dtype=np.uint8))
+    cfg = Config(name="tiny")
+    cfg.model = ModelConfig(backbone="tiny", pretrained="none", classifier="learned", head_channels=16,
+                            embed_dim=16, aspp_dilations=[1, 2])
+    cfg.eval.mode = "whole"
+    torch.manual_seed(0)
+    model = build_segmenter(cfg.model, CAMVID.num_classes, class_embeddings=None, load_pretrained=False)
+    checkpoint = save_model(tmp_path / "model.safetensors", model, cfg, CAMVID)
+
+    code = main(["evaluate", "--dataset", "camvid", "--root", str(root), "--split", "val", "--checkpoint",
+                 str(checkpoint), "--device", "cpu", "--json", str(tmp_path / "r.json"),
+                 "--report", str(tmp_path / "report")])
+    assert code == 0
+    confusion, _, _ = evaluate_checkpoint(build_dataset("camvid", root, "val"), checkpoint, progress=False)
+    report = json.loads((tmp_path / "r.json").read_text())
+    expected = confusion.report(CAMVID.names)
+    assert report["iou"] == pytest.approx(expected["iou"])
+    assert report["miou"] == pytest.approx(expected["miou"])
+    assert report["pixel_acc"] == pytest.approx(expected["pixel_acc"])
+    assert report["num_images"] == 3
+    assert (tmp_path / "report" / "qualitative_worst.png").is_file()
+    assert (tmp_path / "report" / "qualitative_best.png").is_file()
