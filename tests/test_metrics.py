@@ -173,6 +173,26 @@ def _reduce_worker(rank: int, store: str, queue) -> None:
         dist.destroy_process_group()
 
 
+def test_reduce_packs_and_unpacks_through_a_real_process_group(tmp_path):
+    # A one-process gloo group runs the whole reduce_ path (pack, all_reduce, unpack) in-process.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cm = ConfusionMatrix(3)
+        pred = PRED.copy()
+        pred[0, 0] = 255
+        cm.update(pred, GT)
+        cm.update(GT, GT)
+        cm.reduce_()
+    finally:
+        dist.destroy_process_group()
+    np.testing.assert_array_equal(cm.matrix, [[2, 1, 0], [0, 3, 1], [1, 1, 3]] + np.diag([4, 4, 5]))
+    np.testing.assert_array_equal(cm.missed, [1, 0, 0])
+    assert cm.num_images == 2
+
+
+@pytest.mark.slow  # spawns two Python processes that import torch (~5-20 s on a shared CPU)
 def test_reduce_sums_over_two_gloo_processes(tmp_path):
     import torch.multiprocessing as mp
 
