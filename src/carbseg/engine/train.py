@@ -415,7 +415,7 @@ class Trainer:
             logits = logits.float()
             patch_logits = views.cut_out(logits, patch) if patch is not None else None
             terms = carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
-                              cfg.carb.fixed_coefficient, warmup)
+                              None if warmup else cfg.carb.fixed_coefficient, warmup)
             if not warmup and cfg.carb.fixed_coefficient is None:
                 # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
                 # (averaged over processes) before c = coeff * mean(cons) / mean(incons) is read.

@@ -1,0 +1,167 @@
+"""End-to-end training on tiny generated scenes: run directory, exact resume, CARB bookkeeping, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from carbseg.cli import main
+from carbseg.config import load_config
+from carbseg.data.synthetic import generate_synthetic_dataset
+from carbseg.engine.checkpoint import load_model, load_training_state
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared CPU: one intra-op thread is much faster than several competing ones.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    generate_synthetic_dataset(root, "train", 6, 64, 128, seed=1, progress=False)
+    generate_synthetic_dataset(root, "val", 2, 64, 128, seed=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 7, "device": "cpu",
+        "data": {"dataset": "synthetic", "crop_size": [32, 64], "resize": [128, 64], "ratio_range": [0.75, 1.5],
+                 "batch_size": 2, "num_workers": 0},
+        "teacher": {"kind": "simulated", "patch_size": 8, "noise": 0.3},
+        "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
+                  "aspp_dilations": [1, 2, 3, 4]},
+        "glv": {"patch_size": [16, 32], "scale_offset": 1.0, "scale_rate": 1.0},
+        "train": {"max_iters": 20, "warmup_iters": 3, "lr": 0.01, "eval_interval": 8, "log_interval": 1,
+                  "checkpoint_interval": 100},
+    }))
+    return path
+
+
+def _train(config_file, scenes, out, *extra) -> int:
+    # key=value overrides must form one group on the command line (argparse): options go first.
+    overrides = [a for a in extra if "=" in a]
+    options = [a for a in extra if "=" not in a]
+    return main(["train", "--config", str(config_file), "--out", str(out), *options, f"data.root={scenes}",
+                 *overrides])
+
+
+def test_resume_is_bit_identical_and_run_dir_is_complete(config_file, scenes, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(config_file, scenes, straight, "--max-iters", "8") == 0
+    assert _train(config_file, scenes, resumed, "--max-iters", "4") == 0
+    assert load_training_state(resumed / "checkpoint_last.pt")["iteration"] == 4
+    assert _train(config_file, scenes, resumed, "--max-iters", "8", "--resume") == 0
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume must continue bit-identically on CPU"
+    state_a = load_training_state(straight / "checkpoint_last.pt")
+    state_b = load_training_state(resumed / "checkpoint_last.pt")
+    assert state_a["iteration"] == state_b["iteration"] == 8
+    assert state_a["loss_queue"] == state_b["loss_queue"] and len(state_a["loss_queue"]["consistent"]) == 5
+
+    # The run directory: resolved config, model with its config embedded, one log line per iteration.
+    cfg = load_config(straight / "config.yaml")
+    assert cfg.data.root == str(scenes) and cfg.seed == 7
+    loaded = load_model(straight / "model.safetensors")
+    assert loaded.config == cfg and loaded.classes.name == "synthetic"
+    records = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    assert any(p.name.startswith("events.out.tfevents") for p in (straight / "tb").iterdir())
+    resumed_records = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["total"] for r in resumed_records] == [r["total"] for r in records]
+
+    # Warm-up (iterations 0..2) is plain CE; afterwards CARB with the adaptive c of the release:
+    # this step's CE_cons / CE_incons are pushed, then c = mean(last 5 cons) / mean(last 5 incons).
+    assert [r["warmup"] for r in records] == [1.0] * 3 + [0.0] * 5
+    for r in records[:3]:
+        assert r["c"] == 1.0 and r["total"] == pytest.approx(r["global_ce"] + r["patch_ce"], rel=1e-5)
+    carb = records[3:]
+    for i, r in enumerate(carb):
+        window = carb[max(0, i - 4): i + 1]
+        expected_c = np.mean([w["consistent"] for w in window]) / np.mean([w["inconsistent"] for w in window])
+        assert r["c"] == pytest.approx(expected_c, rel=1e-5)
+        expected_total = r["consistent"] + r["c"] * r["inconsistent"] + r["patch_consistent"] + \
+            r["c"] * r["patch_inconsistent"]
+        assert r["total"] == pytest.approx(expected_total, rel=1e-4)
+        assert r["consistent_share"] == pytest.approx(
+            r["consistent_pixels"] / (r["consistent_pixels"] + r["inconsistent_pixels"]), rel=1e-6)
+    # lr follows the poly schedule over train.max_iters = 20 (logged value = the lr of that step).
+    assert records[0]["lr"] == pytest.approx(0.01)
+    assert records[7]["lr"] == pytest.approx((0.01 - 1e-4) * (1 - 7 / 20) ** 0.9 + 1e-4)
+    # Validation mIoU at the evaluation step and at the end only.
+    assert [r["iteration"] for r in records if r.get("val_miou") is not None] == [8]
+    assert 0.0 <= records[7]["val_miou"] <= 100.0
+
+
+def test_fixed_coefficient_and_single_path(config_file, scenes, tmp_path):
+    # Single path: offline pseudo-masks (here simply the GT masks copied) instead of the online teacher.
+    pseudo = tmp_path / "pseudo"
+    shutil.copytree(scenes / "masks" / "train", pseudo)
+    out = tmp_path / "run"
+    assert _train(config_file, scenes, out, "--max-iters", "4", f"data.pseudo_masks={pseudo}",
+                  "carb.fixed_coefficient=0.03", "train.eval_interval=0") == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["c"] for r in records] == [1.0, 1.0, 1.0, 0.03]
+    assert "val_miou" not in records[-1]
+    assert load_training_state(out / "checkpoint_last.pt")["loss_queue"]["consistent"] == []
+
+    (pseudo / "synth_train_000003.png").unlink()
+    assert _train(config_file, scenes, tmp_path / "run2", "--max-iters", "1", f"data.pseudo_masks={pseudo}") == 2
+
+
+def test_run_directory_guards(config_file, scenes, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert _train(config_file, scenes, out, "--max-iters", "1") == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--resume" in err
+    assert _train(config_file, scenes, tmp_path / "fresh", "--max-iters", "1", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert _train(config_file, scenes, tmp_path / "x", "--max-iters", "21") == 2  # beyond train.max_iters
+    assert "exceeds train.max_iters" in capsys.readouterr().err
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(config_file, scenes, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "carbseg", "train", "--config", str(config_file), "--out", str(out),
+           f"data.root={scenes}", "train.eval_interval=0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "log.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint written" in err and "Traceback" not in err
+    stopped_at = load_training_state(out / "checkpoint_last.pt")["iteration"]
+    assert 1 <= stopped_at < 20
+    assert not (out / "model.safetensors").exists()
+    assert _train(config_file, scenes, out, "--resume", "--max-iters", str(stopped_at + 1),
+                  "train.eval_interval=0") == 0
+    assert load_training_state(out / "checkpoint_last.pt")["iteration"] == stopped_at + 1
+    assert (out / "model.safetensors").is_file()
