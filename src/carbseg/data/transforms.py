@@ -129,7 +129,8 @@ def photometric_distortion(
         img = hsv_to_rgb(hsv) * 255.0
     if rng.integers(2):
         hsv = rgb_to_hsv(img / 255.0)
-        shift = int(rng.integers(-hue_delta, hue_delta)) / 180.0  # OpenCV hue unit: 1/180 of a turn
+        # mmseg draws randint(-delta, delta) in OpenCV hue units (1/180 of a turn).
+        shift = (int(rng.integers(-hue_delta, hue_delta)) if hue_delta > 0 else 0) / 180.0
         hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
         img = hsv_to_rgb(hsv) * 255.0
     if not contrast_first:

@@ -1,0 +1,195 @@
+"""Joint augmentations: sizes, nearest label resizing, cat_max_ratio crops, flips, padding, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carbseg.config import DataConfig
+from carbseg.data.transforms import (
+    TrainAugmentation,
+    pad_to,
+    photometric_distortion,
+    random_crop,
+    random_flip,
+    rescaled_size,
+    resize_by_ratio,
+)
+
+
+def blocks_mask(h: int, w: int, block: int) -> np.ndarray:
+    """Label map of block x block squares with labels 0..k (a checkerboard of several classes)."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    return ((ys // block) * 3 + (xs // block)).astype(np.uint8) % 7
+
+
+def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_rescaled_size_keeps_aspect_and_fits_the_scale():
+    assert rescaled_size(360, 480, (960, 720)) == (720, 960)  # CamVid x2: both edges fit exactly
+    assert rescaled_size(1024, 2048, (1024, 512)) == (512, 1024)  # Cityscapes at ratio 0.5
+    assert rescaled_size(100, 100, (300, 200)) == (200, 200)  # short edge limits
+
+
+def test_resize_by_ratio_uses_nearest_for_masks():
+    mask = blocks_mask(12, 16, 4)
+    image = random_image(12, 16)
+    rng = np.random.default_rng(0)
+    out_image, out_mask = resize_by_ratio(image, mask, (32, 24), (1.0, 1.0), rng)  # ratio 1: exactly x2
+    assert out_image.shape == (24, 32, 3) and out_mask.shape == (24, 32)
+    assert np.array_equal(out_mask, np.kron(mask, np.ones((2, 2), dtype=np.uint8)))
+    # A non-integer factor still invents no label values.
+    _, odd = resize_by_ratio(image, mask, (32, 24), (0.7, 0.7), rng)
+    assert odd.shape == rescaled_size(12, 16, (int(32 * 0.7), int(24 * 0.7)))
+    assert set(np.unique(odd)) <= set(np.unique(mask))
+
+
+def test_resize_ratio_is_drawn_from_the_range():
+    image, mask = random_image(10, 20), blocks_mask(10, 20, 5)
+    rng = np.random.default_rng(3)
+    widths = [resize_by_ratio(image, mask, (200, 100), (0.5, 2.0), rng)[1].shape[1] for _ in range(50)]
+    assert min(widths) >= 100 and max(widths) <= 400 and len(set(widths)) > 10
+
+
+def test_random_crop_respects_cat_max_ratio():
+    # Columns 0-9 class 0, 10-19 class 1, 20-39 class 0; a 20x20 crop at left l has class 0 share
+    # 0.5 for l <= 10 and l/20 above, so it is acceptable (<= 0.75) only for l <= 15.
+    mask = np.zeros((20, 40), dtype=np.uint8)
+    mask[:, 10:20] = 1
+    image = np.zeros((20, 40, 3), dtype=np.uint8)
+    image[..., 0] = np.arange(40, dtype=np.uint8)[None, :]  # the crop's left edge is readable from the image
+    lefts_checked, lefts_unchecked = set(), set()
+    for seed in range(60):
+        crop_image, crop_mask = random_crop(
+            image, mask, (20, 20), np.random.default_rng(seed), cat_max_ratio=0.75
+        )
+        counts = np.bincount(crop_mask.ravel(), minlength=2)
+        assert counts.max() / counts.sum() <= 0.75
+        assert np.array_equal(crop_mask, mask[:, crop_image[0, 0, 0] : crop_image[0, 0, 0] + 20])
+        lefts_checked.add(int(crop_image[0, 0, 0]))
+        crop_image, _ = random_crop(image, mask, (20, 20), np.random.default_rng(seed), cat_max_ratio=1.0)
+        lefts_unchecked.add(int(crop_image[0, 0, 0]))
+    assert max(lefts_checked) <= 15
+    assert max(lefts_unchecked) > 15  # without the check, bad crops do occur
+
+
+def test_random_crop_ignores_ignore_pixels_and_clamps_to_small_images():
+    mask = np.full((10, 10), 255, dtype=np.uint8)
+    mask[:, :3] = 0
+    mask[:, 3:6] = 1
+    image = random_image(10, 10)
+    for seed in range(20):  # an all-ignore crop (left >= 6) has a single "class": never accepted
+        _, crop = random_crop(image, mask, (10, 4), np.random.default_rng(seed), cat_max_ratio=0.75)
+        valid = crop[crop != 255]
+        assert len(np.unique(valid)) == 2
+    small_image, small_mask = random_crop(image, mask, (32, 32), np.random.default_rng(0))
+    assert small_image.shape == (10, 10, 3) and small_mask.shape == (10, 10)
+
+
+def test_random_flip_applies_to_both():
+    image, mask = random_image(4, 6), blocks_mask(4, 6, 2)
+    flipped_image, flipped_mask = random_flip(image, mask, np.random.default_rng(0), prob=1.0)
+    assert np.array_equal(flipped_image, image[:, ::-1]) and np.array_equal(flipped_mask, mask[:, ::-1])
+    same_image, same_mask = random_flip(image, mask, np.random.default_rng(0), prob=0.0)
+    assert same_image is image and same_mask is mask
+    flips = [random_flip(image, mask, np.random.default_rng(s))[1][0, 0] != mask[0, 0] for s in range(200)]
+    assert 70 < sum(flips) < 130  # about half
+
+
+def test_photometric_distortion_identity_when_every_range_is_neutral():
+    image = random_image(8, 8)
+    for seed in range(10):
+        out = photometric_distortion(
+            image, np.random.default_rng(seed), brightness_delta=0, contrast_range=(1, 1),
+            saturation_range=(1, 1), hue_delta=0,
+        )  # fmt: skip
+        assert np.abs(out.astype(int) - image.astype(int)).max() <= 1  # HSV round trip rounding
+
+
+def test_photometric_brightness_is_a_constant_shift():
+    image = np.full((4, 4, 3), 128, dtype=np.uint8)
+    image[0, 0] = (100, 120, 140)
+    shifts = set()
+    for seed in range(20):
+        out = photometric_distortion(
+            image, np.random.default_rng(seed), contrast_range=(1, 1), saturation_range=(1, 1), hue_delta=0
+        ).astype(int)
+        delta = out - image.astype(int)
+        assert np.all(np.abs(delta - delta[1, 1, 0]) <= 1) and abs(delta[1, 1, 0]) <= 32
+        shifts.add(int(delta[1, 1, 0]))
+    assert 0 in shifts and len(shifts) > 3  # applied about half of the time, with varying delta
+
+
+def test_photometric_distortion_is_deterministic_and_grey_stays_grey_under_hue():
+    image = random_image(16, 16)
+    a = photometric_distortion(image, np.random.default_rng(7))
+    b = photometric_distortion(image, np.random.default_rng(7))
+    assert a.dtype == np.uint8 and a.shape == image.shape and np.array_equal(a, b)
+    assert any(
+        not np.array_equal(photometric_distortion(image, np.random.default_rng(s)), image) for s in range(5)
+    )
+    grey = np.full((2, 2, 3), 90, dtype=np.uint8)
+    for seed in range(10):
+        out = photometric_distortion(
+            grey, np.random.default_rng(seed), brightness_delta=0, contrast_range=(1, 1)
+        )
+        assert np.all(out == out[0, 0, 0])  # saturation/hue leave grey grey
+
+
+def test_pad_to_fills_ignore_and_marks_padding_invalid():
+    image, mask = random_image(3, 5), blocks_mask(3, 5, 2)
+    out_image, out_mask, valid = pad_to(image, mask, (4, 8))
+    assert out_image.shape == (4, 8, 3) and out_mask.shape == (4, 8) and valid.shape == (4, 8)
+    assert (
+        np.array_equal(out_image[:3, :5], image)
+        and np.all(out_image[3:] == 0)
+        and np.all(out_image[:, 5:] == 0)
+    )
+    assert (
+        np.array_equal(out_mask[:3, :5], mask)
+        and np.all(out_mask[3:] == 255)
+        and np.all(out_mask[:, 5:] == 255)
+    )
+    assert valid.sum() == 15 and valid[:3, :5].all()
+    same_image, same_mask, all_valid = pad_to(image, mask, (2, 2))
+    assert same_image.shape == image.shape and all_valid.all()
+
+
+def test_train_augmentation_shapes_labels_and_determinism():
+    cfg = DataConfig(resize=[64, 48], ratio_range=[0.5, 2.0], crop_size=[32, 40], cat_max_ratio=0.75)
+    augment = TrainAugmentation(cfg)
+    image, mask = random_image(48, 64), blocks_mask(48, 64, 8)
+    mask[:4] = 255
+    first = augment(image, mask, np.random.default_rng(5))
+    again = augment(image, mask, np.random.default_rng(5))
+    for a, b in zip(first, again):
+        assert np.array_equal(a, b)
+    seen_padding = False
+    for seed in range(15):
+        out_image, out_mask, valid = augment(image, mask, np.random.default_rng(seed))
+        assert out_image.shape == (32, 40, 3) and out_image.dtype == np.uint8
+        assert out_mask.shape == (32, 40) and out_mask.dtype == np.uint8 and valid.dtype == bool
+        assert set(np.unique(out_mask)) <= set(np.unique(mask))
+        assert np.all(out_mask[~valid] == 255)
+        seen_padding |= not valid.all()  # ratio 0.5 gives 24x32 images, smaller than the crop
+    assert seen_padding
+    different = augment(image, mask, np.random.default_rng(6))
+    assert not np.array_equal(different[0], first[0])
+
+
+@pytest.mark.parametrize("flag", ["flip", "photometric"])
+def test_train_augmentation_switches(flag):
+    cfg = DataConfig(resize=[16, 16], ratio_range=[1.0, 1.0], crop_size=[16, 16], cat_max_ratio=1.0)
+    cfg.flip = False
+    cfg.photometric = False
+    image, mask = random_image(16, 16), blocks_mask(16, 16, 4)
+    out_image, out_mask, _ = TrainAugmentation(cfg)(image, mask, np.random.default_rng(0))
+    assert np.array_equal(out_image, image) and np.array_equal(out_mask, mask)  # everything off: identity
+    setattr(cfg, flag, True)
+    changed = [
+        not np.array_equal(TrainAugmentation(cfg)(image, mask, np.random.default_rng(s))[0], image)
+        for s in range(8)
+    ]
+    assert any(changed)
