@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -114,28 +115,21 @@ def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | os.PathLi
     confusion = ConfusionMatrix(dataset.classes.num_classes, IGNORE_INDEX)
     stats: list[ImageStats] = []
     indices = range(len(dataset))
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress, leave=False)
     try:
-        if workers <= 1:
-            results = (_evaluate_one(dataset, pred_dir, i) for i in indices)
-            for i, (matrix, missed) in zip(indices, results):
-                confusion.add_counts(matrix, missed)
-                stats.append(image_stats(i, dataset.ids[i], matrix, missed))
-                bar.update()
-        else:
-            pool = ThreadPoolExecutor(max_workers=workers)
-            try:
-                # map() keeps dataset order and re-raises a worker's UserError here.
-                results = pool.map(lambda i: _evaluate_one(dataset, pred_dir, i), indices)
-                for i, (matrix, missed) in zip(indices, results):
-                    confusion.add_counts(matrix, missed)
-                    stats.append(image_stats(i, dataset.ids[i], matrix, missed))
-                    bar.update()
-            finally:
-                # On the first bad file, drop the queued images instead of decoding them all first.
-                pool.shutdown(wait=True, cancel_futures=True)
+        # map() keeps dataset order and re-raises a worker's UserError here.
+        evaluate_one = partial(_evaluate_one, dataset, pred_dir)
+        results = pool.map(evaluate_one, indices) if pool else map(evaluate_one, indices)
+        for i, (matrix, missed) in zip(indices, results):
+            confusion.add_counts(matrix, missed)
+            stats.append(image_stats(i, dataset.ids[i], matrix, missed))
+            bar.update()
     finally:
         bar.close()
+        if pool:
+            # On the first bad file, drop the queued images instead of decoding them all first.
+            pool.shutdown(wait=True, cancel_futures=True)
     return confusion, stats
 
 
