@@ -166,9 +166,16 @@ def build_clip_model(source: WeightsSource, device="cpu") -> nn.Module:
                     "MEANINGLESS (use this only to test the pipeline) !!!")
     else:
         state = _load_state_dict(source.path)
+        wanted = model.state_dict()
+        misshapen = [k for k, v in state.items() if k in wanted and tuple(v.shape) != tuple(wanted[k].shape)]
+        if misshapen:
+            k = misshapen[0]
+            raise UserError(f"{source.path}: weights do not fit CLIP model {source.model} ({k}: "
+                            f"{tuple(state[k].shape)} vs {tuple(wanted[k].shape)}); pass the matching --clip-model")
         missing, unexpected = model.load_state_dict(state, strict=False)
-        # open_clip adds attn_mask buffers or logit_bias only in some variants; weights must all match.
+        # attn_mask is a buffer rebuilt from the config (TorchScript archives carry it); weights must all match.
         missing = [k for k in missing if not k.endswith("attn_mask")]
+        unexpected = [k for k in unexpected if not k.endswith("attn_mask")]
         if missing or unexpected:
             raise UserError(f"{source.path}: weights do not fit CLIP model {source.model} "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the matching --clip-model")

@@ -1,0 +1,71 @@
+"""Prompt ensemble (85 templates), class-name sets, and the on-disk text-embedding cache."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from carbseg.data.classes import CAMVID, CITYSCAPES, WILDDASH2, ClassSet
+from carbseg.errors import UserError
+from carbseg.teacher import text_embeddings as te
+from carbseg.teacher.prompts import ENSEMBLE_85, templates_from_spec
+from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
+
+
+def test_ensemble_has_85_templates_ending_with_the_scene_ones():
+    assert len(ENSEMBLE_85) == 85 and len(set(ENSEMBLE_85)) == 85
+    assert ENSEMBLE_85[0] == "a bad photo of a {}."
+    assert ENSEMBLE_85[-1] == "this is one {} in the scene."
+    assert all(t.count("{}") == 1 for t in ENSEMBLE_85)
+
+
+def test_paper_class_name_sets():
+    renamed = dict(zip(CITYSCAPES.names, CITYSCAPES.text_names))
+    assert renamed["vegetation"] == "tree" and renamed["terrain"] == "grass" and renamed["person"] == "pedestrian"
+    assert CAMVID.text_names == ("sky", "building", "pole", "road", "sidewalk", "tree", "signsymbol", "fence",
+                                 "car", "pedestrian", "bicyclist")
+    assert WILDDASH2.num_classes == 25
+
+
+def test_user_templates_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("# comment\na street photo of a {}.\n\nthe {} ahead.\n")
+    assert templates_from_spec(str(path)) == ("a street photo of a {}.", "the {} ahead.")
+    path.write_text("no placeholder\n")
+    with pytest.raises(UserError, match="exactly one"):
+        templates_from_spec(str(path))
+
+
+def test_embeddings_are_the_normalised_mean_of_normalised_prompts_and_cached(tmp_path, monkeypatch):
+    config = write_tiny_config(tmp_path / "tiny.json")
+    torch.manual_seed(3)
+    model = open_clip.model.CLIP(**TINY_VIT_CONFIG).eval()
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    classes = ClassSet("mine", ("road", "vegetation"), ("road", "tree"), ((0, 0, 0), (1, 1, 1)))
+    templates = ("a photo of a {}.", "there is a {} in the scene.")
+    emb = te.class_text_embeddings(classes, str(config), str(weights), "cpu", cache_dir=tmp_path / "cache",
+                                   templates=templates)
+    tok = open_clip.tokenizer.SimpleTokenizer()
+    with torch.no_grad():
+        rows = []
+        for name in ("road", "tree"):  # the text names, not the display names
+            e = F.normalize(model.encode_text(tok([t.format(name) for t in templates])), dim=-1)
+            rows.append(F.normalize(e.mean(0), dim=-1))
+    torch.testing.assert_close(emb, torch.stack(rows), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
+    cached = list((tmp_path / "cache" / "text_embeddings").glob("*.safetensors"))
+    assert len(cached) == 1
+    # A second call reads the cache and never builds the model.
+    monkeypatch.setattr(te, "build_clip_model", lambda *a, **k: pytest.fail("model built despite the cache"))
+    again = te.class_text_embeddings(classes, str(config), str(weights), "cpu", cache_dir=tmp_path / "cache",
+                                     templates=templates)
+    assert torch.equal(again, emb)
+    # Other names or templates are another cache entry.
+    other = ClassSet("mine", ("road", "vegetation"), ("road", "plant"), ((0, 0, 0), (1, 1, 1)))
+    with pytest.raises(pytest.fail.Exception, match="model built despite the cache"):
+        te.class_text_embeddings(other, str(config), str(weights), "cpu", cache_dir=tmp_path / "cache",
+                                 templates=templates)
