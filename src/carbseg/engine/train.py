@@ -302,8 +302,10 @@ class Trainer:
         # Model: the same initial weights on every rank (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, self.classes, self.device)
-        if self.world > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # only when distributed
+        if self.world > 1 and self.device.type == "cuda":
+            # SyncBN only when distributed (the release required it even on one GPU); PyTorch's
+            # SyncBN is CUDA-only, so CPU (gloo) runs keep per-process BN statistics.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         if self.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
