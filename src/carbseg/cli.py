@@ -243,6 +243,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     import logging
+    import os
     from pathlib import Path
 
     from carbseg.config import load_config
@@ -256,7 +257,8 @@ def _run_train(args) -> int:
     except TrainingInterrupted as stop:
         print(f"carbseg train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by a signal"
-    print(f"carbseg train: model written to {model_path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 reports
+        print(f"carbseg train: model written to {model_path}")
     return 0
 
 
