@@ -17,8 +17,8 @@ studied on real images without CLIP weights:
      (0 .. ceil(4 * noise) steps; each step a cell takes a random neighbour's label with p 0.5);
    - *patch flips*: each cell becomes a random present class with probability 0.1 * noise.
 
-The noise is deterministic: each image's generator is seeded from a hash of its ground truth,
-its labels, the patch size and ``seed``, so results do not depend on batching or sharding.
+The noise is deterministic: each image's generator is seeded from a hash of its cell labels,
+its image labels and ``seed``, so results do not depend on batching or sharding.
 """
 
 from __future__ import annotations
@@ -72,22 +72,25 @@ def cell_majority(gt: torch.Tensor, image_labels: torch.Tensor, num_classes: int
     """
     b, h, w = gt.shape
     gh, gw = math.ceil(h / patch_size), math.ceil(w / patch_size)
-    padded = F.pad(gt.long(), (0, gw * patch_size - w, 0, gh * patch_size - h), value=IGNORE)
-    ids = padded.clamp(max=num_classes)  # ignore (255) -> extra bin num_classes
-    cells = ids.view(b, gh, patch_size, gw, patch_size).permute(0, 1, 3, 2, 4).reshape(b, gh, gw, -1)
-    counts = torch.zeros(b, gh, gw, num_classes + 1, dtype=torch.int32, device=gt.device)
-    counts.scatter_add_(-1, cells, torch.ones_like(cells, dtype=torch.int32))
-    counts = counts[..., :num_classes]
+    rows = torch.arange(h, device=gt.device) // patch_size
+    cols = torch.arange(w, device=gt.device) // patch_size
+    cell = rows[:, None] * gw + cols[None, :]  # (H, W) cell index of each pixel
+    image = torch.arange(b, device=gt.device).view(b, 1, 1) * (gh * gw)
+    ids = gt.long().clamp(max=num_classes)  # ignore (255) -> extra bin num_classes
+    bins = (image + cell) * (num_classes + 1) + ids
+    counts = torch.bincount(bins.flatten(), minlength=b * gh * gw * (num_classes + 1))
+    counts = counts.view(b, gh, gw, num_classes + 1)[..., :num_classes]
     counts = counts.masked_fill(~image_labels.bool().view(b, 1, 1, num_classes), -1)
     best_count, best = counts.max(dim=-1)
     return best.masked_fill(best_count <= 0, IGNORE)
 
 
-def _image_seed(gt: torch.Tensor, labels: torch.Tensor, patch_size: int, seed: int) -> int:
+def _image_seed(cells: torch.Tensor, labels: torch.Tensor, seed: int) -> int:
+    """A seed from what the teacher sees (the view's cell labels and image labels) and ``seed``."""
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(gt.to(torch.uint8).cpu().numpy().tobytes())
+    digest.update(cells.to(torch.uint8).cpu().numpy().tobytes())
     digest.update(labels.to(torch.uint8).cpu().numpy().tobytes())
-    digest.update(f"{tuple(gt.shape)}|{patch_size}|{seed}".encode())
+    digest.update(f"{tuple(cells.shape)}|{seed}".encode())
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
@@ -161,7 +164,7 @@ class SimulatedTeacher:
         cells = cell_majority(gt, labels, self.num_classes, self.patch_size)
         noisy = []
         for i in range(b):
-            gen = torch.Generator().manual_seed(_image_seed(gt[i], labels[i], self.patch_size, self.seed))
+            gen = torch.Generator().manual_seed(_image_seed(cells[i], labels[i], self.seed))
             noisy.append(add_cell_noise(cells[i].cpu(), labels[i].cpu(), self.partners, self.noise, gen))
         cells = torch.stack(noisy).to(gt.device)
         ps = self.patch_size

@@ -1,0 +1,113 @@
+"""The simulated teacher: patch-grid majority, zoom == finer grid, seeded noise, CamVid calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from carbseg.config import TeacherConfig
+from carbseg.data.classes import CAMVID, CITYSCAPES
+from carbseg.errors import UserError
+from carbseg.teacher.build import build_teacher
+from carbseg.teacher.simulated import SimulatedTeacher, cell_majority, confusion_partners
+
+ROAD, SIDEWALK, BUILDING, POLE, SKY = 0, 1, 2, 5, 10
+
+
+def test_cell_majority_by_hand():
+    gt = torch.tensor([[[0, 0, 1, 1, 2],
+                        [0, 1, 1, 255, 2],
+                        [3, 3, 255, 255, 255]]])
+    labels = torch.tensor([[True, True, True, True]])
+    # 2x2 cells: [0,0,0,1]->0 | [1,1,1,255]->1 | [2,2]->2 ; [3,3]->3 | [255,255]->255 | [255]->255
+    assert cell_majority(gt, labels, 4, 2).tolist() == [[[0, 1, 2], [3, 255, 255]]]
+    # Restricted to the image's classes: class 0 absent -> the first cell goes to class 1.
+    labels = torch.tensor([[False, True, True, True]])
+    assert cell_majority(gt, labels, 4, 2)[0, 0, 0].item() == 1
+
+
+def _street_with_pole(height=64, width=64, pole_x=16, pole_w=6):
+    gt = torch.full((1, height, width), BUILDING, dtype=torch.long)
+    gt[:, height // 2:] = ROAD
+    gt[:, :, pole_x:pole_x + pole_w] = POLE
+    labels = torch.zeros(1, CITYSCAPES.num_classes, dtype=torch.bool)
+    labels[0, [ROAD, BUILDING, POLE]] = True
+    return gt, labels
+
+
+def test_zooming_by_two_recovers_a_thin_pole_exactly_as_a_finer_grid():
+    gt, labels = _street_with_pole()
+    teacher16 = SimulatedTeacher(CITYSCAPES, patch_size=16, noise=0.0)
+    teacher8 = SimulatedTeacher(CITYSCAPES, patch_size=8, noise=0.0)
+    plain = teacher16(None, labels, gt=gt)
+    assert (plain == POLE).sum().item() == 0  # a 6-px pole is under half of any 16-px cell: lost
+    zoomed_gt = gt.repeat_interleave(2, 1).repeat_interleave(2, 2)  # the view upscaled by s = 2
+    zoomed = teacher16(None, labels, gt=zoomed_gt)
+    assert (zoomed == POLE).any()
+    # The zoomed view seen through 16-px cells == the original seen through 8-px cells, zoomed.
+    fine = teacher8(None, labels, gt=gt).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.equal(zoomed, fine)
+
+
+def test_noise_is_seeded_deterministic_and_only_towards_present_classes():
+    gt, labels = _street_with_pole(128, 256)
+    labels[0, SIDEWALK] = True  # present but not drawn: a confusion partner of road
+    noisy = SimulatedTeacher(CITYSCAPES, noise=1.0, seed=5)
+    a = noisy(None, labels, gt=gt)
+    b = noisy(None, labels, gt=gt)
+    assert torch.equal(a, b)
+    batch = noisy(None, labels.repeat(2, 1), gt=gt.repeat(2, 1, 1))
+    assert torch.equal(batch[0], a[0]) and torch.equal(batch[1], a[0])  # per-image seeding: batching is irrelevant
+    clean = SimulatedTeacher(CITYSCAPES, noise=0.0)(None, labels, gt=gt)
+    assert (a != clean).any()
+    assert set(a.unique().tolist()) <= {ROAD, SIDEWALK, BUILDING, POLE}
+    other_seed = SimulatedTeacher(CITYSCAPES, noise=1.0, seed=6)(None, labels, gt=gt)
+    assert not torch.equal(other_seed, a)
+    valid = torch.ones_like(gt, dtype=torch.bool)
+    valid[:, :, -10:] = False
+    assert (noisy(None, labels, gt=gt, valid=valid)[:, :, -10:] == 255).all()
+
+
+def test_confusion_table_is_by_class_name():
+    partners = confusion_partners(CITYSCAPES)
+    assert SIDEWALK in partners[ROAD] and CITYSCAPES.index("car") in partners[CITYSCAPES.index("truck")]
+    camvid = confusion_partners(CAMVID)
+    assert CAMVID.index("pedestrian") in camvid[CAMVID.index("bicyclist")]
+
+
+def test_needs_gt_and_valid_parameters():
+    teacher = build_teacher(TeacherConfig(kind="simulated", noise=0.2, patch_size=8), CITYSCAPES, "cpu")
+    assert teacher.reads_ground_truth and teacher.patch_size == 8 and teacher.num_classes == 19
+    with pytest.raises(UserError, match="reads ground truth"):
+        teacher(torch.zeros(1, 3, 8, 8), torch.ones(1, 19, dtype=torch.bool))
+    with pytest.raises(UserError, match="noise"):
+        SimulatedTeacher(CITYSCAPES, noise=1.5)
+
+
+def _miou(conf: np.ndarray) -> tuple[float, np.ndarray]:
+    iou = np.diag(conf) / np.maximum(conf.sum(0) + conf.sum(1) - np.diag(conf), 1)
+    seen = conf.sum(1) > 0
+    return 100 * iou[seen].mean(), 100 * iou
+
+
+def test_default_strength_on_real_camvid_val_scores_like_clip_pseudo_masks(camvid_root):
+    from carbseg.data.datasets import build_dataset
+    from carbseg.data.labels import image_labels_from_mask, labels_to_multi_hot
+
+    dataset = build_dataset("camvid", camvid_root, "val")
+    teacher = SimulatedTeacher(CAMVID)  # default patch 16, noise 0.3
+    c = CAMVID.num_classes
+    conf = np.zeros((c, c), dtype=np.int64)
+    for index in range(0, len(dataset), 4):  # every 4th image keeps the test fast
+        mask = dataset.load_mask(index)
+        labels = labels_to_multi_hot([image_labels_from_mask(mask, c)], c)
+        pred = teacher(None, labels, gt=torch.from_numpy(mask).long()[None])[0].numpy()
+        keep = (mask < c) & (pred < c)
+        conf += np.bincount(mask[keep].astype(np.int64) * c + pred[keep], minlength=c * c).reshape(c, c)
+    miou, iou = _miou(conf)
+    # Documented band (docs/teacher.md): 40-55% mIoU, small classes far below large ones.
+    assert 40.0 <= miou <= 55.0, miou
+    small = np.mean([iou[CAMVID.index(n)] for n in ("pole", "signsymbol", "pedestrian")])
+    large = np.mean([iou[CAMVID.index(n)] for n in ("sky", "road", "building")])
+    assert small < large - 30, (small, large)
