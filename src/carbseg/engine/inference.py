@@ -277,6 +277,8 @@ def evaluate_checkpoint(
     mode = eval_cfg.mode if mode is None else mode
     scales = list(eval_cfg.scales if scales is None else scales)
     flip = eval_cfg.flip if flip is None else flip
+    if mode not in ("whole", "slide"):
+        raise UserError(f"inference mode {mode!r} is not valid; choose whole or slide")
 
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
     stats: list[ImageStats] = []
