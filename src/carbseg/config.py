@@ -235,6 +235,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if overrides:
+        if not isinstance(data, dict):  # refused here with the file's name, not as a crash in _merge
+            raise UserError(f"{source}: the config must be a mapping of sections, got {data!r}")
         data = _merge(data, parse_overrides(overrides))
         source += " (with overrides)"
     return config_from_dict(data, source)

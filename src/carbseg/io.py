@@ -7,6 +7,7 @@ killed job never leaves a half-written file behind (reruns skip only complete ou
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -21,21 +22,86 @@ from carbseg.errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+# Write failures that are the environment's, not a bug: reported as one line (exit 2), never a traceback.
+_ENVIRONMENT_WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full; free some space or choose another output folder",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or choose another output folder",
+    errno.EACCES: "permission denied; choose an output folder you can write to",
+    errno.EPERM: "operation not permitted; choose an output folder you can write to",
+    errno.EROFS: "the file system is read-only; choose an output folder you can write to",
+}
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def _temporary_suffix(name: str) -> str:
+    return ".tmp" + Path(name).suffix
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
+
+    A full disk or a folder without write permission raises UserError naming ``path`` (the
+    temporary file is removed, ``path`` is left as it was).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=_temporary_suffix(path.name),
+                                   dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
+        # mkstemp creates the file private (0600); give it the permissions of a normally created file.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+    except BaseException as err:
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+        if isinstance(err, OSError) and err.errno in _ENVIRONMENT_WRITE_ERRORS:
+            raise UserError(f"{path}: cannot write ({_ENVIRONMENT_WRITE_ERRORS[err.errno]})") from None
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names) -> int:
+    """Delete temporary files that a killed writer (``kill -9``, power loss) left for ``names`` in ``folder``.
+
+    Only the temporaries of the given output names are touched, so processes writing other files
+    of the same folder (other ranks' shards) are never disturbed. Returns how many were removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    wanted = {str(n) for n in names}
+    removed = 0
+    for candidate in folder.glob(".*.tmp*"):
+        for name in wanted & _possible_targets(candidate.name):
+            if candidate.name.endswith(_temporary_suffix(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    candidate.unlink()
+                    removed += 1
+                break
+    return removed
+
+
+def _possible_targets(temporary_name: str) -> set[str]:
+    """Output names a temporary ``.<name>.<random>.tmp<suffix>`` may belong to (names may contain dots)."""
+    body = temporary_name[1:]
+    return {body[:i] for i in range(len(body)) if body[i] == "."}
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -39,10 +39,11 @@ from tqdm import tqdm
 from carbseg import distributed as dist
 from carbseg.config import Config, config_to_dict, dump_config, load_config
 from carbseg.data.classes import IGNORE_INDEX, ClassSet
+from carbseg.engine.guards import NonFiniteGuard, any_rank_nonfinite
 from carbseg.engine.schedule import set_poly_lr
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
-from carbseg.io import write_text_atomic
+from carbseg.io import remove_stale_temporaries, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,26 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD_DIR
+
+    def discard_after(self, iteration: int) -> None:
+        """Make the run directory agree with a checkpoint at ``iteration`` before resuming from it.
+
+        A run killed with SIGKILL (no chance to checkpoint) logged iterations past its last
+        checkpoint and may have left a temporary file mid-write; resuming redoes those iterations,
+        so their log lines (and a torn last line) are dropped instead of appearing twice.
+        """
+        remove_stale_temporaries(self.path, [CONFIG_FILE, CHECKPOINT_FILE, MODEL_FILE])
+        if not self.log.is_file():
+            return
+        kept = []
+        for line in self.log.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line torn by the kill: nothing after it was written either
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line + "\n")
+        write_text_atomic(self.log, "".join(kept))
 
     def check(self, resume: bool) -> None:
         """Refuse to overwrite a run by accident, and to resume from nothing."""
@@ -319,11 +340,14 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.loss_queue = LossQueue(cfg.carb.queue_size)
+        self.nonfinite = NonFiniteGuard()
         self.iteration = 0
 
         if resume:
             _warn_config_changes(self.run_dir.config, cfg) if self.run_dir.config.is_file() else None
             self.load_state()
+            if self.is_main:
+                self.run_dir.discard_after(self.iteration)
         if self.is_main:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir.config, dump_config(cfg))
@@ -340,6 +364,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss_queue": self.loss_queue.state_dict(),
+            "nonfinite": self.nonfinite.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
             "config": dump_config(self.cfg),
@@ -356,6 +381,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.loss_queue.load_state_dict(state["loss_queue"])
+            self.nonfinite.load_state_dict(state.get("nonfinite", {}))
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.iteration = int(state["iteration"])
@@ -389,7 +415,8 @@ class Trainer:
     def in_warmup(self, iteration: int) -> bool:
         return (not self.cfg.carb.enabled) or iteration < self.cfg.train.warmup_iters
 
-    def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool) -> dict[str, float]:
+    def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool) -> dict[str, float] | None:
+        """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank."""
         from carbseg.data import views
         from carbseg.losses.carb import carb_loss
 
@@ -418,6 +445,8 @@ class Trainer:
             patch_logits = views.cut_out(logits, patch) if patch is not None else None
             terms = carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
                               None if warmup else cfg.carb.fixed_coefficient, warmup)
+            if any_rank_nonfinite(_loss_terms(terms), device):
+                return None  # before the queue push and backward: nothing of this step is kept
             if not warmup and cfg.carb.fixed_coefficient is None:
                 # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
                 # (averaged over processes) before c = coeff * mean(cons) / mean(incons) is read.
@@ -437,10 +466,20 @@ class Trainer:
         totals: dict[str, float] = {}
         for micro, batch in enumerate(batches):
             values = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1)
+            if values is None:
+                break
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batches)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        skipped = values is None
+        self.nonfinite.record(skipped, iteration)  # raises DivergedError after too many in a row
+        if skipped:
+            # Skip the update: the gradients of earlier micro-batches are dropped with it.
+            self.optimizer.zero_grad(set_to_none=True)
+            totals = {"total": float("nan"), "c": float("nan")}
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        totals["nonfinite_skipped"] = float(self.nonfinite.skipped)
         totals["lr"] = lr
         return totals
 
@@ -545,6 +584,12 @@ class Trainer:
                     self.writer = None
         self.save_checkpoint()
         return self.save_model()
+
+
+def _loss_terms(terms) -> list[torch.Tensor]:
+    """Every CE term of CARBTerms (global, patch, consistent, inconsistent, ...): the NaN/Inf guard checks each."""
+    return [terms.global_ce, terms.patch_ce, terms.consistent, terms.inconsistent, terms.patch_consistent,
+            terms.patch_inconsistent]
 
 
 def _terms_to_floats(terms) -> dict[str, float]:

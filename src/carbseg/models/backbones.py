@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from carbseg.errors import MissingWeightsError, UserError
+from carbseg.safe_load import one_line_reason, torch_load_weights_only
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -37,17 +38,17 @@ def _read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: pretrained weights file not found; set model.pretrained to an existing file, "
             "'imagenet' or 'none'"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    fix = "use a safetensors or torch state dict"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise UserError(
-            f"{path}: cannot read weights ({type(err).__name__}: {err}); use a safetensors or torch state dict"
-        ) from None
+        except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
+            raise UserError(f"{path}: cannot read weights ({type(err).__name__}: {one_line_reason(err)}); "
+                            f"{fix}") from None
+    else:
+        state = torch_load_weights_only(path, f"pretrained backbone weights: {fix}")
     for wrapper in ("state_dict", "model"):  # common checkpoint layouts
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

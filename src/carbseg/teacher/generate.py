@@ -24,7 +24,7 @@ from carbseg import distributed
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.labels import labels_to_multi_hot
 from carbseg.errors import UserError
-from carbseg.io import safe_child, write_png_atomic
+from carbseg.io import remove_stale_temporaries, safe_child, write_png_atomic
 from carbseg.teacher.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ def generate_pseudo_masks(dataset: SegmentationDataset, labels: dict[str, list[i
     if report.skipped:
         log.info("resuming: %d of this process's %d masks already exist in %s", report.skipped, len(owned), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-write (kill -9) leaves a temporary next to the mask it was writing; the
+    # mask itself is absent, so it is redone below and only its stale temporary is cleared here.
+    remove_stale_temporaries(out_dir, [mask_path(out_dir, i).name for i in mine])
     loader = DataLoader(_Views(dataset, indices, teacher.reads_ground_truth), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=_as_list)
     bar = tqdm(total=len(indices), unit="img", desc="pseudo-masks", disable=not progress, dynamic_ncols=True)

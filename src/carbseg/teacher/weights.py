@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from carbseg.errors import MissingWeightsError, UserError
+from carbseg.safe_load import one_line_reason, torch_load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -126,21 +127,25 @@ def resolve_weights(model: str, pretrained: str, cache_dir: str | None = None) -
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    expected = "expected an OpenAI .pt archive, an open_clip .bin or a .safetensors file"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - a damaged or disguised file (e.g. a pickle renamed)
+            raise UserError(f"{path}: cannot read CLIP weights ({one_line_reason(err)}); {expected}") from None
     if _is_torchscript_archive(path):
         # OpenAI's release format. torch.jit.load runs no pickle payload, but the archive holds
         # TorchScript code: we never call it and keep only the tensors of its state_dict().
-        archive = torch.jit.load(str(path), map_location="cpu")
+        try:
+            archive = torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - e.g. a forged archive around a pickle payload
+            raise UserError(f"{path}: cannot read CLIP weights as a TorchScript archive "
+                            f"({one_line_reason(err)}); {expected}") from None
         state = {k: v.detach().clone() for k, v in archive.state_dict().items()}
     else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"{path}: cannot read CLIP weights ({str(err).splitlines()[0]}); expected an "
-                            "OpenAI .pt archive, an open_clip .bin or a .safetensors file") from None
+        state = torch_load_weights_only(path, f"CLIP weights: {expected}")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
