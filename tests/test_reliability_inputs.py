@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_reliability_common import all_files, error_line, make_checkpoint, make_scenes, tiny_train_config
 
 from carbseg.cli import main
 from carbseg.io import read_image, read_label_png
+from test_reliability_common import all_files, error_line, make_checkpoint, make_scenes, tiny_train_config
 
 
 @pytest.fixture(autouse=True)

@@ -203,7 +203,12 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"override {item!r} is not of the form key=value (e.g. train.max_iters=1000)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:  # e.g. a !!python tag: safe_load refuses to construct it
+            reason = str(err).strip().splitlines()[0]
+            raise UserError(f"override {item!r}: the value is not a plain YAML scalar or list ({reason})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -40,7 +40,8 @@ def load_class_set(path: str | Path) -> ClassSet:
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: cannot parse classes file ({err})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot parse classes file ({reason})") from None  # one line: YAML errors span several
     fix = "write e.g. {\"names\": [\"road\", \"car\"], \"palette\": [[128, 64, 128], [0, 0, 142]]}"
     if not isinstance(data, dict) or not isinstance(data.get("names"), list) or not data["names"]:
         raise UserError(f"{path}: classes file needs a non-empty list 'names'; {fix}")
