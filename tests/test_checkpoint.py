@@ -167,3 +167,18 @@ def test_damaged_or_missing_training_state_is_a_user_error(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:40])
     with pytest.raises(UserError, match=r"damaged\.pt"):
         load_training_state(damaged)
+
+
+def test_a_safetensors_header_length_starting_like_a_pickle_still_loads(tmp_path):
+    # The first byte of a safetensors file is the low byte of its header length; 0x80 is also the
+    # first byte of a pickle. Grow the (embedded) run name until the header length ends in 0x80.
+    cfg = _config("learned")
+    model = _model(cfg)
+    path = tmp_path / "m.safetensors"
+    for length in range(1, 300):
+        cfg.name = "n" * length
+        save_model(path, model, cfg, CAMVID)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert load_model(path).config.name == cfg.name

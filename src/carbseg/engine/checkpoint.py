@@ -64,11 +64,21 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, cfg: Config, cla
     return path
 
 
-def _sniff_pickle(path: Path) -> bool:
-    """True when the file starts like a torch.save zip archive or a raw pickle."""
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian), then ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 8 + header_len <= path.stat().st_size
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """A torch.save zip archive, or a raw pickle of protocol >= 2 (torch's legacy format)."""
     with open(path, "rb") as f:
         head = f.read(4)
-    return head.startswith(_ZIP_MAGIC) or (len(head) > 0 and head[0] == _PICKLE_PROTOCOL_OPCODE)
+    return head.startswith(_ZIP_MAGIC) or (len(head) > 1 and head[0] == _PICKLE_PROTOCOL_OPCODE)
 
 
 def read_model_metadata(path: str | os.PathLike) -> tuple[Config, ClassSet]:
@@ -76,7 +86,8 @@ def read_model_metadata(path: str | os.PathLike) -> tuple[Config, ClassSet]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; pass the model.safetensors written by carbseg train")
-    if _sniff_pickle(path):
+    # Checked in this order: a safetensors header length may itself start with the byte 0x80.
+    if not _looks_like_safetensors(path) and _looks_like_pickle(path):
         raise UserError(
             f"{path}: this is a PyTorch pickle (.pt/.pth), which carbseg never loads as a model because "
             "unpickling can run code; pass the model.safetensors written by carbseg train"
