@@ -10,7 +10,7 @@ Outputs (all written atomically; an existing output is skipped, so an interrupte
   ``--format cityscapes``: the server would take them for second predictions of the same frame);
 * for a video: ``OUT/overlay/<name>.mp4`` (``.gif`` for a GIF), the overlay of every frame.
 
-Videos other than GIF are decoded and encoded with PyAV (``pip install av``, the ``video`` extra);
+Videos other than GIF are decoded and encoded with PyAV (``pip install av``, an optional dependency);
 GIFs only need Pillow.
 """
 
@@ -176,7 +176,7 @@ def _av():
         import av
     except ImportError:
         raise UserError(
-            "reading and writing videos needs PyAV: pip install av (or pip install 'carbseg[video]'); "
+            "reading and writing videos needs PyAV: pip install av; "
             "or extract the frames to a folder of images and pass the folder"
         ) from None
     return av
