@@ -1,0 +1,372 @@
+"""``carbseg demo``: the whole method, offline, on generated driving scenes, in minutes on a CPU.
+
+The stages follow the design's data flow, each one resumable (a rerun reuses what is finished):
+
+1. ``data``: procedural driving scenes (``carbseg.data.synthetic``) into ``OUT/data``, a training
+   split and a held-out split;
+2. ``labels``: image-level labels from the training masks -- the only supervision of the method;
+3. ``pseudo_masks``: offline pseudo-masks of the SIMULATED teacher, scored against the ground truth
+   (how good the supervision is that the segmenter learns from);
+4. ``train``: the segmenter with Global-Local View training (GLV) and Consistency-Aware Region
+   Balancing (CARB), the teacher in the loop (``configs/demo.yaml``, shipped inside the package);
+5. ``evaluate``: mIoU of the trained segmenter on the held-out scenes;
+6. ``report``: ``OUT/report.json``, ``OUT/report.md`` with a picture grid (image | pseudo-mask |
+   prediction | ground truth) and the learning curve of the run's ``log.jsonl``.
+
+The teacher is the simulated one: it READS THE GROUND TRUTH and corrupts it the way CLIP does
+(coarse patch grid, confusions between similar classes). It is a research instrument that needs no
+CLIP weights -- never a substitute for the CLIP teacher on real data. Every output says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from carbseg.config import Config, config_from_dict, config_to_dict, parse_overrides
+from carbseg.errors import UserError
+from carbseg.io import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+TEACHER_NOTE = ("SIMULATED teacher: pseudo-masks are made from the ground truth (coarse patch grid plus "
+                "CLIP-like noise); a research instrument, not weak supervision")
+STAGES = ("data", "labels", "pseudo_masks", "train", "evaluate", "report")
+STATE_FILE = "demo_state.json"
+REPORT_KEYS = ("miou", "pixel_acc", "iou", "num_images", "pseudo_mask_miou", "pseudo_mask_iou", "teacher",
+               "timings_s", "reused_stages", "settings")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Size of the demo: the number and size of the scenes, and config overrides (``key=value``)."""
+
+    num_train: int = 300
+    num_val: int = 40
+    width: int = 256
+    height: int = 128
+    seed: int = 0
+    grid_scenes: int = 4  # held-out scenes shown in the picture grid
+    overrides: tuple[str, ...] = ()
+
+
+#: The smoke-test size (``carbseg demo --quick``): seconds, and a meaningless mIoU.
+QUICK = DemoSettings(
+    num_train=6, num_val=3, width=128, height=64, grid_scenes=2,
+    overrides=("data.resize=[128,64]", "data.crop_size=[64,128]", "glv.patch_size=[32,64]",
+               "eval.crop_size=[64,128]", "eval.stride=[32,64]", "train.max_iters=4", "train.warmup_iters=2",
+               "train.eval_interval=2", "train.checkpoint_interval=2", "train.log_interval=1",
+               "train.val_max_images=2"),
+)
+
+
+# ---------------------------------------------------------------- the demo config
+def demo_config_text() -> str:
+    """The YAML of the demo config, read from the installed package (works without a source tree)."""
+    return resources.files("carbseg").joinpath("configs", "demo.yaml").read_text(encoding="utf-8")
+
+
+def load_demo_config(overrides: Sequence[str] = ()) -> Config:
+    """The packaged demo config with ``key=value`` overrides applied."""
+    data = yaml.safe_load(demo_config_text()) or {}
+    extra = parse_overrides(list(overrides))
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    return config_from_dict(data, "carbseg/configs/demo.yaml" + (" (with overrides)" if overrides else ""))
+
+
+# ---------------------------------------------------------------- stage bookkeeping
+@dataclass
+class _State:
+    """``OUT/demo_state.json``: settings of the demo in OUT and what each finished stage measured."""
+
+    path: Path
+    settings: dict
+    done: dict = field(default_factory=dict)  # stage -> {"seconds": float, ...results}
+
+    @classmethod
+    def open(cls, out: Path, settings: DemoSettings) -> _State:
+        path = out / STATE_FILE
+        wanted = asdict(settings)
+        wanted["overrides"] = list(settings.overrides)
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("settings") != wanted:
+                raise UserError(f"{path}: this folder holds a demo of other settings ({saved.get('settings')}); "
+                                "choose another --out or delete the folder")
+            return cls(path, wanted, saved.get("done", {}))
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out}: folder is not empty and holds no carbseg demo; choose another --out")
+        return cls(path, wanted)
+
+    def finish(self, stage: str, seconds: float, **results) -> None:
+        self.done[stage] = {"seconds": round(seconds, 2), **results}
+        write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
+
+    def forget(self, *stages: str) -> None:
+        for stage in stages:
+            self.done.pop(stage, None)
+
+
+# ---------------------------------------------------------------- the pipeline
+def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True,
+             announce: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) the demo in ``out_dir`` and return the content of ``OUT/report.json``.
+
+    ``announce`` receives one line per stage (start, reused, done); by default it logs them.
+    """
+    import torch
+
+    from carbseg.data.datasets import build_dataset
+    from carbseg.data.labels import compute_image_labels, read_labels_json, write_labels_json
+    from carbseg.data.synthetic import generate_synthetic_dataset
+    from carbseg.engine.evaluate import evaluate_predictions
+    from carbseg.engine.train import resolve_device, train
+    from carbseg.teacher.build import build_teacher
+    from carbseg.teacher.generate import generate_pseudo_masks
+
+    say = announce or log.info
+    out = Path(out_dir)
+    data_root, run_dir = out / "data", out / "run"
+    state = _State.open(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_demo_config([f"data.root={data_root.as_posix()}", f"data.labels={(out / 'labels_train.json').as_posix()}",
+                            f"seed={settings.seed}", *settings.overrides])
+    device = resolve_device(cfg.device)
+    timings: dict[str, float] = {}
+    reused: list[str] = []
+    started_all = time.perf_counter()
+
+    def stage(number: int, name: str, what: str) -> bool:
+        """Announce a stage; True when it must run, False when a previous run finished it."""
+        if name in state.done:
+            say(f"[{number}/{len(STAGES)}] {what}: reused (finished in {state.done[name]['seconds']:.0f} s before)")
+            reused.append(name)
+            timings[name] = 0.0
+            return False
+        say(f"[{number}/{len(STAGES)}] {what} ...")
+        return True
+
+    def finished(name: str, began: float, **results) -> None:
+        seconds = time.perf_counter() - began
+        timings[name] = round(seconds, 2)
+        state.finish(name, seconds, **results)
+        say(f"      done in {seconds:.1f} s")
+
+    # 1. Scenes: files are written atomically and existing ones skipped, so this resumes by itself.
+    if stage(1, "data", f"generating {settings.num_train} training and {settings.num_val} held-out scenes "
+                        f"of {settings.width}x{settings.height} in {data_root}"):
+        began = time.perf_counter()
+        for split, count in (("train", settings.num_train), ("val", settings.num_val)):
+            generate_synthetic_dataset(data_root, split, count, settings.height, settings.width,
+                                       seed=settings.seed, progress=progress)
+        finished("data", began)
+    train_set = build_dataset("synthetic", data_root, "train")
+    val_set = build_dataset("synthetic", data_root, "val")
+    classes = train_set.classes
+
+    # 2. Image-level labels: which classes each image contains -- all the segmenter is told.
+    labels_files = {split: out / f"labels_{split}.json" for split in ("train", "val")}
+    if stage(2, "labels", "image-level labels (the only supervision) from the masks"):
+        began = time.perf_counter()
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            write_labels_json(labels_files[split], "synthetic", classes, compute_image_labels(dataset))
+        finished("labels", began)
+
+    # 3. Offline pseudo-masks of the simulated teacher, and how good they are against the GT.
+    #    The held-out split's masks are made only for the picture grid; training never sees them.
+    mask_dirs = {split: out / "pseudo_masks" / split for split in ("train", "val")}
+    if stage(3, "pseudo_masks", f"offline pseudo-masks of the {TEACHER_NOTE}"):
+        began = time.perf_counter()
+        teacher = build_teacher(cfg.teacher, classes, device, seed=cfg.seed)
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            labels = read_labels_json(labels_files[split], classes)
+            generate_pseudo_masks(dataset, labels, teacher, mask_dirs[split], device=device, progress=progress)
+        confusion, _ = evaluate_predictions(train_set, mask_dirs["train"], progress=progress)
+        pseudo = confusion.report(classes.names)
+        finished("pseudo_masks", began, miou=pseudo["miou"], iou=pseudo["iou"])
+        say(f"      pseudo-mask mIoU against the ground truth (training scenes): {pseudo['miou']:.1f}")
+
+    # 4. Training with GLV + CARB, teacher in the loop. A run killed midway resumes from its last
+    #    checkpoint; one killed before its first checkpoint starts again.
+    model_path = run_dir / "model.safetensors"
+    if stage(4, "train", f"training the segmenter with GLV + CARB for {cfg.train.max_iters} iterations "
+                         f"(warm-up {cfg.train.warmup_iters}) on {device}"):
+        began = time.perf_counter()
+        resume = (run_dir / "checkpoint_last.pt").is_file() and not model_path.is_file()
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # the demo's own run folder: a start without a checkpoint, or a stale model
+        train(cfg, run_dir, resume=resume, progress=progress)
+        finished("train", began)
+        state.forget("evaluate", "report")
+
+    # 5. Evaluation on the held-out scenes (never seen in training, not even as image-level labels).
+    if stage(5, "evaluate", f"evaluating on {len(val_set)} held-out scenes"):
+        from carbseg.engine.evaluate import qualitative_from_predictions
+        from carbseg.engine.inference import evaluate_checkpoint
+        from carbseg.engine.report import write_report
+
+        began = time.perf_counter()
+        confusion, stats, kept = evaluate_checkpoint(val_set, model_path, device=device, progress=progress,
+                                                     keep_samples=len(val_set))
+        evaluation = confusion.report(classes.names)
+        write_report(out / "evaluation", evaluation, confusion, classes, qualitative_from_predictions(stats, kept))
+        shown = kept[: settings.grid_scenes]
+        _save_scene_grid(out / "scenes.png", shown, mask_dirs["val"], classes)
+        finished("evaluate", began, report=evaluation)
+        state.forget("report")
+
+    # 6. The report: JSON for scripts, Markdown with pictures for people.
+    if stage(6, "report", f"writing {out / 'report.md'} and {out / 'report.json'}"):
+        began = time.perf_counter()
+        _plot_learning_curve(out / "learning_curve.png", _read_log(run_dir / "log.jsonl"), cfg.train.warmup_iters,
+                             state.done["pseudo_masks"]["miou"])
+        finished("report", began)
+    timings["total"] = round(time.perf_counter() - started_all, 2)
+    report = _report_dict(state, cfg, settings, timings, reused, torch.get_num_threads())
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", _report_markdown(report, classes))
+    return report
+
+
+# ---------------------------------------------------------------- report content
+def _report_dict(state: _State, cfg: Config, settings: DemoSettings, timings: dict, reused: list[str],
+                 threads: int) -> dict:
+    evaluation = state.done["evaluate"]["report"]
+    pseudo = state.done["pseudo_masks"]
+    return {
+        # The evaluation contract (ConfusionMatrix.report) on the held-out scenes.
+        "miou": evaluation["miou"],
+        "pixel_acc": evaluation["pixel_acc"],
+        "iou": evaluation["iou"],
+        "num_images": evaluation["num_images"],
+        # How good the supervision was: the teacher's offline pseudo-masks against the GT.
+        "pseudo_mask_miou": pseudo["miou"],
+        "pseudo_mask_iou": pseudo["iou"],
+        "teacher": {"kind": cfg.teacher.kind, "patch_size": cfg.teacher.patch_size, "noise": cfg.teacher.noise,
+                    "note": TEACHER_NOTE},
+        "timings_s": timings,
+        "first_run_timings_s": {name: done["seconds"] for name, done in state.done.items()},
+        "reused_stages": reused,
+        "settings": {**state.settings, "threads": threads, "device": cfg.device},
+        "config": config_to_dict(cfg),
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
+def _report_markdown(report: dict, classes) -> str:
+    s = report["settings"]
+    first = report["first_run_timings_s"]
+    lines = [
+        "# carbseg demo report",
+        "",
+        f"> **{TEACHER_NOTE}.** The numbers below show that the pipeline (image-level labels -> pseudo-masks ->",
+        "> GLV + CARB training -> evaluation) works end to end; they say nothing about CLIP on real data.",
+        "",
+        f"- held-out mIoU of the trained segmenter: **{_percent(report['miou'])}** "
+        f"({report['num_images']} held-out scenes), pixel accuracy {_percent(report['pixel_acc'])}",
+        f"- pseudo-mask mIoU of the simulated teacher against the ground truth (training scenes): "
+        f"{_percent(report['pseudo_mask_miou'])}",
+        f"- scenes: {s['num_train']} training, {s['num_val']} held-out, {s['width']}x{s['height']} pixels; "
+        f"{report['config']['train']['max_iters']} iterations (warm-up {report['config']['train']['warmup_iters']}); "
+        f"{s['threads']} CPU thread(s)",
+        "- time per stage (s, first run): " + ", ".join(f"{k} {v:.0f}" for k, v in first.items())
+        + f"; this invocation: {report['timings_s']['total']:.0f} s"
+        + (f" (reused: {', '.join(report['reused_stages'])})" if report["reused_stages"] else ""),
+        "",
+        "## Held-out scenes",
+        "",
+        "![image | pseudo-mask | prediction | ground truth](scenes.png)",
+        "",
+        "Columns: the image, the simulated teacher's pseudo-mask, the segmenter's prediction, the ground truth.",
+        "",
+        "## Learning curve",
+        "",
+        "![loss terms and validation mIoU](learning_curve.png)",
+        "",
+        "Top: the CARB loss terms (during the warm-up, plain cross-entropy on the global view and the GLV",
+        "patch; afterwards the consistent and c-scaled inconsistent regions). Bottom: validation mIoU.",
+        "",
+        "## Per-class IoU (held-out scenes)",
+        "",
+        "| class | IoU (%) | pseudo-mask IoU (%) |",
+        "|---|---:|---:|",
+    ]
+    for name in classes.names:
+        lines.append(f"| {name} | {_percent(report['iou'].get(name))} | {_percent(report['pseudo_mask_iou'].get(name))} |")
+    lines += ["", "n/a: the class is absent from both ground truth and prediction.", "",
+              "More pictures (IoU bars, confusion matrix, best and worst scenes): [evaluation/report.md]"
+              "(evaluation/report.md). The training run (config, checkpoints, `log.jsonl`, TensorBoard) is in `run/`.",
+              ""]
+    return "\n".join(lines)
+
+
+def _save_scene_grid(path: Path, samples: list, mask_dir: Path, classes) -> None:
+    """Rows of image | pseudo-mask | prediction | ground truth for a few held-out scenes."""
+    from carbseg.io import read_label_png
+    from carbseg.visualize import colorize, make_grid, save_png
+
+    rows = []
+    for sample in samples:
+        pseudo = read_label_png(mask_dir / f"{sample.id}.png").astype(np.uint8)
+        rows.append([sample.image, colorize(pseudo, classes), colorize(sample.pred, classes),
+                     colorize(sample.mask, classes)])
+    save_png(path, make_grid(rows, ["image", "pseudo-mask (simulated teacher)", "prediction", "ground truth"]))
+
+
+def _read_log(path: Path) -> list[dict]:
+    """Records of ``log.jsonl``, one per iteration (a resumed run may have logged a step twice: last wins)."""
+    records: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[int(record["iteration"])] = record
+    return [records[i] for i in sorted(records)]
+
+
+LOSS_TERMS = ("total", "global_ce", "patch_ce", "consistent", "inconsistent", "patch_consistent",
+              "patch_inconsistent")
+
+
+def _plot_learning_curve(path: Path, records: list[dict], warmup_iters: int, pseudo_miou: float | None) -> None:
+    """Loss terms (top) and validation mIoU (bottom) against the iteration, warm-up end marked."""
+    from carbseg.engine.report import _pyplot, _save_figure
+
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for term in LOSS_TERMS:
+        points = [(r["iteration"], r[term]) for r in records if r.get(term) is not None]
+        # Terms that are 0 throughout (e.g. the regions during the warm-up only) would only add clutter.
+        if points and any(v for _, v in points):
+            top.plot(*zip(*points), label=term, linewidth=1.2 if term == "total" else 0.9)
+    top.set_ylabel("loss")
+    top.legend(fontsize=7, ncol=2)
+    val = [(r["iteration"], r["val_miou"]) for r in records if r.get("val_miou") is not None]
+    if val:
+        bottom.plot(*zip(*val), marker="o", label="segmenter, validation mIoU")
+    if pseudo_miou is not None:
+        bottom.axhline(pseudo_miou, color="grey", linestyle=":", label="simulated teacher's pseudo-masks (train)")
+    bottom.set_ylabel("mIoU (%)")
+    bottom.set_xlabel("iteration")
+    bottom.legend(fontsize=7)
+    for ax in (top, bottom):
+        ax.axvline(warmup_iters, color="black", linestyle="--", linewidth=0.8)
+    top.set_title("CARB warm-up ends at the dashed line")
+    _save_figure(fig, path)
