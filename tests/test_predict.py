@@ -221,3 +221,13 @@ def test_python_m_carbseg_predict_subprocess(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "1 written" in done.stdout
     assert (tmp_path / "out" / "y.png").is_file() and (tmp_path / "out" / "overlay" / "y.png").is_file()
+
+
+def test_video_without_pyav_is_a_clear_user_error(tmp_path, monkeypatch):
+    checkpoint = _checkpoint(tmp_path)
+    video = tmp_path / "drive.mp4"
+    video.write_bytes(b"\x00" * 64)
+    monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` fail as if it were not installed
+    with pytest.raises(UserError, match="videos needs PyAV: pip install av"):
+        predict_path(checkpoint, video, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out" / "overlay" / "drive.mp4").exists()
