@@ -223,11 +223,13 @@ def _image_labels(cfg: Config, dataset) -> np.ndarray:
     return labels_to_multi_hot([labels[i] for i in dataset.ids], classes.num_classes).numpy()
 
 
-def build_model(cfg: Config, classes: ClassSet, device: torch.device, load_pretrained: bool = True):
+def build_model(cfg: Config, classes: ClassSet, device: torch.device, load_pretrained: bool = True,
+                class_embeddings: torch.Tensor | None = None):
+    """The segmenter; with the text classifier, the frozen CLIP class embeddings (given, e.g. the
+    online teacher's own, or computed from ``cfg.teacher``'s CLIP model)."""
     from carbseg.models.segmenter import build_segmenter
 
-    class_embeddings = None
-    if cfg.model.classifier == "text":
+    if cfg.model.classifier == "text" and class_embeddings is None:
         from carbseg.teacher.build import class_text_embeddings
 
         class_embeddings = class_text_embeddings(
@@ -322,7 +324,10 @@ class Trainer:
 
         # Model: the same initial weights on every rank (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, self.classes, self.device)
+        # The CLIP teacher already holds the class text embeddings the text classifier is made of.
+        teacher_embeddings = getattr(self.teacher, "text_embeddings", None)
+        model = build_model(cfg, self.classes, self.device,
+                            class_embeddings=None if teacher_embeddings is None else teacher_embeddings.cpu())
         if self.world > 1 and self.device.type == "cuda":
             # SyncBN only when distributed (the release required it even on one GPU); PyTorch's
             # SyncBN is CUDA-only, so CPU (gloo) runs keep per-process BN statistics.
@@ -343,18 +348,20 @@ class Trainer:
         self.nonfinite = NonFiniteGuard()
         self.iteration = 0
 
-        if resume:
-            _warn_config_changes(self.run_dir.config, cfg) if self.run_dir.config.is_file() else None
-            self.load_state()
-            if self.is_main:
-                self.run_dir.discard_after(self.iteration)
-        if self.is_main:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir.config, dump_config(cfg))
         self.val_set = None
         if cfg.train.eval_interval > 0:
             self.val_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split,
                                          classes_file=cfg.data.classes)
+        if resume:
+            if self.run_dir.config.is_file():
+                _warn_config_changes(self.run_dir.config, cfg)
+            self.load_state()
+            if self.is_main:
+                self.run_dir.discard_after(self.iteration)
+        # Written only once everything could be built, so a failed start leaves the folder reusable.
+        if self.is_main:
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir.config, dump_config(cfg))
         self.writer = None
 
     # ---------------------------------------------------------------- state
@@ -648,6 +655,7 @@ def train(cfg: Config, out_dir: str | Path, max_iters: int | None = None, resume
         )
     if cfg.train.grad_accum < 1:
         raise UserError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
+    joined_here = not dist.is_distributed()  # leave a process group the caller made alone
     try:
         trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
         if trainer.iteration >= stop:
@@ -655,5 +663,6 @@ def train(cfg: Config, out_dir: str | Path, max_iters: int | None = None, resume
             return trainer.save_model()
         return trainer.run(stop)
     finally:
-        dist.shutdown()
+        if joined_here:
+            dist.shutdown()
 
