@@ -312,7 +312,11 @@ class Trainer:
         if not self.single_path:
             from carbseg.teacher.build import build_teacher
 
-            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, seed=cfg.seed)
+            # bf16 CLIP blocks on GPU (or when AMP is asked for); on CPU bf16 was 4-8x slower in
+            # benchmarks/bench_train_step.py on a CPU without native bf16, so fp32 there.
+            precision = "bf16" if (self.device.type == "cuda" or self.amp is not None) else "fp32"
+            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, precision=precision,
+                                         seed=cfg.seed)
         read_gt = bool(self.teacher is not None and self.teacher.reads_ground_truth)
         if read_gt:
             log.warning("teacher.kind = simulated reads ground truth: a research instrument, not weak supervision")
