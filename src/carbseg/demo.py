@@ -128,6 +128,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
 
     ``announce`` receives one line per stage (start, reused, done); by default it logs them.
     """
+    say = announce or log.info
+    out = Path(out_dir)
+    data_root, run_dir = out / "data", out / "run"
+    state = _State.open(out, settings)  # refuses a foreign folder before the (slow) imports below
+
     import torch
 
     from carbseg.data.datasets import build_dataset
@@ -138,10 +143,6 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
 
-    say = announce or log.info
-    out = Path(out_dir)
-    data_root, run_dir = out / "data", out / "run"
-    state = _State.open(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_demo_config([f"data.root={data_root.as_posix()}", f"data.labels={(out / 'labels_train.json').as_posix()}",
                             f"seed={settings.seed}", *settings.overrides])

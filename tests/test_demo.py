@@ -1,0 +1,178 @@
+"""carbseg demo: the packaged config, the whole pipeline at a minuscule size, resuming, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from fnmatch import fnmatch
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carbseg.cli import main
+from carbseg.config import load_config
+from carbseg.demo import (
+    QUICK,
+    REPORT_KEYS,
+    STAGES,
+    DemoSettings,
+    _read_log,
+    demo_config_text,
+    load_demo_config,
+)
+from conftest import PROJECT_ROOT
+
+
+# ---------------------------------------------------------------- the demo config
+def test_packaged_demo_config_is_identical_to_configs_demo_yaml():
+    # configs/demo.yaml is the copy users read; the packaged one is what `carbseg demo` runs.
+    packaged = (PROJECT_ROOT / "src" / "carbseg" / "configs" / "demo.yaml").read_bytes()
+    assert (PROJECT_ROOT / "configs" / "demo.yaml").read_bytes() == packaged
+    assert demo_config_text().encode("utf-8") == packaged
+
+
+def test_packaged_demo_config_is_declared_as_package_data():
+    # Without this, a non-editable install (pip install .) would ship no demo.yaml.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["carbseg"]
+    assert any(fnmatch("configs/demo.yaml", pattern) for pattern in patterns)
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_demo_config(["train.max_iters=7", "data.root=elsewhere"])
+    assert cfg.train.max_iters == 7 and cfg.data.root == "elsewhere"
+    # Everything else as in the file, section by section (overrides merge, they do not replace a section).
+    reference = load_config(PROJECT_ROOT / "configs" / "demo.yaml")
+    assert cfg.model == reference.model and cfg.glv == reference.glv and cfg.carb == reference.carb
+    assert cfg.train.warmup_iters == reference.train.warmup_iters and cfg.data.resize == reference.data.resize
+    assert cfg.teacher.kind == "simulated" and cfg.model.classifier == "learned"
+
+
+def test_read_log_keeps_the_last_record_of_an_iteration(tmp_path):
+    # A run resumed from a checkpoint at 20 may log iteration 40 again: the last record wins, sorted.
+    lines = [{"iteration": 20, "total": 3.0}, {"iteration": 40, "total": 2.0}, {"iteration": 40, "total": 1.5},
+             {"iteration": 30, "total": 2.5}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    assert _read_log(tmp_path / "log.jsonl") == [{"iteration": 20, "total": 3.0}, {"iteration": 30, "total": 2.5},
+                                                 {"iteration": 40, "total": 1.5}]
+    assert _read_log(tmp_path / "missing.jsonl") == []
+
+
+# ---------------------------------------------------------------- the pipeline, minuscule
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    import torch
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["demo", "--out", str(out), "--quick", "--threads", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide: leave other tests as they were
+    return out, code
+
+
+def test_quick_demo_writes_every_file(quick_demo):
+    out, code = quick_demo
+    assert code == 0
+    for name in ("report.json", "report.md", "scenes.png", "learning_curve.png", "labels_train.json",
+                 "labels_val.json", "demo_state.json", "evaluation/report.md", "evaluation/iou_bar.png",
+                 "run/model.safetensors", "run/log.jsonl", "run/config.yaml"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "data" / "images" / "train").glob("*.png"))) == QUICK.num_train
+    assert len(list((out / "data" / "images" / "val").glob("*.png"))) == QUICK.num_val
+    assert len(list((out / "pseudo_masks" / "train").glob("*.png"))) == QUICK.num_train
+    assert len(list((out / "pseudo_masks" / "val").glob("*.png"))) == QUICK.num_val
+    # The picture grid: one row per shown scene, four columns of the scene's width.
+    grid = np.asarray(Image.open(out / "scenes.png"))
+    assert grid.shape[1] > 4 * QUICK.width and grid.shape[0] > QUICK.grid_scenes * QUICK.height
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "SIMULATED teacher" in markdown and "ground truth" in markdown
+    assert "](scenes.png)" in markdown and "](learning_curve.png)" in markdown
+
+
+def test_quick_demo_report_contract(quick_demo):
+    out, _ = quick_demo
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert set(REPORT_KEYS) <= set(report)
+    assert math.isfinite(report["miou"]) and 0.0 <= report["miou"] <= 100.0
+    assert report["num_images"] == QUICK.num_val
+    assert report["teacher"]["kind"] == "simulated" and "ground truth" in report["teacher"]["note"]
+    assert set(report["timings_s"]) == set(STAGES) | {"total"}
+    assert report["reused_stages"] == []
+    assert report["config"]["train"]["max_iters"] == 4
+    # The training really ran GLV + CARB: the log has warm-up steps and CARB steps.
+    records = _read_log(out / "run" / "log.jsonl")
+    assert [r["warmup"] for r in records] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_quick_demo_pseudo_mask_miou_equals_a_reference_computation(quick_demo):
+    # Recompute the pseudo-masks' mIoU from the files with plain numpy: per-class IoU over the
+    # classes present in GT or in the masks, as the evaluation contract defines it.
+    out, _ = quick_demo
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    inter = np.zeros(19)
+    union = np.zeros(19)
+    for mask_file in sorted((out / "pseudo_masks" / "train").glob("*.png")):
+        pseudo = np.asarray(Image.open(mask_file)).astype(np.int64)
+        gt = np.asarray(Image.open(out / "data" / "masks" / "train" / mask_file.name)).astype(np.int64)
+        valid = gt != 255
+        for c in range(19):
+            p, g = (pseudo == c) & valid, (gt == c) & valid
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    present = union > 0
+    assert report["pseudo_mask_miou"] == pytest.approx(100.0 * (inter[present] / union[present]).mean(), abs=1e-6)
+
+
+def test_rerun_reuses_every_finished_stage(quick_demo, capsys):
+    out, _ = quick_demo
+    model = out / "run" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    first = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reused") == len(STAGES)
+    again = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert again["reused_stages"] == list(STAGES)
+    assert again["miou"] == first["miou"] and model.stat().st_mtime_ns == before
+
+
+def test_rerun_with_other_settings_is_refused(quick_demo, capsys):
+    from carbseg.demo import run_demo
+    from carbseg.errors import UserError
+
+    out, _ = quick_demo
+    with pytest.raises(UserError, match="other settings"):
+        run_demo(out, DemoSettings(num_train=7, num_val=3, width=128, height=64, overrides=QUICK.overrides))
+
+
+def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
+    # Through the real entry point: exit 2, one line on stderr, no traceback, nothing written.
+    (tmp_path / "thesis.txt").write_text("not a demo", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    result = subprocess.run([sys.executable, "-m", "carbseg", "demo", "--out", str(tmp_path), "--quick"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "holds no carbseg demo" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.txt"]
+
+
+def test_demo_rejects_zero_threads(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "x"), "--threads", "0"]) == 2
+    assert "--threads 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- the real demo
+@pytest.mark.slow
+def test_real_demo_reaches_40_miou_on_held_out_scenes(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text(encoding="utf-8"))
+    assert report["miou"] >= 40.0, report["iou"]
