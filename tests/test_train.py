@@ -165,3 +165,17 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(config_file, scenes, tm
                   "train.eval_interval=0") == 0
     assert load_training_state(out / "checkpoint_last.pt")["iteration"] == stopped_at + 1
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # builds a randomly initialised CLIP text tower (15-40 s on the shared CPU)
+def test_text_classifier_is_the_frozen_clip_text_embeddings(config_file, scenes, tmp_path):
+    from carbseg.data.classes import SYNTHETIC
+    from carbseg.teacher.text_embeddings import class_text_embeddings
+
+    out = tmp_path / "run"
+    assert _train(config_file, scenes, out, "--max-iters", "2", "model.classifier=text", "model.head_channels=32",
+                  "model.embed_dim=512", "teacher.clip_pretrained=none", "teacher.text_templates=single",
+                  "train.eval_interval=0") == 0
+    weights = load_file(out / "model.safetensors")
+    expected = class_text_embeddings(SYNTHETIC, "ViT-B-16", "none", "cpu", templates="single")
+    assert torch.allclose(weights["classifier.class_embeddings"], expected.float(), atol=1e-6)  # not trained
