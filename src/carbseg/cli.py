@@ -155,6 +155,8 @@ def _run_pseudo_masks(args) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else torch.device(args.device)
+    if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
+        device = torch.device("cuda", distributed.local_rank())  # one GPU per torchrun rank
     dataset = _dataset_from_args(args)
     labels = read_labels_json(args.labels, dataset.classes)
     refine = None

@@ -19,7 +19,7 @@ from carbseg.teacher.weights import load_clip
 log = logging.getLogger(__name__)
 
 
-def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str = "bf16",
+def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str = "auto",
                   seed: int = 0) -> Teacher:
     """A CLIP teacher (weights resolved first: MissingWeightsError before anything is written) or the
     simulated one (reads ground truth)."""

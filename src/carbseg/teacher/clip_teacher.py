@@ -14,14 +14,31 @@ from carbseg.teacher.refine import key_smoothing, prompt_denoising
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matrix products are fast: CUDA with bf16, or a CPU with AVX512-BF16/AMX.
+
+    On CPUs without them (e.g. AVX2-only), oneDNN emulates bf16 and autocast is several times
+    *slower* than fp32 (measured 7x on the development machine; see benchmarks/RESULTS.md).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 class CLIPTeacher:
     """Implements ``carbseg.teacher.base.Teacher`` with a frozen CLIP image tower.
 
-    precision: ``bf16`` runs the transformer blocks under bf16 autocast (>= 99% identical pixels
-    to fp32 in the benchmark, about 2x faster on CPU); scores and the argmax stay in fp32.
+    precision: ``bf16`` runs the transformer blocks under bf16 autocast (scores and the argmax
+    stay in fp32); ``auto`` (default) does so only where bf16 is native to the device (see
+    :func:`native_bf16`), else runs fp32.
     scales: multi-scale averaging -- the view is resized by each factor, scored, and the scores
     (upsampled back to the view) are averaged before the restriction and the argmax.
     """
@@ -30,7 +47,7 @@ class CLIPTeacher:
 
     def __init__(self, dense: DenseCLIP, text_embeddings: torch.Tensor, scales: Sequence[float] = (1.0,),
                  use_key_smoothing: bool = False, use_prompt_denoising: bool = False,
-                 confidence_threshold: float | None = None, precision: str = "bf16"):
+                 confidence_threshold: float | None = None, precision: str = "auto"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         self.dense = dense
@@ -43,7 +60,7 @@ class CLIPTeacher:
         self.precision = precision
 
     def _autocast(self, device: torch.device):
-        if self.precision == "bf16":
+        if self.precision == "bf16" or (self.precision == "auto" and native_bf16(device)):
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
