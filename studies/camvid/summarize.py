@@ -1,0 +1,170 @@
+"""Tables and plots of the CamVid study from the runner's work folder (docs/study_camvid.md).
+
+Reads ``WORK/runs/<variant>_seed<s>/val.json`` (carbseg evaluate --json), ``log.jsonl`` (CARB
+bookkeeping) and the simulated teacher's reports ``WORK/teacher_<split>_cell<n>.json``; prints the
+markdown tables and writes small PNG plots. Missing runs are shown as missing, never invented.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+CLASS_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "signsymbol", "fence", "car",
+               "pedestrian", "bicyclist")
+SMALL_CLASSES = ("pole", "signsymbol", "pedestrian", "bicyclist")
+LABELS = {
+    "global_ce": "global CE only",
+    "glv": "+ GLV",
+    "glv_carb": "+ GLV + CARB",
+    "gt_upper_bound": "GT upper bound",
+}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def collect(work: Path, variants: list[str], seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """variant -> seed -> val report (only the runs that finished)."""
+    results: dict[str, dict[int, dict]] = {}
+    for variant in variants:
+        for seed in seeds:
+            report = _read_json(work / "runs" / f"{variant}_seed{seed}" / "val.json")
+            if report is not None:
+                results.setdefault(variant, {})[seed] = report
+    return results
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and spread (max - min) over seeds; spread 0 for a single value."""
+    return statistics.fmean(values), (max(values) - min(values)) if len(values) > 1 else 0.0
+
+
+def carb_bookkeeping(run_dir: Path, warmup_iters: int) -> dict[str, float] | None:
+    """Mean consistent share and adaptive c after the warm-up, from log.jsonl."""
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    after = [r for r in rows if r.get("iteration", 0) > warmup_iters and "c" in r]
+    if not after:
+        return None
+    return {
+        "consistent_share": statistics.fmean(r["consistent_share"] for r in after if r.get("consistent_share") is not None),
+        "c": statistics.fmean(r["c"] for r in after),
+        "final_total": rows[-1].get("total", float("nan")),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list[int]) -> str:
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean mIoU | spread (max-min) |",
+             "|---|" + "---|" * len(seeds) + "---|---|"]
+    teacher = {cell: _read_json(work / f"teacher_val_cell{cell}.json") for cell in (16, 8)}
+    if teacher[16]:
+        lines.append(f"| teacher masks alone (simulated, 16-px grid) | {teacher[16]['miou']:.1f} (deterministic) |"
+                     + " |" * (len(seeds) - 1) + f" {teacher[16]['miou']:.1f} | – |")
+    for variant, runs in results.items():
+        values = [runs[s]["miou"] for s in seeds if s in runs]
+        mean, spread = mean_and_spread(values)
+        cells = " | ".join(_fmt(runs[s]["miou"]) if s in runs else "–" for s in seeds)
+        lines.append(f"| {LABELS.get(variant, variant)} | {cells} | **{mean:.1f}** | {spread:.1f} |")
+    lines += ["", "| variant | " + " | ".join(f"**{c}**" if c in SMALL_CLASSES else c for c in CLASS_NAMES)
+              + " | small-class mean |",
+              "|---|" + "---|" * (len(CLASS_NAMES) + 1)]
+    rows: list[tuple[str, dict[str, float]]] = []
+    for cell in (16, 8):
+        if teacher[cell]:
+            rows.append((f"teacher, {cell}-px grid (val)", teacher[cell]["iou"]))
+    for variant, runs in results.items():
+        per_class = {c: statistics.fmean(r["iou"][c] for r in runs.values() if r["iou"].get(c) is not None)
+                     for c in CLASS_NAMES}
+        rows.append((f"{LABELS.get(variant, variant)} (mean of {len(runs)})", per_class))
+    for name, iou in rows:
+        small = statistics.fmean(iou[c] for c in SMALL_CLASSES)
+        lines.append(f"| {name} | " + " | ".join(
+            f"**{iou[c]:.1f}**" if c in SMALL_CLASSES else f"{iou[c]:.1f}" for c in CLASS_NAMES)
+            + f" | **{small:.1f}** |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    teacher = _read_json(work / "teacher_val_cell16.json")
+    names, means, lows, highs = [], [], [], []
+    if teacher:
+        names.append("teacher\nalone")
+        means.append(teacher["miou"])
+        lows.append(0.0)
+        highs.append(0.0)
+    for variant, runs in results.items():
+        values = [r["miou"] for r in runs.values()]
+        mean = statistics.fmean(values)
+        names.append(LABELS.get(variant, variant).replace(" + ", "\n+ ").replace("GT upper", "GT\nupper"))
+        means.append(mean)
+        lows.append(mean - min(values))
+        highs.append(max(values) - mean)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    ax.bar(range(len(names)), means, yerr=[lows, highs], capsize=4, color="#4c72b0")
+    for i, m in enumerate(means):
+        ax.text(i, m + 1, f"{m:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("CamVid val, simulated teacher (research instrument); bars = seed min..max", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "miou.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    width = 0.8 / max(len(results), 1)
+    for k, (variant, runs) in enumerate(results.items()):
+        vals = [statistics.fmean(r["iou"][c] for r in runs.values()) for c in SMALL_CLASSES]
+        ax.bar([i + k * width for i in range(len(SMALL_CLASSES))], vals, width, label=LABELS.get(variant, variant))
+    if teacher:
+        ax.scatter([i + 0.4 - width / 2 for i in range(len(SMALL_CLASSES))], [teacher["iou"][c] for c in SMALL_CLASSES],
+                   marker="_", s=400, color="black", label="teacher alone", zorder=3)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(SMALL_CLASSES))], SMALL_CLASSES)
+    ax.set_ylabel("val IoU (%), mean over seeds")
+    ax.set_title("Small classes", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "small_classes.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def summarize(study, docs_dir: Path) -> str:
+    """Print the tables and CARB bookkeeping; write the plots to ``docs_dir``."""
+    import yaml
+
+    results = collect(study.work, study.variants, study.seeds)
+    text = markdown_tables(study.work, results, study.seeds)
+    warmup = yaml.safe_load(Path(study.study["base"]).read_text(encoding="utf-8"))["train"]["warmup_iters"]
+    extra = ["", "CARB bookkeeping after the warm-up (log.jsonl):"]
+    for variant in study.variants:
+        for seed in study.seeds:
+            stats = carb_bookkeeping(study.run_dir(variant, seed), warmup)
+            if stats and variant == "glv_carb":
+                extra.append(f"- {variant} seed {seed}: consistent share {stats['consistent_share']:.3f}, "
+                             f"mean c {stats['c']:.3f}")
+    text += "\n" + "\n".join(extra)
+    print(text)
+    if results:
+        for path in plot(results, study.work, docs_dir):
+            print(f"wrote {path}")
+    return text

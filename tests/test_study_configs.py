@@ -1,0 +1,113 @@
+"""The CamVid study (studies/camvid): its configs load, the runner prints and skips the right commands."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carbseg.config import load_config
+from carbseg.io import read_label_png
+
+STUDY_DIR = Path(__file__).resolve().parents[1] / "studies" / "camvid"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"camvid_study_{name}", STUDY_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_study = _module("run_study")
+summarize = _module("summarize")
+
+
+def test_base_config_is_the_documented_setting():
+    cfg = load_config(STUDY_DIR / "base.yaml")
+    assert (cfg.data.dataset, cfg.teacher.kind) == ("camvid", "simulated")
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.classifier) == ("efficientnet_lite0", "imagenet", "learned")
+    assert cfg.data.crop_size == [180, 240] and cfg.glv.patch_size == [128, 64]
+    assert (cfg.glv.scale_offset, cfg.glv.scale_rate) == (0.5, 2.0)  # s ~ U[0.5, 2.5), the paper's CamVid range
+    assert cfg.train.warmup_iters * 3 == pytest.approx(cfg.train.max_iters, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("variant", "glv", "carb", "single_path"),
+    [("global_ce", False, False, False), ("glv", True, False, False), ("glv_carb", True, True, False),
+     ("gt_upper_bound", False, False, True)],
+)
+def test_every_variant_loads_with_its_overrides(tmp_path, variant, glv, carb, single_path):
+    study = run_study.Study("data/camvid", str(tmp_path), seeds=[3], variants=[variant], dry_run=True)
+    cfg = load_config(study.study["base"], study.overrides(variant, 3))
+    assert (cfg.glv.enabled, cfg.carb.enabled, cfg.seed, cfg.data.root) == (glv, carb, 3, "data/camvid")
+    assert (cfg.data.pseudo_masks is not None) == single_path
+    if single_path:
+        assert Path(cfg.data.pseudo_masks).name == "gt_train_ids"
+
+
+def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, str(STUDY_DIR / "run_study.py"), "all", "--root", "data/camvid", "--work", str(work),
+         "--dry-run"],
+        capture_output=True, text=True, check=True,
+    )
+    lines = result.stdout.splitlines()
+    trains = [line for line in lines if line.startswith("carbseg train")]
+    evals = [line for line in lines if line.startswith("carbseg evaluate") and "--checkpoint" in line]
+    assert len(trains) == len(evals) == 4 * 2  # 4 variants x seeds 0, 1
+    assert trains[0].endswith(f"glv.enabled=false carb.enabled=false seed=0 --out {work}/runs/global_ce_seed0")
+    assert "data.pseudo_masks=" in trains[3] and trains[3].endswith("gt_upper_bound_seed0")
+    assert sum("carbseg pseudo-masks" in line and "--teacher simulated" in line for line in lines) == 2  # 16, 8 px
+    assert not work.exists()
+
+
+def test_finished_steps_are_skipped_and_interrupted_runs_resumed(tmp_path, capsys):
+    study = run_study.Study("data/camvid", str(tmp_path), seeds=[0], variants=["glv", "glv_carb"], dry_run=True)
+    done = study.run_dir("glv", 0)
+    done.mkdir(parents=True)
+    (done / "model.safetensors").write_bytes(b"")
+    (done / "val.json").write_text("{}")
+    stopped = study.run_dir("glv_carb", 0)
+    stopped.mkdir(parents=True)
+    (stopped / "checkpoint_last.pt").write_bytes(b"")
+    study.train()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# done, skipped: carbseg train") and out[1].startswith("# done, skipped: carbseg eval")
+    assert out[2].startswith("carbseg train") and out[2].endswith("--resume")
+    assert out[3].startswith("carbseg evaluate")
+
+
+def test_gt_train_ids_map_void_to_ignore(tmp_path):
+    root = tmp_path / "camvid"
+    for folder in ("train", "trainannot"):
+        (root / folder).mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(root / "train" / "a.png")
+    raw = np.array([[0, 1, 2, 3, 10, 11]] * 4, np.uint8)
+    Image.fromarray(raw).save(root / "trainannot" / "a.png")
+    assert run_study.write_gt_train_ids(str(root), tmp_path / "gt") == 1
+    np.testing.assert_array_equal(read_label_png(tmp_path / "gt" / "a.png")[0], [0, 1, 2, 3, 10, 255])
+    assert run_study.write_gt_train_ids(str(root), tmp_path / "gt") == 0  # resumable: nothing rewritten
+
+
+def test_summary_tables_mean_spread_and_small_classes(tmp_path):
+    names = summarize.CLASS_NAMES
+    for seed, miou in ((0, 40.0), (1, 43.0)):
+        run = tmp_path / "runs" / f"glv_seed{seed}"
+        run.mkdir(parents=True)
+        iou = {c: float(i + seed) for i, c in enumerate(names)}  # pole = 2 + seed, signsymbol = 6 + seed, ...
+        (run / "val.json").write_text(json.dumps({"miou": miou, "iou": iou, "pixel_acc": 80.0, "num_images": 2}))
+    results = summarize.collect(tmp_path, ["glv", "glv_carb"], [0, 1])
+    assert list(results) == ["glv"] and sorted(results["glv"]) == [0, 1]
+    assert summarize.mean_and_spread([40.0, 43.0]) == (41.5, 3.0)
+    text = summarize.markdown_tables(tmp_path, results, [0, 1])
+    assert "| + GLV | 40.0 | 43.0 | **41.5** | 3.0 |" in text
+    # small classes pole (2.5), signsymbol (6.5), pedestrian (9.5), bicyclist (10.5): mean 7.25
+    assert "| **2.5** |" in text and text.rstrip().endswith("| **7.2** |")
