@@ -16,6 +16,9 @@ from carbseg.teacher.simulated import SimulatedTeacher
 from carbseg.teacher.text_embeddings import class_text_embeddings
 from carbseg.teacher.weights import load_clip
 
+# class_text_embeddings is re-exported: the trainer takes both from here.
+__all__ = ["build_teacher", "class_text_embeddings"]
+
 log = logging.getLogger(__name__)
 
 

@@ -1,0 +1,176 @@
+"""Pseudo-masks per second of the CLIP teacher (ViT-B/16 value path) against a straightforward baseline.
+
+baseline:      one image at a time, fp32: the full standard forward (``encode_image``: every block
+               with its attention, CLS pooling), then a separate value-path pass (the trunk again,
+               the last block by the value path), scores, upsampling, -inf restriction, argmax.
+baseline-hook: a stronger baseline: the same, but the value path reuses the tokens entering the
+               last block, captured by a hook during the standard forward (one trunk).
+carbseg:       ``CLIPTeacher``: batched, the last block's query-key attention never computed,
+               bf16 autocast where the device has native bf16 (``--precision auto``).
+
+Each mode runs in its own process so that peak memory (RSS on CPU, allocator peak on GPU) is
+its own. Weights are random (no CLIP weights here), text embeddings random unit vectors: the
+speed is that of the real model, and agreement is measured on the same inputs in both modes.
+
+    python benchmarks/bench_teacher.py                         # 1024x512, 8 images, batch 4
+    python benchmarks/bench_teacher.py --size 512x256 --images 4 --batch 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MODES = ("baseline", "baseline-hook", "carbseg")
+
+
+def make_inputs(n: int, height: int, width: int, num_classes: int = 19, seed: int = 0):
+    """Smooth random 'scenes' (low-frequency colour fields) and random image-level labels."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 6, 12, generator=g) * 255
+    images = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 255)
+    images = images + torch.randn(images.shape, generator=g) * 8
+    labels = torch.rand(n, num_classes, generator=g) < 0.45
+    labels[:, 0] = True
+    return images.clamp(0, 255), labels
+
+
+def build(device):
+    import open_clip
+
+    from carbseg.teacher.clip_dense import DenseCLIP
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True).eval().to(device)
+    model.requires_grad_(False)
+    text = F.normalize(torch.randn(19, 512, generator=torch.Generator().manual_seed(1)), dim=-1).to(device)
+    return model, DenseCLIP(model.visual), text
+
+
+@torch.no_grad()
+def run_baseline(dense, text, images, labels, device, reuse_trunk: bool):
+    from carbseg.teacher.clip_teacher import CLIP_MEAN, CLIP_STD
+    from carbseg.teacher.pseudo_masks import cosine_scores, masks_from_scores
+
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
+    last = dense.visual.transformer.resblocks[-1]
+    out = []
+    captured = {}
+    hook = last.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
+    for i in range(images.shape[0]):
+        x = (images[i: i + 1].to(device) - mean) / std
+        dense.encode_image(x)  # the full standard forward, attention in every block
+        # baseline: a separate pass through the trunk for the value path; baseline-hook: reuse it.
+        tokens = captured["x"][:, 1:] if reuse_trunk else dense._tokens_before_last_block(x)[0][:, 1:]
+        feats = dense.project(dense.value_path(tokens))  # separate value-path pass
+        gh, gw = dense.grid_of(*x.shape[-2:])
+        feats = feats.transpose(1, 2).reshape(1, -1, gh, gw)
+        masks = masks_from_scores(cosine_scores(feats, text), labels[i: i + 1].to(device), tuple(x.shape[-2:]))
+        out.append(masks.cpu())
+    hook.remove()
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def run_fast(dense, text, images, labels, device, batch, precision):
+    from carbseg.teacher.clip_teacher import CLIPTeacher
+
+    teacher = CLIPTeacher(dense, text, precision=precision)
+    out = []
+    for i in range(0, images.shape[0], batch):
+        out.append(teacher(images[i: i + batch].to(device), labels[i: i + batch].to(device)).cpu())
+    return torch.cat(out)
+
+
+def child(args) -> None:
+    device = torch.device(args.device)
+    height, width = _hw(args.size)
+    images, labels = make_inputs(args.images, height, width)
+    _, dense, text = build(device)
+    warm = images[: min(args.batch, args.images)]
+    if args.mode == "carbseg":
+        def fn(ims, lbs):
+            return run_fast(dense, text, ims, lbs, device, args.batch, args.precision)
+    else:
+        def fn(ims, lbs):
+            return run_baseline(dense, text, ims, lbs, device, reuse_trunk=args.mode == "baseline-hook")
+    fn(warm, labels[: warm.shape[0]])  # warm-up (allocator, kernels, cached positional embedding)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    masks = fn(images, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    np.save(args.masks_out, masks.to(torch.uint8).numpy())
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"mode": args.mode, "seconds": seconds, "images_per_s": args.images / seconds,
+                      "peak_mib": peak}))
+
+
+def _hw(size: str) -> tuple[int, int]:
+    width, height = (int(v) for v in size.lower().split("x"))
+    return height, width
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="1024x512", help="WIDTHxHEIGHT of the views")
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--masks-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mode:
+        child(args)
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            masks_file = str(Path(tmp) / f"{mode}.npy")
+            cmd = [sys.executable, __file__, "--mode", mode, "--masks-out", masks_file, "--size", args.size,
+                   "--images", str(args.images), "--batch", str(args.batch), "--precision", args.precision,
+                   "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if proc.returncode != 0:
+                sys.exit(f"{mode} failed:\n{proc.stderr}")
+            results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[mode]["masks"] = np.load(masks_file)
+    base_ips = results["baseline"]["images_per_s"]
+    from carbseg.teacher.clip_teacher import native_bf16
+
+    used = args.precision if args.precision != "auto" else \
+        ("bf16" if native_bf16(torch.device(args.device)) else "fp32")
+    print(f"CLIP teacher ViT-B/16, {args.size}, {args.images} images, device {args.device}, "
+          f"torch threads {args.threads or torch.get_num_threads()}, carbseg precision {args.precision} -> {used}")
+    print("| mode | batch | precision | images/s | speed-up | identical pixels | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in MODES:
+        r = results[mode]
+        batch, prec = (args.batch, used) if mode == "carbseg" else (1, "fp32")
+        same = float((results["baseline"]["masks"] == r["masks"]).mean() * 100)
+        print(f"| {mode} | {batch} | {prec} | {r['images_per_s']:.3f} | {r['images_per_s'] / base_ips:.2f}x | "
+              f"{same:.2f}% | {r['peak_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
