@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -151,3 +152,13 @@ def test_simulated_teacher_on_real_camvid_val_lands_in_the_documented_band(camvi
         conf += np.bincount(gt[keep].astype(np.int64) * 11 + pred[keep], minlength=121).reshape(11, 11)
     iou = np.diag(conf) / np.maximum(conf.sum(0) + conf.sum(1) - np.diag(conf), 1)
     assert 40.0 <= 100 * iou.mean() <= 55.0  # docs/teacher.md: 46.5% at the defaults
+
+
+def test_crf_without_the_extra_exits_2_before_writing(folder_data, capsys):
+    if importlib.util.find_spec("pydensecrf2") or importlib.util.find_spec("pydensecrf"):
+        pytest.skip("the [crf] extra is installed")
+    tmp, _ = folder_data
+    out = tmp / "crf"
+    assert main(_args(tmp, out, "--teacher", "simulated", "--crf")) == 2
+    assert "pip install carbseg[crf]" in capsys.readouterr().err
+    assert not out.exists()

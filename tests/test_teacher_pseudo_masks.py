@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -108,3 +110,16 @@ def test_bf16_and_multiscale_stay_close_to_fp32():
     single = _tiny_teacher(precision="fp32")[0]
     avg = (single.scores(images) + _tiny_teacher(precision="fp32", scales=(1.5,))[0].scores(images)) / 2
     torch.testing.assert_close(multi.scores(images), avg)
+
+
+def test_dense_crf_snaps_a_mislabelled_block_to_the_image_edges():
+    pytest.importorskip("pydensecrf2.densecrf" if importlib.util.find_spec("pydensecrf2") else "pydensecrf.densecrf")
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[:, 20:] = 255  # a sharp vertical edge at x = 20
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:, 20:] = 2
+    noisy = mask.copy()
+    noisy[10:30, 14:20] = 2  # a label that bleeds 6 px over the edge
+    refined = refine.dense_crf(image, noisy, 3)
+    assert set(np.unique(refined).tolist()) <= {0, 2}
+    assert (refined == mask).mean() > (noisy == mask).mean()
