@@ -82,3 +82,13 @@ def test_bad_tag_missing_file_and_mismatched_weights(reference, tmp_path):
     source = resolve_weights("ViT-B-32", str(reference["folder"] / "tiny.bin"))
     with pytest.raises(UserError, match="do not fit"):
         build_clip_model(source)
+
+
+def test_none_is_reproducible_and_leaves_the_global_rng_alone(reference):
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = load_clip(str(reference["config"]), "none")
+    assert torch.equal(torch.rand(1), expected_next)
+    b, _ = load_clip(str(reference["config"]), "none")
+    assert torch.equal(a.visual.proj, b.visual.proj)

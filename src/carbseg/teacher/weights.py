@@ -165,7 +165,11 @@ def build_clip_model(source: WeightsSource, device="cpu") -> nn.Module:
     cfg.pop("custom_text", None)
     for key in ("hf_tokenizer_name", "tokenizer_kwargs"):
         cfg.pop(key, None)
-    model = open_clip.model.CLIP(**cfg)
+    # A fixed seed makes `none` reproducible (the same random model, and cached text embeddings
+    # that match it) without touching the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.model.CLIP(**cfg)
     if source.path is None:
         log.warning("!!! CLIP weights: none -- the model is RANDOMLY INITIALISED; its pseudo-masks are "
                     "MEANINGLESS (use this only to test the pipeline) !!!")
