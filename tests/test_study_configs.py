@@ -41,7 +41,7 @@ def test_base_config_is_the_documented_setting():
 @pytest.mark.parametrize(
     ("variant", "glv", "carb", "single_path"),
     [("global_ce", False, False, False), ("glv", True, False, False), ("glv_carb", True, True, False),
-     ("gt_upper_bound", False, False, True)],
+     ("gt_upper_bound", False, False, True), ("single_ce", False, False, True), ("single_carb", False, True, True)],
 )
 def test_every_variant_loads_with_its_overrides(tmp_path, variant, glv, carb, single_path):
     study = run_study.Study("data/camvid", str(tmp_path), seeds=[3], variants=[variant], dry_run=True)
@@ -49,7 +49,8 @@ def test_every_variant_loads_with_its_overrides(tmp_path, variant, glv, carb, si
     assert (cfg.glv.enabled, cfg.carb.enabled, cfg.seed, cfg.data.root) == (glv, carb, 3, "data/camvid")
     assert (cfg.data.pseudo_masks is not None) == single_path
     if single_path:
-        assert Path(cfg.data.pseudo_masks).name == "gt_train_ids"
+        expected = "gt_train_ids" if variant == "gt_upper_bound" else "teacher_train_cell16"
+        assert Path(cfg.data.pseudo_masks).name == expected
 
 
 def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):

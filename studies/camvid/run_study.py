@@ -50,10 +50,12 @@ class Study:
         self.root = root
         self.work = Path(work)
         self.seeds = seeds if seeds else list(self.study["seeds"])
+        # The main ablation by default; the follow-up variants on request (--variants).
+        self.all_variants = {**self.study["variants"], **self.study.get("followup", {})}
         self.variants = variants if variants else list(self.study["variants"])
-        unknown = [v for v in self.variants if v not in self.study["variants"]]
+        unknown = [v for v in self.variants if v not in self.all_variants]
         if unknown:
-            raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(self.study['variants'])}")
+            raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(self.all_variants)}")
         self.dry_run = dry_run
         self.gt_masks = self.work / "gt_train_ids"
         self.labels = {split: self.work / f"labels_{split}.json" for split in ("train", "val")}
@@ -73,7 +75,8 @@ class Study:
         return self.work / "runs" / f"{variant}_seed{seed}"
 
     def overrides(self, variant: str, seed: int) -> list[str]:
-        values = [o.format(gt_masks=_rel(self.gt_masks)) for o in self.study["variants"][variant]]
+        values = [o.format(gt_masks=_rel(self.gt_masks), teacher_masks=_rel(self.work / "teacher_train_cell16"))
+                  for o in self.all_variants[variant]]
         return [f"data.root={self.root}", *values, f"seed={seed}"]
 
     # ------------------------------------------------------------------ steps
