@@ -103,7 +103,7 @@ def test_quick_demo_report_contract(quick_demo):
     assert math.isfinite(report["miou"]) and 0.0 <= report["miou"] <= 100.0
     assert report["num_images"] == QUICK.num_val
     assert report["teacher"]["kind"] == "simulated" and "ground truth" in report["teacher"]["note"]
-    assert set(report["timings_s"]) == set(STAGES) | {"total"}
+    assert set(report["timings_s"]) == set(STAGES) | {"total", "cpu_total"}
     assert report["reused_stages"] == []
     assert report["config"]["train"]["max_iters"] == 4
     # The training really ran GLV + CARB: the log has warm-up steps and CARB steps.
