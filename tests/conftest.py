@@ -24,3 +24,14 @@ def cityscapes_sample_root() -> Path:
     if not (root / "leftImg8bit").is_dir():
         pytest.skip("real Cityscapes sample (../shared/data/cityscapes-sample) not present")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models on a small shared CPU run faster than with competing threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

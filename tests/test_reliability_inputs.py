@@ -7,20 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from carbseg.cli import main
 from carbseg.io import read_image, read_label_png
 from test_reliability_common import all_files, error_line, make_checkpoint, make_scenes, tiny_train_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

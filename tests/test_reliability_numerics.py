@@ -18,13 +18,7 @@ from carbseg.engine.guards import MAX_CONSECUTIVE_NONFINITE, DivergedError, NonF
 from carbseg.losses.carb import carb_loss
 from test_reliability_common import error_line, make_scenes, tiny_train_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
