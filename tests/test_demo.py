@@ -152,6 +152,16 @@ def test_rerun_with_other_settings_is_refused(quick_demo, capsys):
         run_demo(out, DemoSettings(num_train=7, num_val=3, width=128, height=64, overrides=QUICK.overrides))
 
 
+def test_a_demo_killed_in_its_first_stage_is_still_resumable(tmp_path):
+    from carbseg.demo import STATE_FILE, _State
+
+    out = tmp_path / "demo"
+    _State.open(out, QUICK)
+    (out / "data" / "images" / "train").mkdir(parents=True)  # partial scenes of a killed first run
+    state = _State.open(out, QUICK)  # recognised as this demo, nothing finished yet
+    assert state.done == {} and (out / STATE_FILE).is_file()
+
+
 def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
     # Through the real entry point: exit 2, one line on stderr, no traceback, nothing written.
     (tmp_path / "thesis.txt").write_text("not a demo", encoding="utf-8")

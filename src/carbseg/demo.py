@@ -110,11 +110,16 @@ class _State:
             return cls(path, wanted, saved.get("done", {}))
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out}: folder is not empty and holds no carbseg demo; choose another --out")
-        return cls(path, wanted)
+        state = cls(path, wanted)
+        state.save()  # first, so that a run killed in its first stage is still recognised as a demo
+        return state
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
 
     def finish(self, stage: str, seconds: float, **results) -> None:
         self.done[stage] = {"seconds": round(seconds, 2), **results}
-        write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
+        self.save()
 
     def forget(self, *stages: str) -> None:
         for stage in stages:
