@@ -19,6 +19,8 @@ LABELS = {
     "glv": "+ GLV",
     "glv_carb": "+ GLV + CARB",
     "gt_upper_bound": "GT upper bound",
+    "single_ce": "follow-up: fixed masks, CE",
+    "single_carb": "follow-up: fixed masks, CARB",
 }
 
 
