@@ -37,6 +37,7 @@ def tiny_cfg(**kw) -> ModelConfig:
     ("backbone", "channels"),
     [
         ("tiny", 64),
+        ("small", 96),
         ("resnet50", 2048),
         pytest.param("resnet101", 2048, marks=pytest.mark.slow),
         ("efficientnet_lite0", 320),
@@ -60,6 +61,16 @@ def test_resnet_stages_are_dilated_not_strided():
     backbone = ResNetBackbone(50, output_stride=8)
     assert backbone.layer3[0].conv2.stride == (1, 1) and backbone.layer3[1].conv2.dilation == (2, 2)
     assert backbone.layer4[1].conv2.dilation == (4, 4)
+
+
+def test_small_backbone_keeps_stride_8_with_dilated_blocks():
+    from carbseg.models.backbones import SmallBackbone
+
+    body = SmallBackbone().body
+    strides = [m.stride for m in body.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    dilations = [m.dilation for m in body.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert [s for s in strides if s != (1, 1)] == [(2, 2)] * 3  # 1/2, 1/4, 1/8, then no more striding
+    assert dilations[-4:] == [(2, 2), (2, 2), (4, 4), (4, 4)]
 
 
 def test_text_classifier_is_the_hand_computed_dot_product():

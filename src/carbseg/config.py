@@ -58,7 +58,7 @@ class TeacherConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet50 | resnet101 | efficientnet_lite0 | tiny
+    backbone: str = "resnet50"  # resnet50 | resnet101 | efficientnet_lite0 | small | tiny
     pretrained: str = "imagenet"  # imagenet | none | path to a weights file
     output_stride: int = 8
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
@@ -131,7 +131,7 @@ class Config:
 CHOICES = {
     "data.dataset": ("cityscapes", "camvid", "wilddash2", "synthetic", "folder"),
     "teacher.kind": ("clip", "simulated"),
-    "model.backbone": ("resnet50", "resnet101", "efficientnet_lite0", "tiny"),
+    "model.backbone": ("resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"),
     "model.classifier": ("text", "learned"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "eval.mode": ("whole", "slide"),
