@@ -21,6 +21,12 @@ LABELS = {
     "gt_upper_bound": "GT upper bound",
     "single_ce": "follow-up: fixed masks, CE",
     "single_carb": "follow-up: fixed masks, CARB",
+    "glv_carb_warmup110": "follow-up: + GLV + CARB, warm-up 110",
+}
+SHORT = {  # bar-plot tick labels
+    "global_ce": "global\nCE only", "glv": "+ GLV", "glv_carb": "+ GLV\n+ CARB", "gt_upper_bound": "GT upper\nbound",
+    "single_ce": "fixed masks\nCE (f-up)", "single_carb": "fixed masks\nCARB (f-up)",
+    "glv_carb_warmup110": "+GLV+CARB\nwarm-up 110\n(f-up)",
 }
 
 
@@ -113,15 +119,15 @@ def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list
     for variant, runs in results.items():
         values = [r["miou"] for r in runs.values()]
         mean = statistics.fmean(values)
-        names.append(LABELS.get(variant, variant).replace(" + ", "\n+ ").replace("GT upper", "GT\nupper"))
+        names.append(SHORT.get(variant, variant))
         means.append(mean)
         lows.append(mean - min(values))
         highs.append(max(values) - mean)
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=100)
     ax.bar(range(len(names)), means, yerr=[lows, highs], capsize=4, color="#4c72b0")
     for i, m in enumerate(means):
         ax.text(i, m + 1, f"{m:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_xticks(range(len(names)), names, fontsize=7)
     ax.set_ylabel("val mIoU (%)")
     ax.set_title("CamVid val, simulated teacher (research instrument); bars = seed min..max", fontsize=8)
     fig.tight_layout()
