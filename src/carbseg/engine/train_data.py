@@ -150,10 +150,11 @@ class TrainingSamples(torch.utils.data.Dataset):
         # Every augmentation draw of this sample comes from its own key (never from a shared stream).
         rng = np.random.default_rng([self.seed, key.iteration, key.micro_step, self.rank, key.slot])
         image, mask, valid = self.augmentation(image, mask, rng)
+        # torch.tensor copies: augmentations may hand back read-only views of decoded files.
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),  # uint8 (3, H, W)
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
-            "valid": torch.from_numpy(np.ascontiguousarray(valid)).bool(),
+            "image": torch.tensor(image).permute(2, 0, 1),  # uint8 (3, H, W)
+            "mask": torch.tensor(mask, dtype=torch.long),
+            "valid": torch.tensor(valid, dtype=torch.bool),
             "image_labels": torch.from_numpy(self.image_labels[index].copy()),
             "index": index,
         }
