@@ -190,7 +190,7 @@ def test_unrecognised_layout_names_the_expected_one(scenes_template, tmp_path, c
     ({"train": {"max_itres": 3}}, ["unknown key 'train.max_itres'", "max_iters, warmup_iters"]),
     ({"train": {"max_iters": "three"}}, ["train.max_iters must be int, got 'three'"]),
     ({"glv": {"enabled": "yes"}}, ["glv.enabled must be true or false"]),
-    ({"model": {"backbone": "resnet51"}}, ["model.backbone = 'resnet51'", "resnet50, resnet101, efficientnet_lite0, tiny"]),
+    ({"model": {"backbone": "resnet51"}}, ["model.backbone = 'resnet51'", "resnet50, resnet101, efficientnet_lite0, small, tiny"]),
     ({"train": {"amp": "bf32"}}, ["train.amp = 'bf32'", "auto, bf16, fp16, off"]),
     ({"data": {"crop_size": 512}}, ["data.crop_size must be a list"]),
     ({"train": 3}, ["train must be a mapping"]),

@@ -52,4 +52,4 @@ def test_dataset_configs_follow_the_release(name, num_classes, crop, iters, warm
 def test_demo_config_is_small_and_offline():
     cfg = load_config(CONFIGS / "demo.yaml")
     assert cfg.data.dataset == "synthetic" and cfg.teacher.kind == "simulated"
-    assert cfg.model.backbone == "tiny" and cfg.model.pretrained == "none"
+    assert cfg.model.backbone == "small" and cfg.model.pretrained == "none"
