@@ -22,17 +22,10 @@ from carbseg.engine.evaluate import evaluate_predictions, load_qualitative_sampl
 from carbseg.errors import UserError
 from carbseg.io import write_png_atomic
 from carbseg.metrics import ConfusionMatrix
+from test_metrics import GT, PRED  # the hand-counted 4x4 example
 
 TINY = ClassSet(name="tiny", names=("a", "b", "c"), text_names=("a", "b", "c"),
                 palette=((255, 0, 0), (0, 255, 0), (0, 0, 255)), small_classes=("c",))
-GT = np.array([[0, 0, 1, 1],
-               [0, 0, 1, 1],
-               [2, 2, 2, 255],
-               [2, 2, 255, 255]], dtype=np.uint8)
-PRED = np.array([[0, 1, 1, 1],
-                 [0, 0, 1, 2],
-                 [2, 2, 0, 0],
-                 [2, 1, 1, 2]], dtype=np.uint8)
 
 
 class InMemoryDataset(SegmentationDataset):
