@@ -49,7 +49,7 @@ MEANINGS: dict[str, str] = {
     "teacher.patch_size": "simulated teacher only: grid cell in pixels (CLIP ViT-B/16 sees 16-pixel patches)",
     "teacher.noise": "simulated teacher only: noise strength in [0, 1] (confusions between similar present classes in blobs, boundary bleeding, random cell flips)",
     "teacher.cache_dir": "where downloaded weights and computed text embeddings are cached; null = the default cache",
-    "model.backbone": "segmenter backbone: dilated ResNet-50/101 (the paper: ResNet-50), EfficientNet-Lite0, or the `tiny` CPU net of tests and the demo",
+    "model.backbone": "segmenter backbone: dilated ResNet-50/101 (the paper: ResNet-50), EfficientNet-Lite0, the `small` CPU net of the demo, or the `tiny` net of tests",
     "model.pretrained": "`imagenet`, `none`, or a weights file for the backbone",
     "model.output_stride": "8 (the paper: last two ResNet stages dilated), 16 or 32",
     "model.aspp_dilations": "dilations of the DeepLab-v2 ASPP's parallel 3x3 convolutions (summed)",
