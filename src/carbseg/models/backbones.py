@@ -203,8 +203,25 @@ class EfficientNetLite0Backbone(nn.Module):
         load_efficientnet_lite0_imagenet(self.body)
 
 
-class TinyBackbone(nn.Module):
-    """A few strided 3x3 conv-BN-ReLU layers: output stride 8 (or 16/32), for tests and the demo."""
+class _ScratchBackbone(nn.Module):
+    """A backbone trained from scratch: ImageNet statistics for the input, no ImageNet weights."""
+
+    kind = "scratch"
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def load_imagenet(self) -> None:
+        raise UserError(
+            f"model.pretrained = 'imagenet' is not available for the {self.kind} backbone; use 'none' or a weights file"
+        )
+
+
+class TinyBackbone(_ScratchBackbone):
+    """A few strided 3x3 conv-BN-ReLU layers: output stride 8 (or 16/32), for tests."""
+
+    kind = "tiny"
 
     def __init__(self, output_stride: int = 8, width: int = 32):
         super().__init__()
@@ -230,15 +247,6 @@ class TinyBackbone(nn.Module):
         self.body = nn.Sequential(*layers)
         self.out_channels = channels
         self.output_stride = output_stride
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def load_imagenet(self) -> None:
-        raise UserError(
-            "model.pretrained = 'imagenet' is not available for the tiny backbone; use 'none' or a weights file"
-        )
 
 
 class _ResidualBlock(nn.Module):
@@ -260,13 +268,15 @@ class _ResidualBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class SmallBackbone(nn.Module):
+class SmallBackbone(_ScratchBackbone):
     """A small dilated residual net for CPU-sized runs (the demo): the paper's recipe in miniature.
 
     Like the dilated ResNet it stands in for, it reaches output stride 8 and then keeps that
     resolution, growing its receptive field with dilated blocks (2, 4) instead of more strides, so
     the ASPP head still sees a dense 1/8 grid with context. About 0.2 GMAC at 256x128.
     """
+
+    kind = "small"
 
     def __init__(self, output_stride: int = 8, widths: tuple[int, int, int] = (32, 64, 96)):
         super().__init__()
@@ -283,15 +293,6 @@ class SmallBackbone(nn.Module):
         )
         self.out_channels = w3
         self.output_stride = 8
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def load_imagenet(self) -> None:
-        raise UserError(
-            "model.pretrained = 'imagenet' is not available for the small backbone; use 'none' or a weights file"
-        )
 
 
 def build_backbone(
