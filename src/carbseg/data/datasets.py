@@ -15,7 +15,7 @@ import numpy as np
 from carbseg.data.base import SegmentationDataset, check_unique_ids
 from carbseg.data.classes import CAMVID, CITYSCAPES, SYNTHETIC, WILDDASH2, ClassSet
 from carbseg.errors import UserError
-from carbseg.io import read_image, read_label_png
+from carbseg.io import list_images, read_image, read_label_png
 
 
 class FileListDataset(SegmentationDataset):
@@ -105,6 +105,22 @@ def pair_masks(
             "restore the missing masks or remove those images"
         )
     return masks
+
+
+def images_with_optional_masks(
+    image_dir: Path, mask_dir: Path, pattern: str
+) -> tuple[list[str], list[Path], list[Path] | None]:
+    """Ids (file stems), image paths and ``mask_dir/<id>.png`` paths of a flat split folder.
+
+    Without ``mask_dir`` the split has no ground truth (masks None); with it, every image needs its mask.
+    """
+    image_paths = list_images(image_dir)
+    ids = [p.stem for p in image_paths]
+    require_not_empty(ids, image_dir, pattern)
+    mask_paths = None
+    if mask_dir.is_dir():
+        mask_paths = pair_masks(ids, image_paths, lambda i, p: mask_dir / f"{i}.png")
+    return ids, image_paths, mask_paths
 
 
 # ---------------------------------------------------------------- by name

@@ -17,9 +17,8 @@ import numpy as np
 import yaml
 
 from carbseg.data.classes import ClassSet
-from carbseg.data.datasets import FileListDataset, pair_masks, require_folder, require_not_empty
+from carbseg.data.datasets import FileListDataset, images_with_optional_masks, require_folder
 from carbseg.errors import UserError
-from carbseg.io import list_images
 
 LAYOUT = "ROOT/images/<split>/* with optional masks ROOT/masks/<split>/<same name>.png"
 
@@ -70,11 +69,6 @@ class FolderDataset(FileListDataset):
     def __init__(self, root: str | Path, split: str, classes: ClassSet):
         root = Path(root)
         image_dir = require_folder(root / "images" / split, LAYOUT)
-        image_paths = list_images(image_dir)
-        ids = [p.stem for p in image_paths]
-        require_not_empty(ids, image_dir, "*.<image extension>")
-        mask_dir = root / "masks" / split
-        mask_paths = None
-        if mask_dir.is_dir():
-            mask_paths = pair_masks(ids, image_paths, lambda i, p: mask_dir / f"{i}.png")
+        ids, image_paths, mask_paths = images_with_optional_masks(image_dir, root / "masks" / split,
+                                                                  "*.<image extension>")
         super().__init__(classes, ids, image_paths, mask_paths, root)

@@ -32,9 +32,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from carbseg.data.classes import IGNORE_INDEX, WILDDASH2
-from carbseg.data.datasets import FileListDataset, pair_masks, require_folder, require_not_empty
+from carbseg.data.datasets import FileListDataset, images_with_optional_masks, require_folder
 from carbseg.errors import UserError
-from carbseg.io import atomic_path, list_images, write_json_atomic, write_png_atomic
+from carbseg.io import atomic_path, write_json_atomic, write_png_atomic
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +226,5 @@ class WildDash2Dataset(FileListDataset):
             available = sorted(p.name for p in images_root.iterdir() if p.is_dir())
             raise UserError(f"{image_dir}: no WildDash2 split {split!r}; available: {', '.join(available) or 'none'} "
                             f"(expected {CONVERTED_LAYOUT})")
-        image_paths = list_images(image_dir)
-        ids = [p.stem for p in image_paths]
-        require_not_empty(ids, image_dir, "*.jpg")
-        label_dir = root / "labels" / split
-        mask_paths = None
-        if label_dir.is_dir():
-            mask_paths = pair_masks(ids, image_paths, lambda i, p: label_dir / f"{i}.png")
+        ids, image_paths, mask_paths = images_with_optional_masks(image_dir, root / "labels" / split, "*.jpg")
         super().__init__(WILDDASH2, ids, image_paths, mask_paths, root)
