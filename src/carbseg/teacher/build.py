@@ -10,13 +10,10 @@ from carbseg.config import TeacherConfig
 from carbseg.data.classes import ClassSet
 from carbseg.errors import UserError
 from carbseg.teacher.base import Teacher
-from carbseg.teacher.clip_dense import DenseCLIP
-from carbseg.teacher.clip_teacher import CLIPTeacher
 from carbseg.teacher.simulated import SimulatedTeacher
-from carbseg.teacher.text_embeddings import class_text_embeddings
-from carbseg.teacher.weights import load_clip
 
-# class_text_embeddings is re-exported: the trainer takes both from here.
+# The CLIP modules import open_clip (seconds of start-up), so they are imported only when a CLIP
+# teacher or text embeddings are asked for; the simulated teacher never pays for them.
 __all__ = ["build_teacher", "class_text_embeddings"]
 
 log = logging.getLogger(__name__)
@@ -33,6 +30,10 @@ def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str 
         raise UserError(f"teacher.kind = {cfg.kind!r} is not valid; choose clip or simulated")
     if any(s <= 0 for s in cfg.scales):
         raise UserError(f"teacher.scales must be positive, got {cfg.scales}")
+    from carbseg.teacher.clip_dense import DenseCLIP
+    from carbseg.teacher.clip_teacher import CLIPTeacher
+    from carbseg.teacher.weights import load_clip
+
     model, _ = load_clip(cfg.clip_model, cfg.clip_pretrained, device, cfg.cache_dir)
     embeddings = class_text_embeddings(classes, cfg.clip_model, cfg.clip_pretrained, device,
                                        cache_dir=cfg.cache_dir, templates=cfg.text_templates, model=model)
@@ -43,3 +44,10 @@ def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str 
     return CLIPTeacher(dense, embeddings, scales=cfg.scales, use_key_smoothing=cfg.key_smoothing,
                        use_prompt_denoising=cfg.prompt_denoising, confidence_threshold=cfg.confidence_threshold,
                        precision=precision)
+
+
+def class_text_embeddings(*args, **kwargs) -> torch.Tensor:
+    """Re-export of ``carbseg.teacher.text_embeddings.class_text_embeddings`` (the trainer takes it from here)."""
+    from carbseg.teacher.text_embeddings import class_text_embeddings as compute
+
+    return compute(*args, **kwargs)
