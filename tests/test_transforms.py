@@ -14,6 +14,8 @@ from carbseg.data.transforms import (
     random_flip,
     rescaled_size,
     resize_by_ratio,
+    scale_saturation,
+    shift_hue,
 )
 
 
@@ -136,6 +138,31 @@ def test_photometric_distortion_is_deterministic_and_grey_stays_grey_under_hue()
             grey, np.random.default_rng(seed), brightness_delta=0, contrast_range=(1, 1)
         )
         assert np.all(out == out[0, 0, 0])  # saturation/hue leave grey grey
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 1.5, 4.0])
+def test_scale_saturation_equals_the_hsv_round_trip(alpha):
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    image = random_image(32, 32).astype(np.float32)
+    image[0, :4] = (90, 90, 90)  # grey: chroma 0
+    image[1, :4] = (200, 200, 10)  # two channels tie for the maximum
+    hsv = rgb_to_hsv(image / 255.0)
+    hsv[..., 1] = np.clip(hsv[..., 1] * alpha, 0, 1)
+    np.testing.assert_allclose(scale_saturation(image, alpha), hsv_to_rgb(hsv) * 255.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("shift", [-18 / 180, -1 / 180, 0.0, 7 / 180, 17 / 180, 0.5])
+def test_shift_hue_equals_the_hsv_round_trip(shift):
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    image = random_image(32, 32).astype(np.float32)
+    image[0, :4] = (90, 90, 90)
+    image[1, :4] = (200, 200, 10)
+    image[2, :4] = (10, 200, 200)
+    hsv = rgb_to_hsv(image / 255.0)
+    hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
+    np.testing.assert_allclose(shift_hue(image, shift), hsv_to_rgb(hsv) * 255.0, atol=1e-3)
 
 
 def test_pad_to_fills_ignore_and_marks_padding_invalid():

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 
 from carbseg.config import DataConfig
@@ -96,6 +95,33 @@ def random_flip(
     return image, mask
 
 
+def scale_saturation(image: np.ndarray, alpha: float) -> np.ndarray:
+    """HSV saturation times ``alpha`` (clipped to 1) with hue and value kept, on float RGB (H, W, 3).
+
+    Without a trip through HSV: a channel is c = V - S*V*k(H), so scaling S moves every channel
+    towards (alpha < 1) or away from (alpha > 1) the value V = max(R, G, B) by the same factor; the
+    clip S' <= 1 caps the factor at V / (V - min). Equal to the HSV round trip up to float error,
+    and several times faster (this ran on every training sample).
+    """
+    v = image.max(axis=-1, keepdims=True)
+    chroma = v - image.min(axis=-1, keepdims=True)
+    factor = np.minimum(np.float32(alpha), v / np.maximum(chroma, np.float32(1e-12)))
+    return v - factor * (v - image)
+
+
+def shift_hue(image: np.ndarray, shift: float) -> np.ndarray:
+    """HSV hue rotated by ``shift`` turns (value and saturation kept), on float RGB (H, W, 3)."""
+    v = image.max(axis=-1)
+    chroma = v - image.min(axis=-1)
+    safe = np.where(chroma > 0, chroma, np.float32(1))  # grey pixels: any hue, chroma 0 keeps them grey
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    sector = np.where(v == b, (r - g) / safe + 4, np.where(v == g, (b - r) / safe + 2, (g - b) / safe))
+    hue6 = ((sector / 6 + np.float32(shift)) % 1.0 * 6)[..., None]  # hue in sixths of a turn
+    # HSV -> RGB: channel = V - C * clip(min(n, 4 - n), 0, 1), n = (k + 6H) mod 6, k = 5, 3, 1 for R, G, B.
+    n = (np.array([5, 3, 1], dtype=np.float32) + hue6) % 6
+    return v[..., None] - chroma[..., None] * np.clip(np.minimum(n, 4 - n), 0, 1)
+
+
 def photometric_distortion(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -124,15 +150,11 @@ def photometric_distortion(
     if contrast_first:
         img = contrast(img)
     if rng.integers(2):
-        hsv = rgb_to_hsv(img / 255.0)
-        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(saturation_range[0], saturation_range[1]), 0, 1)
-        img = hsv_to_rgb(hsv) * 255.0
+        img = scale_saturation(img, rng.uniform(saturation_range[0], saturation_range[1]))
     if rng.integers(2):
-        hsv = rgb_to_hsv(img / 255.0)
         # mmseg draws randint(-delta, delta) in OpenCV hue units (1/180 of a turn).
         shift = (int(rng.integers(-hue_delta, hue_delta)) if hue_delta > 0 else 0) / 180.0
-        hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
-        img = hsv_to_rgb(hsv) * 255.0
+        img = shift_hue(img, shift)
     if not contrast_first:
         img = contrast(img)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
