@@ -279,6 +279,19 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
 
 
+def _inference_text(eval_cfg: dict) -> str:
+    """How the held-out scenes were predicted, e.g. 'whole image, scales 1.0 and 1.5, with horizontal flips'."""
+    scales = [float(s) for s in eval_cfg["scales"]]
+    text = f"{eval_cfg['mode']} image" if eval_cfg["mode"] == "whole" else "sliding window"
+    if scales != [1.0]:
+        text += ", scales " + " and ".join(f"{s:g}" for s in scales)
+    if eval_cfg["flip"]:
+        text += ", with horizontal flips"
+    if scales != [1.0] or eval_cfg["flip"]:
+        text += " (test-time augmentation: class probabilities averaged)"
+    return text
+
+
 def _report_markdown(report: dict, classes) -> str:
     s = report["settings"]
     first = report["first_run_timings_s"]
@@ -295,6 +308,7 @@ def _report_markdown(report: dict, classes) -> str:
         f"- scenes: {s['num_train']} training, {s['num_val']} held-out, {s['width']}x{s['height']} pixels; "
         f"{report['config']['train']['max_iters']} iterations (warm-up {report['config']['train']['warmup_iters']}); "
         f"{s['threads']} CPU thread(s)",
+        f"- inference on the held-out scenes: {_inference_text(report['config']['eval'])}",
         "- time per stage (s, first run): " + ", ".join(f"{k} {v:.0f}" for k, v in first.items())
         + f"; this invocation: {report['timings_s']['total']:.0f} s wall, {report['timings_s']['cpu_total']:.0f} s CPU"
         + (f" (reused: {', '.join(report['reused_stages'])})" if report["reused_stages"] else ""),
