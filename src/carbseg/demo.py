@@ -280,7 +280,7 @@ def _percent(value: float | None) -> str:
 
 
 def _inference_text(eval_cfg: dict) -> str:
-    """How the held-out scenes were predicted, e.g. 'whole image, scales 1.0 and 1.5, with horizontal flips'."""
+    """How the held-out scenes were predicted, e.g. 'whole image, scales 1 and 1.5, with horizontal flips (...)'."""
     scales = [float(s) for s in eval_cfg["scales"]]
     text = f"{eval_cfg['mode']} image" if eval_cfg["mode"] == "whole" else "sliding window"
     if scales != [1.0]:
