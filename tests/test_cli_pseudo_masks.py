@@ -84,11 +84,11 @@ def test_a_killed_run_leaves_only_complete_files(folder_data):
     simulated = SimulatedTeacher(dataset.classes, noise=0.0)
     calls = []
 
-    def dying_teacher(images, image_labels, gt=None, valid=None):
+    def dying_teacher(images, image_labels, gt=None, valid=None, frames=None):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed while working on the third image
-        return simulated(images, image_labels, gt=gt, valid=valid)
+        return simulated(images, image_labels, gt=gt, valid=valid, frames=frames)
 
     dying_teacher.reads_ground_truth, dying_teacher.num_classes = True, 3
     out = tmp / "killed"

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from carbseg.config import DataConfig
+from carbseg.data import frames
 
 IGNORE_INDEX = 255
 CROP_TRIES = 10
@@ -55,22 +56,21 @@ def resize_by_ratio(
     return resize_to(image, mask, rescaled_size(image.shape[0], image.shape[1], target))
 
 
-def random_crop(
-    image: np.ndarray,
+def random_crop_window(
     mask: np.ndarray,
     crop_hw: Sequence[int],
     rng: np.random.Generator,
     cat_max_ratio: float = 0.75,
     ignore_index: int = IGNORE_INDEX,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random (h, w) crop (smaller when the image is smaller), retried up to 10 times until the
-    largest class covers <= ``cat_max_ratio`` of the crop's labelled pixels (mmseg's ``RandomCrop``;
-    a crop with a single class is retried too). ``cat_max_ratio >= 1`` disables the check."""
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop (smaller when the image is smaller), retried up to 10 times
+    until the largest class covers <= ``cat_max_ratio`` of the crop's labelled pixels (mmseg's
+    ``RandomCrop``; a crop with a single class is retried too). ``cat_max_ratio >= 1`` disables the check."""
 
     def draw() -> tuple[int, int, int, int]:
-        h, w = min(crop_hw[0], image.shape[0]), min(crop_hw[1], image.shape[1])
-        top = int(rng.integers(0, image.shape[0] - h + 1))
-        left = int(rng.integers(0, image.shape[1] - w + 1))
+        h, w = min(crop_hw[0], mask.shape[0]), min(crop_hw[1], mask.shape[1])
+        top = int(rng.integers(0, mask.shape[0] - h + 1))
+        left = int(rng.integers(0, mask.shape[1] - w + 1))
         return top, left, h, w
 
     top, left, h, w = draw()
@@ -83,6 +83,19 @@ def random_crop(
             if len(counts) > 1 and counts.max() / counts.sum() <= cat_max_ratio:
                 break
             top, left, h, w = draw()
+    return top, left, h, w
+
+
+def random_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    crop_hw: Sequence[int],
+    rng: np.random.Generator,
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask cut at ``random_crop_window``."""
+    top, left, h, w = random_crop_window(mask, crop_hw, rng, cat_max_ratio, ignore_index)
     return image[top : top + h, left : left + w], mask[top : top + h, left : left + w]
 
 
@@ -190,11 +203,26 @@ class TrainAugmentation:
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image, mask, valid, _ = self.with_frame(image, mask, rng)
+        return image, mask, valid
+
+    def with_frame(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
+        """The augmented (image, mask, valid) and where the view lies in the original frame
+        (``carbseg.data.frames``: y_scale, y_offset, x_scale, x_offset). Same draws as ``__call__``."""
+        frame = frames.IDENTITY
+        original_hw = image.shape[:2]
         image, mask = resize_by_ratio(image, mask, self.scale, self.ratio_range, rng)
-        image, mask = random_crop(image, mask, self.crop_hw, rng, self.cat_max_ratio, self.ignore_index)
-        if self.flip:
-            image, mask = random_flip(image, mask, rng)
+        frame = frames.resized(frame, original_hw, image.shape[:2])
+        top, left, h, w = random_crop_window(mask, self.crop_hw, rng, self.cat_max_ratio, self.ignore_index)
+        image, mask = image[top : top + h, left : left + w], mask[top : top + h, left : left + w]
+        frame = frames.cropped(frame, top, left)
+        if self.flip and rng.random() < 0.5:  # the one draw of random_flip(prob=0.5)
+            image, mask = image[:, ::-1], mask[:, ::-1]
+            frame = frames.flipped(frame, image.shape[1])
         if self.photometric:
             image = photometric_distortion(image, rng)
         image, mask, valid = pad_to(image, mask, self.crop_hw, self.ignore_index)
-        return np.ascontiguousarray(image), np.ascontiguousarray(mask), valid
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask), valid, frame
+

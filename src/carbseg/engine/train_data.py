@@ -25,6 +25,7 @@ import torch
 
 from carbseg.data.base import SegmentationDataset, validate_train_ids
 from carbseg.data.classes import IGNORE_INDEX
+from carbseg.data.frames import frame_key
 from carbseg.errors import UserError
 from carbseg.io import read_label_png
 
@@ -149,7 +150,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         mask = self._load_mask(index, image)
         # Every augmentation draw of this sample comes from its own key (never from a shared stream).
         rng = np.random.default_rng([self.seed, key.iteration, key.micro_step, self.rank, key.slot])
-        image, mask, valid = self.augmentation(image, mask, rng)
+        image, mask, valid, frame = self.augmentation.with_frame(image, mask, rng)
         # torch.tensor copies: augmentations may hand back read-only views of decoded files.
         return {
             "image": torch.tensor(image).permute(2, 0, 1),  # uint8 (3, H, W)
@@ -157,6 +158,9 @@ class TrainingSamples(torch.utils.data.Dataset):
             "valid": torch.tensor(valid, dtype=torch.bool),
             "image_labels": torch.from_numpy(self.image_labels[index].copy()),
             "index": index,
+            # Where the view lies in its frame: the simulated teacher's noise persists across views.
+            "frame_key": frame_key(self.dataset.ids[index]),
+            "frame": torch.tensor(frame, dtype=torch.float64),
         }
 
 
@@ -183,6 +187,8 @@ def collate(samples: list[dict]) -> dict:
         "valid": torch.stack([s["valid"] for s in samples]),
         "image_labels": torch.stack([s["image_labels"] for s in samples]),
         "indices": torch.tensor([s["index"] for s in samples]),
+        "frame_keys": torch.tensor([s["frame_key"] for s in samples], dtype=torch.int64),
+        "frames": torch.stack([s["frame"] for s in samples]),
     }
 
 

@@ -11,9 +11,12 @@ from typing import Protocol
 
 import torch
 
+from carbseg.data.frames import FrameMaps
+
 
 class Teacher(Protocol):
     #: True for the simulated teacher, which reads ground truth (a research instrument, never a default).
+    #: The proxy teacher is a research instrument too, but sees only the pixels.
     reads_ground_truth: bool
     num_classes: int
 
@@ -23,6 +26,7 @@ class Teacher(Protocol):
         image_labels: torch.Tensor,
         gt: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        frames: FrameMaps | None = None,
     ) -> torch.Tensor:
         """Pseudo-masks for a batch of views.
 
@@ -32,6 +36,8 @@ class Teacher(Protocol):
         gt: long (B, H, W) train ids, 255 = ignore, transformed exactly like ``images``; read only by
             the simulated teacher.
         valid: bool (B, H, W), False on padding; the output is 255 there.
+        frames: where each view lies in its original frame (``carbseg.data.frames``); read only by the
+            simulated teacher, whose noise is laid on the frame so it persists across views.
         Returns long (B, H, W): class indices, or 255 where no label is given.
         """
         ...

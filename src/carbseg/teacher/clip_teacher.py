@@ -108,8 +108,8 @@ class CLIPTeacher:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, image_labels: torch.Tensor, gt: torch.Tensor | None = None,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
-        scores = self.scores(images)
+                 valid: torch.Tensor | None = None, frames=None) -> torch.Tensor:
+        scores = self.scores(images)  # ``frames`` is not needed: CLIP sees only the pixels
         labels = image_labels.to(scores.device).bool()
         if self.use_prompt_denoising:
             labels = prompt_denoising(scores, labels)

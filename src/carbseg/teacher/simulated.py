@@ -8,17 +8,23 @@ studied on real images without CLIP weights:
    are upsampled back (nearest). Objects thinner than about half a cell vanish -- unless the view
    is zoomed (a GLV local patch upscaled by s sees the scene through 16/s-px cells, exactly as a
    finer grid would), which is the effect GLV exploits.
-2. **Seeded CLIP-like noise** of strength ``noise`` in [0, 1] (0 = none), at cell level:
+2. **Persistent CLIP-like noise** of strength ``noise`` in [0, 1] (0 = none), at cell level:
    - *confusions* between similar classes (sidewalk<->road, terrain<->vegetation, truck<->car,
      rider<->person, wall<->building, pole<->traffic sign, ...; table by class *names*, only
      towards classes present in the image): each such class, with probability ``noise``, loses
      a blob-shaped fraction of its cells to its partner;
-   - *boundary bleeding*: labels spread across class borders by a random number of cells
-     (0 .. ceil(4 * noise) steps; each step a cell takes a random neighbour's label with p 0.5);
+   - *boundary bleeding*: labels spread across class borders by up to ceil(4 * noise) cells;
    - *patch flips*: each cell becomes a random present class with probability 0.1 * noise.
 
-The noise is deterministic: each image's generator is seeded from a hash of its cell labels,
-its image labels and ``seed``, so results do not depend on batching or sharding.
+The noise is laid on the *original frame* (``carbseg.data.frames``): every random number is a hash
+of (``seed``, the frame's key, the position in the frame), so the same region carries the same
+error in every crop, flip and zoom of the frame -- like CLIP's errors, which are a function of the
+image -- and results do not depend on batching, sharding or processes. (Before, the noise was
+seeded per *view*, so every view drew independent errors that plain cross-entropy averages away.)
+
+What it can and cannot show: it reads the ground truth, so a zoomed GLV patch gets finer labels
+from the ground truth itself, not from seeing more pixels: a GLV gain measured with it is a
+property of the simulator. The proxy teacher (``carbseg.teacher.proxy``) sees only the pixels.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ import hashlib
 import logging
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from carbseg.data.classes import ClassSet
+from carbseg.data.frames import IDENTITY as IDENTITY_FRAME
+from carbseg.data.frames import FrameMaps, cell_centres_in_frame, view_from_frame
 from carbseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,53 +93,115 @@ def cell_majority(gt: torch.Tensor, image_labels: torch.Tensor, num_classes: int
     return best.masked_fill(best_count <= 0, IGNORE)
 
 
-def _image_seed(cells: torch.Tensor, labels: torch.Tensor, seed: int) -> int:
-    """A seed from what the teacher sees (the view's cell labels and image labels) and ``seed``."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(cells.to(torch.uint8).cpu().numpy().tobytes())
-    digest.update(labels.to(torch.uint8).cpu().numpy().tobytes())
-    digest.update(f"{tuple(cells.shape)}|{seed}".encode())
-    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+# ---------------------------------------------------------------- persistent noise
+# Every random number of the noise is a hash of (seed, frame key, what it decides, where in the
+# frame), never a draw from a stream: the same region of the same frame gets the same error in
+# every crop, flip and zoom, as CLIP's errors are a function of the image and not of the view.
+_TAG_CONFUSE, _TAG_BLOB, _TAG_WARP_AMPLITUDE, _TAG_WARP_Y, _TAG_WARP_X, _TAG_FLIP = range(1, 7)
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def _hash(*parts) -> np.ndarray:
+    """A uint64 hash of integers / integer arrays (broadcast together)."""
+    h = np.zeros((), dtype=np.uint64)
+    for part in parts:
+        h = _mix(h ^ np.asarray(part).astype(np.int64).astype(np.uint64))
+    return h
+
+
+def _uniform(*parts) -> np.ndarray:
+    """Uniform [0, 1) numbers from ``_hash``."""
+    return (_hash(*parts) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _value_noise(seed: int, key: int, tag: int, c: int, y: np.ndarray, x: np.ndarray, spacing: float) -> np.ndarray:
+    """A smooth random field in [0, 1] over frame coordinates: hashed values on a lattice of ``spacing``
+    frame pixels, interpolated bilinearly at the points (y (gh, 1), x (1, gw))."""
+    gy, gx = y / spacing, x / spacing
+    y0, x0 = np.floor(gy), np.floor(gx)
+    ty, tx = gy - y0, gx - x0
+
+    def corner(dy, dx):
+        return _uniform(seed, key, tag, c, y0 + dy, x0 + dx)
+
+    top = corner(0, 0) * (1 - tx) + corner(0, 1) * tx
+    bottom = corner(1, 0) * (1 - tx) + corner(1, 1) * tx
+    return top * (1 - ty) + bottom * ty
 
 
 def add_cell_noise(cells: torch.Tensor, present: torch.Tensor, partners: dict[int, list[int]], noise: float,
-                   generator: torch.Generator) -> torch.Tensor:
-    """CLIP-like noise on one image's (gh, gw) cell labels; ``present`` is the (C,) bool label vector."""
+                   key: int, affine, patch_size: int, seed: int = 0) -> torch.Tensor:
+    """CLIP-like noise on one view's (gh, gw) cell labels; ``present`` is the (C,) bool label vector.
+
+    ``key`` identifies the frame and ``affine`` places the view in it (``carbseg.data.frames``); the
+    noise is laid on the frame, in frame pixels, and read at the centres of the view's cells:
+
+    - *confusions* between similar classes: with probability ``noise`` a present class loses the
+      cells where a smooth frame field (blobs of ``CONFUSION_BLOB_CELLS`` cells) is below a hashed
+      fraction to one present partner;
+    - *boundary bleeding*: every cell reads its label at a point displaced by a smooth frame field
+      of up to ``ceil(MAX_BLEED_STEPS * noise)`` cells (a hashed amplitude per frame), so labels
+      spread across class borders the same way in every view;
+    - *patch flips*: each frame cell becomes a random present class with probability ``FLIP_PROB * noise``.
+    """
     if noise <= 0:
         return cells
     gh, gw = cells.shape
-    out = cells.clone()
-    present_ids = torch.nonzero(present).flatten().tolist()
+    clean = cells.cpu().numpy()
+    out = clean.copy()
+    present_ids = [int(i) for i in torch.nonzero(present).flatten().tolist()]
+    fy, fx = cell_centres_in_frame(affine, (gh, gw), patch_size)
+    fy, fx = fy[:, None], fx[None, :]
+    cell = float(patch_size)  # the noise's frame-level unit: one teacher cell of the original frame
 
     # Confusions between similar classes, in blobs (CLIP confuses regions, not isolated patches).
     for c in present_ids:
         choices = [p for p in partners.get(c, []) if present[p]]
-        if not choices or torch.rand((), generator=generator).item() >= noise:
+        if not choices or _uniform(seed, key, _TAG_CONFUSE, c, 0) >= noise:
             continue
-        partner = choices[int(torch.randint(len(choices), (), generator=generator))]
-        fraction = torch.rand((), generator=generator).item()
-        coarse = torch.rand(1, 1, math.ceil(gh / CONFUSION_BLOB_CELLS) + 1,
-                            math.ceil(gw / CONFUSION_BLOB_CELLS) + 1, generator=generator)
-        field = F.interpolate(coarse, size=(gh, gw), mode="bilinear", align_corners=False)[0, 0]
-        out[(cells == c) & (field < fraction)] = partner
+        partner = choices[int(_hash(seed, key, _TAG_CONFUSE, c, 1) % np.uint64(len(choices)))]
+        fraction = _uniform(seed, key, _TAG_CONFUSE, c, 2)
+        field = _value_noise(seed, key, _TAG_BLOB, c, fy, fx, CONFUSION_BLOB_CELLS * cell)
+        out[(clean == c) & (field < fraction)] = partner
 
-    # Boundary bleeding: labels spread over class borders by a random number of cells.
-    steps = int(torch.randint(0, math.ceil(MAX_BLEED_STEPS * noise) + 1, (), generator=generator))
-    shifts = ((0, 1), (0, -1), (1, 0), (-1, 0))
-    for _ in range(steps):
-        padded = F.pad(out[None, None].float(), (1, 1, 1, 1), mode="replicate")[0, 0].long()
-        neighbours = torch.stack([padded[1 + dy: 1 + dy + gh, 1 + dx: 1 + dx + gw] for dy, dx in shifts])
-        pick = torch.randint(0, 4, (gh, gw), generator=generator)
-        chosen = neighbours.gather(0, pick[None])[0]
-        take = (torch.rand(gh, gw, generator=generator) < BLEED_PROB) & (chosen != IGNORE) & (chosen != out)
-        out = torch.where(take, chosen, out)
+    # Boundary bleeding as a persistent warp: read each cell's label a little way off, in the frame.
+    max_steps = math.ceil(MAX_BLEED_STEPS * noise)
+    steps = int(_hash(seed, key, _TAG_WARP_AMPLITUDE) % np.uint64(max_steps + 1))
+    if steps:
+        amplitude = steps * BLEED_PROB * cell  # frame pixels (a random walk of `steps` moves ~ this far)
+        dy = amplitude * (2 * _value_noise(seed, key, _TAG_WARP_Y, 0, fy, fx, 2 * cell) - 1)
+        dx = amplitude * (2 * _value_noise(seed, key, _TAG_WARP_X, 0, fy, fx, 2 * cell) - 1)
+        vy, vx = view_from_frame(affine, fy + dy, fx + dx)
+        rows = np.clip(np.floor(vy / patch_size), 0, gh - 1).astype(np.int64)
+        cols = np.clip(np.floor(vx / patch_size), 0, gw - 1).astype(np.int64)
+        warped = out[np.broadcast_to(rows, (gh, gw)), np.broadcast_to(cols, (gh, gw))]
+        out = np.where((warped != IGNORE) & (out != IGNORE), warped, out)
 
-    # Patch-level random flips towards any present class.
+    # Patch-level random flips towards any present class, per cell of the frame.
     if present_ids:
-        flip = (torch.rand(gh, gw, generator=generator) < FLIP_PROB * noise) & (out != IGNORE)
-        random_class = torch.tensor(present_ids)[torch.randint(len(present_ids), (gh, gw), generator=generator)]
-        out = torch.where(flip, random_class.to(out.device), out)
-    return out
+        iy, ix = np.floor(fy / cell), np.floor(fx / cell)
+        flip = (_uniform(seed, key, _TAG_FLIP, iy, ix, 0) < FLIP_PROB * noise) & (out != IGNORE)
+        choice = (_hash(seed, key, _TAG_FLIP, iy, ix, 1) % np.uint64(len(present_ids))).astype(np.int64)
+        out = np.where(flip, np.asarray(present_ids)[choice], out)
+    return torch.from_numpy(out).to(cells.device, cells.dtype)
+
+
+def _content_key(gt: torch.Tensor, labels: torch.Tensor) -> int:
+    """A frame key from the view's content, for views given without frame maps (each its own frame)."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(gt.to(torch.uint8).cpu().numpy().tobytes())
+    digest.update(labels.to(torch.uint8).cpu().numpy().tobytes())
+    digest.update(str(tuple(gt.shape)).encode())
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
 class SimulatedTeacher:
@@ -155,7 +225,9 @@ class SimulatedTeacher:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, image_labels: torch.Tensor, gt: torch.Tensor | None = None,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
+                 valid: torch.Tensor | None = None, frames: FrameMaps | None = None) -> torch.Tensor:
+        """``frames`` places each view in its original frame (keys and maps): the noise then persists
+        across views of the same frame. Without it, each view is treated as a whole frame of its own."""
         if gt is None:
             raise UserError("the simulated teacher reads ground truth, but no gt was given; "
                             "use --teacher clip for images without masks")
@@ -164,8 +236,12 @@ class SimulatedTeacher:
         cells = cell_majority(gt, labels, self.num_classes, self.patch_size)
         noisy = []
         for i in range(b):
-            gen = torch.Generator().manual_seed(_image_seed(cells[i], labels[i], self.seed))
-            noisy.append(add_cell_noise(cells[i].cpu(), labels[i].cpu(), self.partners, self.noise, gen))
+            if frames is None:
+                key, affine = _content_key(gt[i], labels[i]), IDENTITY_FRAME
+            else:
+                key, affine = int(frames.keys[i]), [float(v) for v in frames.affine[i].tolist()]
+            noisy.append(add_cell_noise(cells[i].cpu(), labels[i].cpu(), self.partners, self.noise, key, affine,
+                                        self.patch_size, self.seed))
         cells = torch.stack(noisy).to(gt.device)
         ps = self.patch_size
         masks = cells.repeat_interleave(ps, dim=1).repeat_interleave(ps, dim=2)[:, :h, :w]
