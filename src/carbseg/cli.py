@@ -105,9 +105,13 @@ def _add_pseudo_masks(sub) -> None:
     _add_dataset_args(p)
     p.add_argument("--labels", required=True, help="image-level labels JSON (carbseg labels)")
     p.add_argument("--out", required=True, help="output folder; writes OUT/IMAGE_ID.png in train ids")
-    p.add_argument("--teacher", choices=("clip", "simulated"), default="clip",
-                   help="clip (default) or simulated: a research instrument that READS GROUND TRUTH "
-                        "(16-px patch-grid majority of the GT plus seeded CLIP-like noise)")
+    p.add_argument("--teacher", choices=("clip", "simulated", "proxy"), default="clip",
+                   help="clip (default); simulated: a research instrument that READS GROUND TRUTH "
+                        "(16-px patch-grid majority of the GT plus persistent CLIP-like noise); proxy: a research "
+                        "instrument that sees the pixels (frozen ImageNet features + a classifier fitted on a few "
+                        "labelled images, --proxy-weights)")
+    p.add_argument("--proxy-weights", default=None, metavar="FILE",
+                   help="proxy teacher: the safetensors file of carbseg fit-proxy-teacher (its fit images get no mask)")
     p.add_argument("--clip-model", default="ViT-B-16", help="open_clip ViT name (ViT-B-16, ViT-B-32, ViT-L-14) "
                    "or a JSON model config file")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip tag, local weights file (.pt, .bin, "
@@ -172,7 +176,8 @@ def _run_pseudo_masks(args) -> int:
     cfg = TeacherConfig(kind=args.teacher, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                         text_templates=args.templates, scales=scales, key_smoothing=args.key_smoothing,
                         prompt_denoising=args.prompt_denoising, confidence_threshold=args.confidence_threshold,
-                        patch_size=args.patch_size, noise=args.noise, cache_dir=args.cache_dir)
+                        patch_size=args.patch_size, noise=args.noise, cache_dir=args.cache_dir,
+                        proxy_weights=args.proxy_weights)
     # Weights are resolved here, before the output folder exists: missing weights write nothing.
     teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
     distributed.init_from_env(device.type)
@@ -185,6 +190,45 @@ def _run_pseudo_masks(args) -> int:
         distributed.shutdown()
     print(f"pseudo-masks: wrote {report.written}, skipped {report.skipped} existing, "
           f"{report.total} images in the split -> {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- fit-proxy-teacher
+def _add_fit_proxy_teacher(sub) -> None:
+    p = sub.add_parser(
+        "fit-proxy-teacher",
+        help="fit the proxy teacher (a research instrument) on a few images' ground truth",
+        description="The proxy teacher stands in for CLIP's dense path where no CLIP weights exist: frozen "
+                    "ImageNet EfficientNet-Lite0 features on a 16-px grid and a linear classifier fitted on the "
+                    "ground truth of N images of the split (a RESEARCH INSTRUMENT, not weak supervision). Their "
+                    "ids are stored in the file; they are left out of training and of evaluations that report "
+                    "the teacher. Use with teacher.kind=proxy teacher.proxy_weights=FILE, or "
+                    "carbseg pseudo-masks --teacher proxy --proxy-weights FILE.")
+    _add_dataset_args(p)
+    p.add_argument("--num-images", type=int, required=True,
+                   help="size of the fit set, drawn by a seeded permutation (a few percent of the split, e.g. 12)")
+    p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit-set draw (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_fit_proxy_teacher)
+
+
+def _run_fit_proxy_teacher(args) -> int:
+    from pathlib import Path
+
+    from carbseg.teacher.proxy import fit_proxy_teacher
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out}: the proxy teacher is saved as safetensors; name the file *.safetensors")
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give a file name such as {out / 'proxy_teacher.safetensors'}")
+    dataset = _dataset_from_args(args)
+    weights = fit_proxy_teacher(dataset, args.dataset, args.split, args.num_images, seed=args.seed,
+                                progress=not args.no_progress and sys.stderr.isatty())
+    weights.save(out)
+    print(f"proxy teacher (research instrument) fitted on {len(weights.fit_ids)} {args.dataset}/{args.split} images "
+          f"(cell accuracy on them {100 * weights.fit_pixel_accuracy:.1f}%) -> {out}")
     return 0
 
 
@@ -203,6 +247,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write report.md, report.json, IoU bars, confusion heat map and best/worst image grids here")
     p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:1 ...")
+    p.add_argument("--exclude-fit-set", default=None, metavar="PROXY_WEIGHTS",
+                   help="leave out the images a proxy teacher was fitted on (its weight file lists them): "
+                        "needed to score its pseudo-masks honestly, which skip those images")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -216,6 +263,12 @@ def _run_evaluate(args) -> int:
     from carbseg.io import write_json_atomic
 
     dataset = _dataset_from_args(args)
+    if args.exclude_fit_set:
+        from carbseg.data.base import WithoutIds
+        from carbseg.teacher.proxy import read_fit_ids
+
+        dataset = WithoutIds(dataset, read_fit_ids(args.exclude_fit_set))
+        print(f"left out {len(dataset.excluded)} images of the proxy teacher's fit set; scoring {len(dataset)}")
     if args.pred is not None:
         confusion, stats = evaluate_predictions(dataset, args.pred)
         samples = load_qualitative_samples(dataset, args.pred, stats) if args.report else None
@@ -397,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"carbseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_labels, _add_convert_wilddash2, _add_pseudo_masks, _add_evaluate, _add_train, _add_predict,
-                _add_export_onnx, _add_demo, _add_synthesize):
+    for add in (_add_labels, _add_convert_wilddash2, _add_fit_proxy_teacher, _add_pseudo_masks, _add_evaluate,
+                _add_train, _add_predict, _add_export_onnx, _add_demo, _add_synthesize):
         add(sub)
     return parser
 

@@ -42,7 +42,9 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "clip"  # clip | simulated (a research instrument that reads ground truth)
+    # clip | simulated (a research instrument that reads ground truth) | proxy (a research instrument:
+    # frozen ImageNet features + a classifier fitted on a few images' ground truth, see docs/teacher.md)
+    kind: str = "clip"
     clip_model: str = "ViT-B-16"
     clip_pretrained: str = "openai"  # open_clip tag, local file, or none
     text_templates: str = "ensemble85"  # ensemble85 | single | path to a text file, one template per line
@@ -53,6 +55,8 @@ class TeacherConfig:
     # Simulated teacher only
     patch_size: int = 16
     noise: float = 0.3
+    # Proxy teacher only: the safetensors file written by `carbseg fit-proxy-teacher`
+    proxy_weights: str | None = None
     cache_dir: str | None = None
 
 
@@ -130,7 +134,7 @@ class Config:
 
 CHOICES = {
     "data.dataset": ("cityscapes", "camvid", "wilddash2", "synthetic", "folder"),
-    "teacher.kind": ("clip", "simulated"),
+    "teacher.kind": ("clip", "simulated", "proxy"),
     "model.backbone": ("resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"),
     "model.classifier": ("text", "learned"),
     "train.amp": ("auto", "bf16", "fp16", "off"),

@@ -87,3 +87,32 @@ def check_unique_ids(ids: list[str], root) -> None:
         if i in seen:
             raise UserError(f"{root}: duplicate image id {i!r}; image ids (file names) must be unique")
         seen.add(i)
+
+
+class WithoutIds(SegmentationDataset):
+    """A dataset with some of its images left out, e.g. the fit set of the proxy teacher, which was
+    fitted on those images' ground truth and must neither label them for training nor be scored on them."""
+
+    def __init__(self, dataset: SegmentationDataset, excluded: list[str] | set[str]):
+        excluded = set(excluded)
+        self.dataset = dataset
+        self.classes = dataset.classes
+        self._indices = [k for k, i in enumerate(dataset.ids) if i not in excluded]
+        self.ids = [dataset.ids[k] for k in self._indices]
+        self.excluded = [i for i in dataset.ids if i in excluded]
+
+    @property
+    def has_masks(self) -> bool:
+        return self.dataset.has_masks
+
+    def image_path(self, index: int) -> Path | None:
+        return self.dataset.image_path(self._indices[index])
+
+    def mask_path(self, index: int) -> Path | None:
+        return self.dataset.mask_path(self._indices[index])
+
+    def load_image(self, index: int) -> np.ndarray:
+        return self.dataset.load_image(self._indices[index])
+
+    def load_mask(self, index: int, image_shape: tuple[int, int] | None = None) -> np.ndarray | None:
+        return self.dataset.load_mask(self._indices[index], image_shape)

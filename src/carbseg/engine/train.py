@@ -223,6 +223,18 @@ def _image_labels(cfg: Config, dataset) -> np.ndarray:
     return labels_to_multi_hot([labels[i] for i in dataset.ids], classes.num_classes).numpy()
 
 
+def _without_proxy_fit_set(dataset, proxy_weights: str):
+    """The training split less the images the proxy teacher was fitted on (their GT was used)."""
+    from carbseg.data.base import WithoutIds
+    from carbseg.teacher.proxy import read_fit_ids
+
+    reduced = WithoutIds(dataset, read_fit_ids(proxy_weights))
+    if reduced.excluded:
+        log.warning("proxy teacher: its %d fit images are left out of training (%d images remain)",
+                    len(reduced.excluded), len(reduced))
+    return reduced
+
+
 def build_model(cfg: Config, classes: ClassSet, device: torch.device, load_pretrained: bool = True,
                 class_embeddings: torch.Tensor | None = None):
     """The segmenter; with the text classifier, the frozen CLIP class embeddings (given, e.g. the
@@ -256,13 +268,15 @@ def teacher_views(teacher, batch: dict, cfg: Config, generator: torch.Generator,
     Returns (global labels (B, H, W), patch region or None, patch labels (B, h, w) or None).
     """
     from carbseg.data import views
+    from carbseg.data.frames import FrameMaps
 
     images, masks, valid, image_labels = batch["images"], batch["masks"], batch["valid"], batch["image_labels"]
     gt = masks if (teacher is not None and teacher.reads_ground_truth) else None
+    frames = FrameMaps(batch["frame_keys"].cpu(), batch["frames"].cpu()) if "frames" in batch else None
     if single_path:
         global_labels = masks.masked_fill(~valid, IGNORE_INDEX)
     else:
-        global_labels = teacher(images, image_labels, gt=gt, valid=valid)
+        global_labels = teacher(images, image_labels, gt=gt, valid=valid, frames=frames)
     if not cfg.glv.enabled:
         return global_labels, None, None
     patch = views.sample_local_patch(
@@ -275,7 +289,9 @@ def teacher_views(teacher, batch: dict, cfg: Config, generator: torch.Generator,
         zoomed = views.zoom_images(images, patch)
         zoomed_gt = views.zoom_labels(gt, patch) if gt is not None else None
         zoomed_valid = views.zoom_labels(valid, patch)
-        zoomed_labels = teacher(zoomed, image_labels, gt=zoomed_gt, valid=zoomed_valid)
+        zoomed_frames = None if frames is None else frames.zoomed(
+            patch.top, patch.left, (patch.height, patch.width), patch.zoomed_hw)
+        zoomed_labels = teacher(zoomed, image_labels, gt=zoomed_gt, valid=zoomed_valid, frames=zoomed_frames)
         patch_labels = views.labels_to_patch_size(zoomed_labels, patch)
     return global_labels, patch, patch_labels
 
@@ -304,6 +320,8 @@ class Trainer:
         # Data: the training split with its image-level labels (the only supervision).
         self.train_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
                                        classes_file=cfg.data.classes)
+        if cfg.teacher.kind == "proxy" and cfg.teacher.proxy_weights:
+            self.train_set = _without_proxy_fit_set(self.train_set, cfg.teacher.proxy_weights)
         self.classes = self.train_set.classes
         image_labels = _image_labels(cfg, self.train_set)
 

@@ -21,15 +21,24 @@ log = logging.getLogger(__name__)
 
 def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str = "auto",
                   seed: int = 0) -> Teacher:
-    """A CLIP teacher (weights resolved first: MissingWeightsError before anything is written) or the
-    simulated one (reads ground truth)."""
+    """A CLIP teacher (weights resolved first: MissingWeightsError before anything is written), or one
+    of the two research instruments: the simulated teacher (reads ground truth) or the proxy teacher
+    (frozen ImageNet features and a classifier fitted on a few labelled images)."""
     device = torch.device(device)
     if cfg.kind == "simulated":
         return SimulatedTeacher(classes, patch_size=cfg.patch_size, noise=cfg.noise, seed=seed)
-    if cfg.kind != "clip":
-        raise UserError(f"teacher.kind = {cfg.kind!r} is not valid; choose clip or simulated")
+    if cfg.kind not in ("clip", "proxy"):
+        raise UserError(f"teacher.kind = {cfg.kind!r} is not valid; choose clip, simulated or proxy")
     if any(s <= 0 for s in cfg.scales):
         raise UserError(f"teacher.scales must be positive, got {cfg.scales}")
+    if cfg.kind == "proxy":
+        from carbseg.teacher.proxy import load_proxy_teacher
+
+        if not cfg.proxy_weights:
+            raise UserError("teacher.kind = proxy needs teacher.proxy_weights=FILE (or --proxy-weights FILE); "
+                            "write one with carbseg fit-proxy-teacher")
+        return load_proxy_teacher(cfg.proxy_weights, classes, device, scales=cfg.scales,
+                                  confidence_threshold=cfg.confidence_threshold)
     from carbseg.teacher.clip_dense import DenseCLIP
     from carbseg.teacher.clip_teacher import CLIPTeacher
     from carbseg.teacher.weights import load_clip

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from carbseg import distributed
-from carbseg.data.base import SegmentationDataset
+from carbseg.data.base import SegmentationDataset, WithoutIds
+from carbseg.data.frames import FrameMaps
 from carbseg.data.labels import labels_to_multi_hot
 from carbseg.errors import UserError
 from carbseg.io import remove_stale_temporaries, safe_child, write_png_atomic
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerateReport:
-    total: int  # images in the split
+    total: int  # images in the split (less the proxy teacher's fit set)
     skipped: int  # already written (resume)
     written: int  # written by this process
     assigned: int  # pending images this process owned
@@ -89,6 +90,12 @@ def generate_pseudo_masks(dataset: SegmentationDataset, labels: dict[str, list[i
     if missing:
         raise UserError(f"labels file has no entry for {len(missing)} image(s) of the split, e.g. {missing[0]!r}; "
                         "regenerate it with `carbseg labels` for this split")
+    fit_ids = set(getattr(teacher, "fit_ids", ()))
+    if fit_ids & set(dataset.ids):
+        # The proxy teacher was fitted on these images' ground truth: its labels of them would be
+        # near-copies of it, so they get no pseudo-mask (and the trainer leaves them out).
+        dataset = WithoutIds(dataset, fit_ids)
+        log.warning("proxy teacher: %d images of its fit set get no pseudo-mask", len(dataset.excluded))
     if teacher.reads_ground_truth and not dataset.has_masks:
         raise UserError("the simulated teacher reads ground truth, but this split has no masks; use --teacher clip")
     # Shard the whole split first, then skip finished files inside the shard: the split into shards
@@ -115,7 +122,9 @@ def generate_pseudo_masks(dataset: SegmentationDataset, labels: dict[str, list[i
                 images = torch.stack([img for _, img, _ in group]).to(device).float()
                 image_labels = labels_to_multi_hot([labels[i] for i in ids], teacher.num_classes).to(device)
                 gt = torch.stack([g for _, _, g in group]).to(device).long() if group[0][2] is not None else None
-                masks = teacher(images, image_labels, gt=gt).to("cpu", torch.uint8).numpy()
+                # The views are the frames themselves; the simulated teacher keys its noise on them.
+                masks = teacher(images, image_labels, gt=gt, frames=FrameMaps.whole_frames(ids))
+                masks = masks.to("cpu", torch.uint8).numpy()
                 for (_, img, _), image_id, mask in zip(group, ids, masks):
                     if refine is not None:
                         mask = refine(img.permute(1, 2, 0).numpy(), mask)
