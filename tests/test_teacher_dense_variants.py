@@ -18,6 +18,7 @@ from carbseg.config import TeacherConfig, load_config
 from carbseg.errors import UserError
 from carbseg.teacher.clip_dense import DENSE_VARIANTS, DenseCLIP
 from carbseg.teacher.tiny import TINY_VIT_CONFIG
+from test_cli_pseudo_masks import NAMES, _args, folder_data  # noqa: F401 -- the fixture
 
 VARIANTS = ("sclip", "clearclip", "naclip")
 
@@ -205,3 +206,33 @@ def test_the_model_itself_is_not_modified():
         with torch.no_grad():
             DenseCLIP(model.visual, variant=variant).dense_features(torch.randn(1, 3, 64, 64))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_dense_flag_reaches_the_teacher(folder_data):  # noqa: F811 -- the imported fixture
+    """`carbseg pseudo-masks --dense naclip` writes the masks of build_teacher(dense=naclip), not MaskCLIP's."""
+    import numpy as np
+    from PIL import Image
+
+    from carbseg.cli import main
+    from carbseg.data.classes import ClassSet
+    from carbseg.teacher.build import build_teacher
+
+    tmp, labels = folder_data
+    clip = ["--clip-model", str(tmp / "tiny.json"), "--clip-pretrained", str(tmp / "tiny.bin"),
+            "--cache-dir", str(tmp / "cache"), "--precision", "fp32"]
+    assert main(_args(tmp, tmp / "naclip", *clip, "--dense", "naclip", "--naclip-sigma", "2")) == 0
+    assert main(_args(tmp, tmp / "maskclip", *clip)) == 0
+    cfg = TeacherConfig(clip_model=str(tmp / "tiny.json"), clip_pretrained=str(tmp / "tiny.bin"),
+                        cache_dir=str(tmp / "cache"), dense="naclip", naclip_sigma=2.0)
+    teacher = build_teacher(cfg, ClassSet("folder", tuple(NAMES), tuple(NAMES), ((0, 0, 0),) * len(NAMES)), "cpu", precision="fp32")
+    assert teacher.dense.variant == "naclip" and teacher.dense.naclip_sigma == 2.0
+    differs = 0
+    for image_id, present in labels.items():
+        image = np.array(Image.open(tmp / "data" / "images" / "val" / f"{image_id}.png").convert("RGB"))
+        multi_hot = torch.zeros(1, len(NAMES), dtype=torch.bool)
+        multi_hot[0, present] = True
+        expected = teacher(torch.from_numpy(image).permute(2, 0, 1)[None].float(), multi_hot)[0].numpy()
+        written = np.asarray(Image.open(tmp / "naclip" / f"{image_id}.png"))
+        assert np.array_equal(written, expected)
+        differs += int(not np.array_equal(written, np.asarray(Image.open(tmp / "maskclip" / f"{image_id}.png"))))
+    assert differs > 0
