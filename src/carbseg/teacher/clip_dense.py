@@ -14,7 +14,7 @@ Any input size works: the learned positional embedding is interpolated bicubical
 input's patch grid (cached per grid size, since the teacher sees the same few view sizes).
 
 Later training-free work changes the same last block differently; each is a choice of
-``dense`` (``teacher.dense``), everything before the last block and after it (``ln_post``,
+``variant`` (``teacher.dense``), everything before the last block and after it (``ln_post``,
 ``proj``) being shared. With per-head q, k, v = the last block's projections of ln_1(x) over all
 tokens (CLS included, as in the authors' code), s = head_dim ** -0.5 and A(u, w) = softmax(s u w^T):
 
