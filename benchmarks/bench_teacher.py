@@ -7,6 +7,10 @@ baseline-hook: a stronger baseline: the same, but the value path reuses the toke
                last block, captured by a hook during the standard forward (one trunk).
 carbseg:       ``CLIPTeacher``: batched, the last block's query-key attention never computed,
                bf16 autocast where the device has native bf16 (``--precision auto``).
+carbseg-sclip, carbseg-clearclip, carbseg-naclip: the same teacher with ``teacher.dense`` set to
+               the other dense forms of the last block (attention over all tokens comes back; NACLIP
+               with sigma 5). Their masks are not MaskCLIP's by design, so their "identical pixels"
+               column is left empty (on random weights any agreement would mean nothing).
 
 Each mode runs in its own process so that peak memory (RSS on CPU, allocator peak on GPU) is
 its own. Weights are random (no CLIP weights here), text embeddings random unit vectors: the
@@ -14,6 +18,12 @@ speed is that of the real model, and agreement is measured on the same inputs in
 
     python benchmarks/bench_teacher.py                         # 1024x512, 8 images, batch 4
     python benchmarks/bench_teacher.py --size 512x256 --images 4 --batch 2   # smoke run
+    python benchmarks/bench_teacher.py --modes carbseg,carbseg-naclip        # a subset of the modes
+    python benchmarks/bench_teacher.py --interleaved 5 --size 1024x512       # dense variants only
+
+``--interleaved R`` compares the four dense variants in ONE process on one model: R rounds, each
+timing every variant once in turn, median per variant. On a shared or throttling machine this
+ranks the variants more reliably than separate processes run one after another.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODES = ("baseline", "baseline-hook", "carbseg")
+MODES = ("baseline", "baseline-hook", "carbseg", "carbseg-sclip", "carbseg-clearclip", "carbseg-naclip")
 
 
 def make_inputs(n: int, height: int, width: int, num_classes: int = 19, seed: int = 0):
@@ -46,7 +56,7 @@ def make_inputs(n: int, height: int, width: int, num_classes: int = 19, seed: in
     return images.clamp(0, 255), labels
 
 
-def build(device):
+def build(device, variant: str = "maskclip"):
     import open_clip
 
     from carbseg.teacher.clip_dense import DenseCLIP
@@ -55,7 +65,12 @@ def build(device):
     model = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True).eval().to(device)
     model.requires_grad_(False)
     text = F.normalize(torch.randn(19, 512, generator=torch.Generator().manual_seed(1)), dim=-1).to(device)
-    return model, DenseCLIP(model.visual), text
+    return model, DenseCLIP(model.visual, variant=variant), text
+
+
+def variant_of(mode: str) -> str:
+    """carbseg -> maskclip; carbseg-NAME -> NAME (the ``teacher.dense`` choice)."""
+    return mode.split("-", 1)[1] if mode.startswith("carbseg-") else "maskclip"
 
 
 @torch.no_grad()
@@ -98,9 +113,9 @@ def child(args) -> None:
     device = torch.device(args.device)
     height, width = _hw(args.size)
     images, labels = make_inputs(args.images, height, width)
-    _, dense, text = build(device)
+    _, dense, text = build(device, variant_of(args.mode))
     warm = images[: min(args.batch, args.images)]
-    if args.mode == "carbseg":
+    if args.mode.startswith("carbseg"):
         def fn(ims, lbs):
             return run_fast(dense, text, ims, lbs, device, args.batch, args.precision)
     else:
@@ -122,6 +137,40 @@ def child(args) -> None:
                       "peak_mib": peak}))
 
 
+def interleaved(args) -> None:
+    """Median seconds per image of each dense variant, timed in turn over ``args.interleaved`` rounds."""
+    from carbseg.teacher.clip_dense import DENSE_VARIANTS
+    from carbseg.teacher.clip_teacher import native_bf16
+
+    device = torch.device(args.device)
+    height, width = _hw(args.size)
+    images, labels = make_inputs(args.images, height, width)
+    model, dense, text = build(device)
+    denses = {v: type(dense)(model.visual, variant=v) for v in DENSE_VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in DENSE_VARIANTS}
+    for round_ in range(args.interleaved + 1):  # round 0 warms up
+        for variant, d in denses.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run_fast(d, text, images, labels, device, args.batch, args.precision)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_:
+                times[variant].append((time.perf_counter() - start) / args.images)
+    used = args.precision if args.precision != "auto" else ("bf16" if native_bf16(device) else "fp32")
+    grid = dense.grid_of(height, width)
+    print(f"dense variants, ViT-B/16, {args.size} ({grid[0]}x{grid[1]} patches), {args.images} images, batch "
+          f"{args.batch}, device {args.device}, torch threads {torch.get_num_threads()}, precision {used}, "
+          f"{args.interleaved} interleaved rounds")
+    print("| dense | s/image (median) | min | max | vs maskclip |")
+    print("|---|---|---|---|---|")
+    base = float(np.median(times["maskclip"]))
+    for variant, t in times.items():
+        med = float(np.median(t))
+        print(f"| {variant} | {med:.3f} | {min(t):.3f} | {max(t):.3f} | {med / base:.2f}x |")
+
+
 def _hw(size: str) -> tuple[int, int]:
     width, height = (int(v) for v in size.lower().split("x"))
     return height, width
@@ -135,6 +184,10 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated modes to run (default: all); baseline is always run as the reference")
+    p.add_argument("--interleaved", type=int, default=0, metavar="R",
+                   help="only compare the dense variants, in one process, over R interleaved rounds")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--masks-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -143,9 +196,16 @@ def main() -> None:
     if args.mode:
         child(args)
         return
+    if args.interleaved:
+        interleaved(args)
+        return
+    modes = ["baseline"] + [m for m in MODES if m != "baseline" and m in args.modes.split(",")]
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        sys.exit(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
+        for mode in modes:
             masks_file = str(Path(tmp) / f"{mode}.npy")
             cmd = [sys.executable, __file__, "--mode", mode, "--masks-out", masks_file, "--size", args.size,
                    "--images", str(args.images), "--batch", str(args.batch), "--precision", args.precision,
@@ -162,14 +222,16 @@ def main() -> None:
         ("bf16" if native_bf16(torch.device(args.device)) else "fp32")
     print(f"CLIP teacher ViT-B/16, {args.size}, {args.images} images, device {args.device}, "
           f"torch threads {args.threads or torch.get_num_threads()}, carbseg precision {args.precision} -> {used}")
-    print("| mode | batch | precision | images/s | speed-up | identical pixels | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|---|")
-    for mode in MODES:
+    print("| mode | dense | batch | precision | images/s | speed-up | identical pixels | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in modes:
         r = results[mode]
-        batch, prec = (args.batch, used) if mode == "carbseg" else (1, "fp32")
-        same = float((results["baseline"]["masks"] == r["masks"]).mean() * 100)
-        print(f"| {mode} | {batch} | {prec} | {r['images_per_s']:.3f} | {r['images_per_s'] / base_ips:.2f}x | "
-              f"{same:.2f}% | {r['peak_mib']:.0f} |")
+        batch, prec = (args.batch, used) if mode.startswith("carbseg") else (1, "fp32")
+        variant = variant_of(mode)
+        same = "" if variant != "maskclip" else \
+            f"{float((results['baseline']['masks'] == r['masks']).mean() * 100):.2f}%"
+        print(f"| {mode} | {variant} | {batch} | {prec} | {r['images_per_s']:.3f} | "
+              f"{r['images_per_s'] / base_ips:.2f}x | {same} | {r['peak_mib']:.0f} |")
 
 
 if __name__ == "__main__":

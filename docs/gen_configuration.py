@@ -41,6 +41,8 @@ MEANINGS: dict[str, str] = {
     "teacher.kind": "`clip` (the method's frozen CLIP teacher); research instruments: `simulated` (reads the GROUND TRUTH) or `proxy` (frozen ImageNet features + a classifier fitted on a few labelled images)",
     "teacher.clip_model": "open_clip ViT name (ViT-B-16 as in the paper) or a JSON model config file",
     "teacher.clip_pretrained": "open_clip tag (`openai`), a local weights file (.pt, .bin, .safetensors), or `none` (random weights: meaningless masks)",
+    "teacher.dense": "dense form of CLIP's last block: `maskclip` (the paper's value path), `sclip`, `clearclip` or `naclip` (training-free attention changes; docs/teacher.md compares them)",
+    "teacher.naclip_sigma": "`naclip` only: width (standard deviation, in patches) of the Gaussian neighbourhood added to the attention logits; 5 as in NACLIP",
     "teacher.text_templates": "prompt templates: `ensemble85` (the paper's 85), `single`, or a text file with one template per line containing {}",
     "teacher.scales": "multi-scale factors of the teacher's input (scores averaged)",
     "teacher.key_smoothing": "MaskCLIP key smoothing of the dense scores",

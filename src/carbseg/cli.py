@@ -116,6 +116,10 @@ def _add_pseudo_masks(sub) -> None:
                    "or a JSON model config file")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip tag, local weights file (.pt, .bin, "
                    ".safetensors), or none (random weights: meaningless masks)")
+    p.add_argument("--dense", choices=("maskclip", "sclip", "clearclip", "naclip"), default="maskclip",
+                   help="last-block dense form of the CLIP teacher: maskclip (default, the paper's value path), "
+                        "sclip, clearclip or naclip (training-free attention changes; see docs/teacher.md)")
+    p.add_argument("--naclip-sigma", type=float, default=5.0, help="naclip: neighbourhood width in patches")
     p.add_argument("--templates", default="ensemble85",
                    help="prompt templates: ensemble85 (default), single, or a text file (one per line with {})")
     p.add_argument("--scales", default="1.0", help="comma-separated multi-scale factors, e.g. 0.75,1.0,1.25")
@@ -174,6 +178,7 @@ def _run_pseudo_masks(args) -> int:
             return dense_crf(image, mask, num_classes)
 
     cfg = TeacherConfig(kind=args.teacher, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                        dense=args.dense, naclip_sigma=args.naclip_sigma,
                         text_templates=args.templates, scales=scales, key_smoothing=args.key_smoothing,
                         prompt_denoising=args.prompt_denoising, confidence_threshold=args.confidence_threshold,
                         patch_size=args.patch_size, noise=args.noise, cache_dir=args.cache_dir,

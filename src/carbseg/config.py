@@ -47,6 +47,8 @@ class TeacherConfig:
     kind: str = "clip"
     clip_model: str = "ViT-B-16"
     clip_pretrained: str = "openai"  # open_clip tag, local file, or none
+    dense: str = "maskclip"  # last-block dense form: maskclip (the paper's) | sclip | clearclip | naclip
+    naclip_sigma: float = 5.0  # NACLIP's Gaussian neighbourhood width, in patches
     text_templates: str = "ensemble85"  # ensemble85 | single | path to a text file, one template per line
     scales: list[float] = field(default_factory=lambda: [1.0])
     key_smoothing: bool = False
@@ -135,6 +137,7 @@ class Config:
 CHOICES = {
     "data.dataset": ("cityscapes", "camvid", "wilddash2", "synthetic", "folder"),
     "teacher.kind": ("clip", "simulated", "proxy"),
+    "teacher.dense": ("maskclip", "sclip", "clearclip", "naclip"),
     "model.backbone": ("resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"),
     "model.classifier": ("text", "learned"),
     "train.amp": ("auto", "bf16", "fp16", "off"),

@@ -48,7 +48,7 @@ def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str 
                                        cache_dir=cfg.cache_dir, templates=cfg.text_templates, model=model)
     if embeddings.shape[1] != model.visual.output_dim:
         raise UserError("text embedding width does not match the CLIP image tower")
-    dense = DenseCLIP(model.visual)
+    dense = DenseCLIP(model.visual, variant=cfg.dense, naclip_sigma=cfg.naclip_sigma)
     del model.transformer, model.token_embedding  # only the image tower is needed from here on
     return CLIPTeacher(dense, embeddings, scales=cfg.scales, use_key_smoothing=cfg.key_smoothing,
                        use_prompt_denoising=cfg.prompt_denoising, confidence_threshold=cfg.confidence_threshold,

@@ -12,6 +12,18 @@ features, the last block's query-key attention is never computed:
 
 Any input size works: the learned positional embedding is interpolated bicubically to the
 input's patch grid (cached per grid size, since the teacher sees the same few view sizes).
+
+Later training-free work changes the same last block differently; each is a choice of
+``variant`` (``teacher.dense``), everything before the last block and after it (``ln_post``,
+``proj``) being shared. With per-head q, k, v = the last block's projections of ln_1(x) over all
+tokens (CLS included, as in the authors' code), s = head_dim ** -0.5 and A(u, w) = softmax(s u w^T):
+
+    sclip:      x + out_proj((A(q, q) + A(k, k)) v), then + mlp(ln_2(.))  (SCLIP, correlative
+                self-attention; the two maps are summed, not renormalised: rows sum to 2)
+    clearclip:  out_proj(A(q, q) v)                 (ClearCLIP: no residual, no feed-forward)
+    naclip:     out_proj(softmax(s k k^T + Omega) v) (NACLIP: key-key similarity plus a Gaussian
+                neighbourhood Omega[p, p'] = exp(-|p - p'|^2 / (2 sigma^2)) over patch-grid
+                positions, 0 in the CLS row and column; no residual, no feed-forward)
 """
 
 from __future__ import annotations
@@ -22,21 +34,35 @@ from torch import nn
 
 from carbseg.errors import UserError
 
+#: The dense variants of the last block (``teacher.dense``); ``maskclip`` is the paper's teacher.
+DENSE_VARIANTS = ("maskclip", "sclip", "clearclip", "naclip")
+#: NACLIP's Gaussian neighbourhood width in patches (the authors' default).
+NACLIP_SIGMA = 5.0
+
 
 class DenseCLIP(nn.Module):
     """Wraps an open_clip ``VisionTransformer`` (``model.visual``); its weights are shared, not copied.
 
     Inputs are CLIP-normalised images (B, 3, H, W); H and W are cut down to multiples of the patch
     size (the last partial row/column of pixels is not seen, as in a strided convolution).
+    variant: the last block's dense form, one of ``DENSE_VARIANTS`` (module docstring);
+    naclip_sigma: NACLIP's neighbourhood width in patches (used by ``naclip`` only).
     """
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, variant: str = "maskclip", naclip_sigma: float = NACLIP_SIGMA):
         super().__init__()
+        if variant not in DENSE_VARIANTS:
+            raise UserError(f"teacher.dense = {variant!r} is not valid; choose one of {', '.join(DENSE_VARIANTS)}")
+        if not naclip_sigma > 0:
+            raise UserError(f"teacher.naclip_sigma must be positive, got {naclip_sigma}")
         self._check_supported(visual)
         self.visual = visual
+        self.variant = variant
+        self.naclip_sigma = float(naclip_sigma)
         self.patch_size = tuple(visual.patch_size)
         self.native_grid = tuple(visual.grid_size)
         self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._omega_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
 
     @staticmethod
     def _check_supported(visual: nn.Module) -> None:
@@ -118,6 +144,54 @@ class DenseCLIP(nn.Module):
         b_k = attn.in_proj_bias[d: 2 * d] if attn.in_proj_bias is not None else None
         return F.linear(block.ln_1(x), attn.in_proj_weight[d: 2 * d], b_k)
 
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k, v (B, heads, N, head_dim) of the last block, from ln_1(x)."""
+        attn = self.visual.transformer.resblocks[-1].attn
+        qkv = F.linear(self.visual.transformer.resblocks[-1].ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        b, n, _ = qkv.shape
+        qkv = qkv.view(b, n, 3, attn.num_heads, attn.embed_dim // attn.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) -> out_proj of the concatenated heads, (B, N, width)."""
+        b, h, n, d = out.shape
+        return self.visual.transformer.resblocks[-1].attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def neighbourhood(self, grid: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+        """NACLIP's Omega, (1 + gh*gw, 1 + gh*gw): a Gaussian of the patches' grid distance, added to the
+        attention logits; the CLS token (index 0) has no grid position and gets 0. Cached per grid."""
+        key = (grid[0], grid[1], dtype, torch.device(device))
+        cached = self._omega_cache.get(key)
+        if cached is not None:
+            return cached
+        ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+        pos = torch.stack([ys.flatten(), xs.flatten()], dim=1)  # (gh*gw, 2), row-major like the tokens
+        gauss = torch.exp(-torch.cdist(pos, pos).square() / (2.0 * self.naclip_sigma ** 2))
+        omega = F.pad(gauss, (1, 0, 1, 0)).to(device=device, dtype=dtype)
+        self._omega_cache[key] = omega
+        return omega
+
+    def attention_block(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The last block as changed by SCLIP, ClearCLIP or NACLIP (``self.variant``), on all tokens (B, N, width).
+
+        Attention runs through ``scaled_dot_product_attention`` (its default scale is head_dim ** -0.5,
+        the block's own); the attention maps are never materialised where the backend can avoid it.
+        """
+        block = self.visual.transformer.resblocks[-1]
+        q, k, v = self._heads(x)
+        sdpa = F.scaled_dot_product_attention
+        if self.variant == "sclip":
+            # Correlative self-attention: (softmax(q q^T) + softmax(k k^T)) v = both products summed.
+            x = x + block.ls_1(self._merge_heads(sdpa(q, q, v) + sdpa(k, k, v)))
+            return x + block.ls_2(block.mlp(block.ln_2(x)))
+        if self.variant == "clearclip":
+            return block.ls_1(self._merge_heads(sdpa(q, q, v)))
+        if self.variant == "naclip":
+            omega = self.neighbourhood(grid, q.dtype, q.device)
+            return block.ls_1(self._merge_heads(sdpa(k, k, v, attn_mask=omega)))
+        raise ValueError(f"attention_block does not implement variant = {self.variant!r}")
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm and visual projection into the joint image-text space."""
         x = self.visual.ln_post(x)
@@ -127,7 +201,10 @@ class DenseCLIP(nn.Module):
         """Patch features (B, D, gh, gw) in the joint space (not normalised); optionally last-block keys."""
         x, grid = self._tokens_before_last_block(images)
         patches = x[:, 1:]  # the value path is per token: the CLS token is not needed
-        feats = self.project(self.value_path(patches))
+        if self.variant == "maskclip":
+            feats = self.project(self.value_path(patches))
+        else:  # attention mixes tokens: the CLS token takes part, its output is dropped
+            feats = self.project(self.attention_block(x, grid)[:, 1:])
         feats = feats.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
         if not with_keys:
             return feats
