@@ -58,8 +58,8 @@ class TeacherConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet50 | resnet101 | efficientnet_lite0 | small | tiny
-    pretrained: str = "imagenet"  # imagenet | none | path to a weights file
+    backbone: str = "resnet50_v1c"  # resnet50_v1c | resnet101_v1c (the release's) | resnet50 | resnet101 | ...
+    pretrained: str = "imagenet"  # imagenet | none | path or http(s) URL of a weights file
     output_stride: int = 8
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     head_channels: int = 512
@@ -131,7 +131,8 @@ class Config:
 CHOICES = {
     "data.dataset": ("cityscapes", "camvid", "wilddash2", "synthetic", "folder"),
     "teacher.kind": ("clip", "simulated"),
-    "model.backbone": ("resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"),
+    "model.backbone": ("resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0", "small",
+                       "tiny"),
     "model.classifier": ("text", "learned"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "eval.mode": ("whole", "slide"),
