@@ -20,10 +20,10 @@ from carbseg.config import ModelConfig, config_from_dict
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(root: Path, **sections):
+def tiny_config(root: Path, device: str = "cpu", **sections):
     """A training config that runs in a fraction of a second per iteration on CPU."""
     data = {
-        "name": "tiny", "seed": 7, "device": "cpu",
+        "name": "tiny", "seed": 7, "device": device,
         "data": {"dataset": "synthetic", "root": str(root), "crop_size": [32, 64], "resize": [128, 64],
                  "ratio_range": [0.75, 1.5], "batch_size": 2, "num_workers": 0},
         "teacher": {"kind": "simulated", "patch_size": 8, "noise": 0.3},
