@@ -43,7 +43,7 @@ def time_mode(run, images: torch.Tensor, iters: int, warmup: int, device: torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet50", choices=("resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"))
+    parser.add_argument("--backbone", default="resnet50", choices=("resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"))
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--full", action="store_true", help="2048x1024 (Cityscapes full resolution), meant for a GPU")

@@ -42,7 +42,7 @@ PARTS = ("teacher_global", "teacher_local", "forward", "loss", "backward", "opti
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backbone", default="tiny", choices=("tiny", "resnet50", "resnet101", "efficientnet_lite0"))
+    p.add_argument("--backbone", default="tiny", choices=("tiny", "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0"))
     p.add_argument("--classifier", default="learned", choices=("learned", "text"))
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=256)

@@ -10,6 +10,18 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests are skipped on machines without CUDA (they run in benchmarks/gpu_check.py)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def camvid_root() -> Path:
     root = SHARED_DATA / "camvid"

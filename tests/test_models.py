@@ -39,7 +39,9 @@ def tiny_cfg(**kw) -> ModelConfig:
         ("tiny", 64),
         ("small", 96),
         ("resnet50", 2048),
+        ("resnet50_v1c", 2048),
         pytest.param("resnet101", 2048, marks=pytest.mark.slow),
+        pytest.param("resnet101_v1c", 2048, marks=pytest.mark.slow),
         ("efficientnet_lite0", 320),
     ],
 )

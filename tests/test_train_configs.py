@@ -41,7 +41,7 @@ def test_dataset_configs_follow_the_release(name, num_classes, crop, iters, warm
     assert (cfg.glv.scale_offset, cfg.glv.scale_rate) == scale and cfg.glv.patch_size == [512, 256]
     assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay) == (0.005, 0.9, 0.0005)
     assert (cfg.train.poly_power, cfg.train.min_lr) == (0.9, 1e-4)
-    assert cfg.model.backbone == "resnet50" and cfg.model.aspp_dilations == [6, 12, 18, 24]
+    assert cfg.model.backbone == "resnet50_v1c" and cfg.model.aspp_dilations == [6, 12, 18, 24]
     assert cfg.carb.queue_size == 5 and cfg.carb.coeff == 1.0 and cfg.carb.fixed_coefficient is None
     if name == "camvid_carb":
         assert cfg.data.resize == [960, 720] and cfg.data.ratio_range == [1.0, 4.0]

@@ -163,7 +163,10 @@ def _run_pseudo_masks(args) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else torch.device(args.device)
-    if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
+    if device.type == "cuda" and distributed.launched_by_torchrun():
+        if device.index is not None and device.index != distributed.local_rank():
+            raise UserError(f"--device {args.device} under torchrun would put every rank on that GPU; "
+                            "pass --device cuda (each rank takes GPU LOCAL_RANK) or restrict CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", distributed.local_rank())  # one GPU per torchrun rank
     dataset = _dataset_from_args(args)
     labels = read_labels_json(args.labels, dataset.classes)
@@ -183,15 +186,16 @@ def _run_pseudo_masks(args) -> int:
                         prompt_denoising=args.prompt_denoising, confidence_threshold=args.confidence_threshold,
                         patch_size=args.patch_size, noise=args.noise, cache_dir=args.cache_dir,
                         proxy_weights=args.proxy_weights)
-    # Weights are resolved here, before the output folder exists: missing weights write nothing.
-    teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
+    # The process group first: it binds this rank to its GPU before the teacher touches CUDA.
     distributed.init_from_env(device.type)
     try:
+        # Weights are resolved here, before the output folder exists: missing weights write nothing.
+        teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
         report = generate_pseudo_masks(dataset, labels, teacher, args.out, device=device,
                                        batch_size=args.batch_size, num_workers=args.workers, refine=refine,
                                        progress=not args.no_progress and distributed.is_main_process())
     finally:
-        distributed.barrier()
+        distributed.barrier(device)
         distributed.shutdown()
     print(f"pseudo-masks: wrote {report.written}, skipped {report.skipped} existing, "
           f"{report.total} images in the split -> {args.out}")

@@ -64,8 +64,8 @@ class TeacherConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet50 | resnet101 | efficientnet_lite0 | small | tiny
-    pretrained: str = "imagenet"  # imagenet | none | path to a weights file
+    backbone: str = "resnet50_v1c"  # resnet50_v1c | resnet101_v1c (the release's) | resnet50 | resnet101 | ...
+    pretrained: str = "imagenet"  # imagenet | none | path or http(s) URL of a weights file
     output_stride: int = 8
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     head_channels: int = 512
@@ -102,7 +102,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     min_lr: float = 1e-4
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on Ampere+ GPUs, fp16 on older ones, off on CPU) | bf16 | fp16 | off
     grad_accum: int = 1
     eval_interval: int = 2000
     checkpoint_interval: int = 1000
@@ -138,7 +138,8 @@ CHOICES = {
     "data.dataset": ("cityscapes", "camvid", "wilddash2", "synthetic", "folder"),
     "teacher.kind": ("clip", "simulated", "proxy"),
     "teacher.dense": ("maskclip", "sclip", "clearclip", "naclip"),
-    "model.backbone": ("resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"),
+    "model.backbone": ("resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0", "small",
+                       "tiny"),
     "model.classifier": ("text", "learned"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "eval.mode": ("whole", "slide"),

@@ -36,14 +36,36 @@ def launched_by_torchrun() -> bool:
 def init_from_env(device_type: str, timeout_s: float = 600.0) -> None:
     """Join the process group that torchrun describes (NCCL on GPU, gloo on CPU); no-op otherwise.
 
-    The timeout bounds how long a rank waits for a peer that died, so one failing rank ends all.
+    Each rank is bound to GPU ``LOCAL_RANK`` (``set_device`` and ``device_id``), so NCCL never
+    guesses a device. The timeout bounds how long a rank waits for a peer that died, so one failing
+    rank ends all.
     """
     if not launched_by_torchrun() or is_distributed():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
+    kwargs = {}
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def collective_device(preferred: torch.device | str | None = None) -> torch.device:
+    """The device a collective's tensor must live on: the CPU for gloo; for NCCL the process's GPU.
+
+    ``preferred`` (the caller's own device, e.g. the trainer's) wins when it is a GPU; otherwise
+    torchrun's one-GPU-per-rank convention (``cuda:LOCAL_RANK``) is used, not the "current" device,
+    which is still GPU 0 on every rank when the caller made the process group without ``set_device``.
+    """
+    if not is_distributed() or dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    if preferred is not None and torch.device(preferred).type == "cuda":
+        preferred = torch.device(preferred)
+        return preferred if preferred.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", local_rank())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def shutdown() -> None:
@@ -51,8 +73,14 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if is_distributed():
+def barrier(device: torch.device | str | None = None) -> None:
+    """Wait for every process; under NCCL on the explicit GPU of this rank (see ``collective_device``)."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        index = collective_device(device).index
+        dist.barrier(device_ids=[index])
+    else:
         dist.barrier()
 
 

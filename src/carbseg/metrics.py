@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from carbseg.data.classes import IGNORE_INDEX
-from carbseg.distributed import all_reduce_sum_, is_distributed
+from carbseg.distributed import all_reduce_sum_, collective_device, is_distributed
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -127,13 +127,12 @@ class ConfusionMatrix:
             self.missed += missed
         self.num_images += num_images
 
-    def reduce_(self) -> ConfusionMatrix:
-        """Sum the counts of all processes in place (a no-op in a single process)."""
+    def reduce_(self, device: torch.device | str | None = None) -> ConfusionMatrix:
+        """Sum the counts of all processes in place (a no-op in a single process); ``device`` is
+        this process's GPU under NCCL (default: torchrun's ``cuda:LOCAL_RANK``)."""
         if not is_distributed():
             return self
-        import torch.distributed as dist
-
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = collective_device(device)
         packed = torch.from_numpy(
             np.concatenate([self.matrix.reshape(-1), self.missed, [self.num_images]]).astype(np.int64)
         ).to(device)

@@ -11,6 +11,7 @@ torch.export-based exporter needs ``onnxscript``).
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -45,8 +46,11 @@ def export_onnx(
     if height < 1 or width < 1:
         raise UserError(f"export size {height}x{width} must be positive")
     out_path = Path(out_path)
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device="cpu")
-    model = loaded.model.to("cpu").float().eval()
+    if isinstance(checkpoint, LoadedModel):
+        # A copy: the caller's model stays on its device, in its dtype and mode.
+        model = copy.deepcopy(checkpoint.model).to("cpu").float().eval()
+    else:
+        model = load_model(checkpoint, device="cpu").model.float().eval()
     example = torch.zeros(1, 3, height, width)
     free = {0: "batch", 2: "height", 3: "width"}
     dynamic_axes = {INPUT_NAME: free, OUTPUT_NAME: free} if dynamic else None

@@ -2,7 +2,7 @@
 
 Every function takes images as float tensors (B, 3, H, W) in 0..255 (the segmenter applies its own
 normalisation) and returns float32 logits (B, C, H, W) at the input size. They run under
-``torch.inference_mode`` and, on a GPU, bf16 autocast (the logits are returned in float32).
+``torch.inference_mode`` and, on a GPU, autocast (bf16; fp16 before Ampere; the logits are returned in float32).
 
 The release tests Cityscapes on the whole 2048x1024 image at a single scale; the sliding window
 (mmsegmentation's ``slide`` mode: overlapping crops, logits summed and divided by how many crops
@@ -37,12 +37,23 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def autocast_for(device: torch.device, amp: bool | None = None):
-    """bf16 autocast on CUDA (the default there), nothing on CPU unless asked (CPU bf16 is slow)."""
-    use = device.type == "cuda" if amp is None else amp
-    if not use:
+def autocast_for(device: torch.device, amp: bool | torch.dtype | None = None):
+    """Autocast for inference: ``None`` (default) is the device's fast precision on CUDA (bf16 from
+    Ampere on, fp16 on older GPUs where bf16 is emulated) and nothing on CPU (CPU bf16 is slow);
+    ``True`` the fast precision (bf16 on a CPU); ``False`` none; a dtype exactly that dtype."""
+    from carbseg.precision import fast_autocast_dtype
+
+    if isinstance(amp, torch.dtype):
+        dtype: torch.dtype | None = amp
+    elif amp is None:
+        dtype = fast_autocast_dtype(device) if device.type == "cuda" else None
+    elif amp:
+        dtype = fast_autocast_dtype(device) or torch.bfloat16
+    else:
+        dtype = None
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resize_logits(logits: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
@@ -52,7 +63,7 @@ def resize_logits(logits: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size_hw), mode="bilinear", align_corners=False)
 
 
-def _forward(model: torch.nn.Module, images: torch.Tensor, amp: bool | None) -> torch.Tensor:
+def _forward(model: torch.nn.Module, images: torch.Tensor, amp: bool | torch.dtype | None) -> torch.Tensor:
     with autocast_for(images.device, amp):
         logits = model(images)
     return resize_logits(logits.float(), images.shape[-2:])
@@ -64,7 +75,7 @@ def _check_images(images: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def predict_whole(model: torch.nn.Module, images: torch.Tensor, amp: bool | None = None) -> torch.Tensor:
+def predict_whole(model: torch.nn.Module, images: torch.Tensor, amp: bool | torch.dtype | None = None) -> torch.Tensor:
     """One forward pass over the whole image; logits (B, C, H, W) float32 at the input size."""
     _check_images(images)
     images = images.to(_device_of(model), dtype=torch.float32)
@@ -100,7 +111,7 @@ def predict_slide(
     stride_hw: Sequence[int],
     num_classes: int,
     windows_per_batch: int = 4,
-    amp: bool | None = None,
+    amp: bool | torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sliding-window logits: each pixel gets the mean of the logits of the crops covering it."""
     _check_images(images)
@@ -135,7 +146,7 @@ def predict_tta(
     stride_hw: Sequence[int] | None = None,
     num_classes: int | None = None,
     average: str = "softmax",
-    amp: bool | None = None,
+    amp: bool | torch.dtype | None = None,
 ) -> torch.Tensor:
     """Multi-scale and horizontal-flip test-time augmentation, averaged at the input size.
 
@@ -185,7 +196,7 @@ def predict(
     num_classes: int | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
-    amp: bool | None = None,
+    amp: bool | torch.dtype | None = None,
 ) -> torch.Tensor:
     """Dispatch: plain whole/slide for a single unflipped scale of 1, TTA otherwise."""
     if list(scales) == [1.0] and not flip:

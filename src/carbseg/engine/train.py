@@ -84,9 +84,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU by default; on CPU only when asked (it is slower there on most machines)."""
+    """``auto``: bf16 autocast on GPUs where bf16 is native (Ampere and newer), fp16 with the
+    GradScaler on older ones (V100, T4, RTX 20xx emulate bf16, several times slower), nothing on CPU
+    (it is slower there on most machines)."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
+    if amp == "auto":
+        from carbseg.precision import fast_autocast_dtype
+
+        return fast_autocast_dtype(device)
     if amp == "fp16":
         if device.type != "cuda":
             raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
@@ -313,7 +319,7 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = dist.is_main_process()
         self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
-        dist.barrier()
+        dist.barrier(self.device)
         self.amp = amp_dtype(cfg.train.amp, self.device)
         self.single_path = bool(cfg.data.pseudo_masks)
 
@@ -330,10 +336,10 @@ class Trainer:
         if not self.single_path:
             from carbseg.teacher.build import build_teacher
 
-            # bf16 CLIP blocks on GPU (or when AMP is asked for); on CPU bf16 was 4-8x slower in
-            # benchmarks/bench_train_step.py on a CPU without native bf16, so fp32 there.
-            precision = "bf16" if (self.device.type == "cuda" or self.amp is not None) else "fp32"
-            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, precision=precision,
+            # The teacher's precision is its own, as in `carbseg pseudo-masks` (default auto: bf16
+            # CLIP blocks where bf16 is native, fp32 elsewhere), never train.amp's: the online
+            # masks then equal the offline ones whatever train.amp is.
+            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, precision="auto",
                                          seed=cfg.seed)
         read_gt = bool(self.teacher is not None and self.teacher.reads_ground_truth)
         if read_gt:
@@ -352,8 +358,11 @@ class Trainer:
                             class_embeddings=None if teacher_embeddings is None else teacher_embeddings.cpu())
         if self.world > 1 and self.device.type == "cuda":
             # SyncBN only when distributed (the release required it even on one GPU); PyTorch's
-            # SyncBN is CUDA-only, so CPU (gloo) runs keep per-process BN statistics.
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # SyncBN is CUDA-only, so CPU (gloo) runs keep per-process BN statistics. timm's
+            # converter keeps the activation inside BatchNormAct2d (EfficientNet-Lite0's ReLU6).
+            from carbseg.models.segmenter import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model)
         model.to(self.device)
         if self.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -395,11 +404,11 @@ class Trainer:
             "loss_queue": self.loss_queue.state_dict(),
             "nonfinite": self.nonfinite.state_dict(),
             "scaler": self.scaler.state_dict(),
+            # No CUDA generator state: every iteration reseeds all generators from (seed, iteration,
+            # rank), so it is not needed, and restoring it would tie a resume to the number of GPUs.
             "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
             "config": dump_config(self.cfg),
         }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state(self) -> None:
@@ -415,9 +424,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             self.iteration = int(state["iteration"])
             torch.set_rng_state(state["rng"]["torch"])
-            _set_numpy_rng_state(state["rng"]["numpy"])
-            if "cuda" in state["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            _set_numpy_rng_state(state["rng"]["numpy"])  # a "cuda" entry of older checkpoints is ignored
         except (KeyError, RuntimeError, ValueError) as err:
             raise UserError(
                 f"{self.run_dir.checkpoint}: does not match this config's model or optimizer "
@@ -429,7 +436,7 @@ class Trainer:
 
         if self.is_main:
             save_training_state(self.run_dir.checkpoint, self.state_dict())
-        dist.barrier()
+        dist.barrier(self.device)
         return self.run_dir.checkpoint
 
     def save_model(self) -> Path:
@@ -437,7 +444,7 @@ class Trainer:
 
         if self.is_main:
             save_model(self.run_dir.model, self.model, self.cfg, self.classes)
-        dist.barrier()
+        dist.barrier(self.device)
         return self.run_dir.model
 
     # ---------------------------------------------------------------- step
@@ -456,7 +463,9 @@ class Trainer:
         if device.type == "cuda":
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, micro, self.rank, 1))
-        with torch.inference_mode(), autocast(device, self.amp):
+        # Outside the segmenter's autocast: the teacher runs at its own precision, so its masks
+        # equal `carbseg pseudo-masks`' under any train.amp (scores promised in fp32).
+        with torch.inference_mode():
             global_labels, patch, patch_labels = teacher_views(
                 self.teacher, batch, cfg, generator, self.single_path
             )
@@ -526,7 +535,7 @@ class Trainer:
             count = min(count, cfg.train.val_max_images)
         self.model.eval()
         matrix = ConfusionMatrix(self.classes.num_classes)
-        amp = self.amp is not None
+        amp = self.amp if self.amp is not None else False  # train.amp's dtype (fp16 stays fp16)
         for index in dist.shard(list(range(count))):
             sample = self.val_set[index]
             if sample.mask is None:
@@ -538,7 +547,7 @@ class Trainer:
             else:
                 logits = predict_whole(self.model, images, amp=amp)
             matrix.update(logits.argmax(1)[0].cpu(), torch.from_numpy(sample.mask).long())
-        matrix.reduce_()
+        matrix.reduce_(self.device)
         self.model.train()
         return matrix.report(self.classes.names)["miou"]
 

@@ -248,12 +248,8 @@ class LossQueue:
                 torch.as_tensor(inconsistent, dtype=torch.float64, device=device).detach().reshape(()),
             ]
         )
-        if (
-            distributed.is_distributed()
-            and device.type == "cpu"
-            and torch.distributed.get_backend() == "nccl"
-        ):
-            pair = pair.cuda()
+        # NCCL needs the pair on this process's GPU (named explicitly, never "the current device").
+        pair = pair.to(distributed.collective_device(device))
         distributed.all_reduce_mean_(pair)
         cons, incons = pair.tolist()
         self.consistent.append(float(cons))

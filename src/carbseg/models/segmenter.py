@@ -105,3 +105,17 @@ def build_segmenter(
     else:
         raise UserError(f"model.classifier = {cfg.classifier!r} is not valid; choose one of text, learned")
     return Segmenter(backbone, head, projection, classifier, num_classes)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``model`` as a SyncBatchNorm (statistics over all GPUs), activations kept.
+
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` turns timm's ``BatchNormAct2d`` (a BatchNorm
+    with its activation inside: all 48 of EfficientNet-Lite0's, each with its ReLU6) into a plain
+    SyncBatchNorm that drops the activation; timm's converter makes ``SyncBatchNormAct`` instead and
+    converts plain BatchNorms (ResNet's) exactly as PyTorch's does. Parameter and buffer names do
+    not change, so the saved model loads into the unconverted segmenter.
+    """
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(model)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from carbseg.precision import native_bf16
 from carbseg.teacher.clip_dense import DenseCLIP
 from carbseg.teacher.pseudo_masks import cosine_scores, masks_from_scores
 from carbseg.teacher.refine import key_smoothing, prompt_denoising
@@ -16,21 +17,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = ("auto", "bf16", "fp32")
 
-
-def native_bf16(device: torch.device) -> bool:
-    """True where bf16 matrix products are fast: CUDA with bf16, or a CPU with AVX512-BF16/AMX.
-
-    On CPUs without them (e.g. AVX2-only), oneDNN emulates bf16 and autocast is several times
-    *slower* than fp32 (measured 7x on the development machine; see benchmarks/RESULTS.md).
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
+__all__ = ["CLIPTeacher", "native_bf16"]  # native_bf16 lives in carbseg.precision
 
 
 class CLIPTeacher:
@@ -98,12 +85,17 @@ class CLIPTeacher:
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) cosine scores averaged over the scales (before any label restriction)."""
+        """(B, C, H, W) cosine scores averaged over the scales (before any label restriction).
+
+        A caller's autocast (the segmenter's, in training) is switched off here: the teacher's own
+        ``precision`` alone decides, so the masks made inside training equal ``carbseg pseudo-masks``'.
+        """
         normalised = self._normalise(images)
         total = None
-        for scale in self.scales:
-            s = self._scores_at_scale(normalised, scale)
-            total = s if total is None else total + s
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            for scale in self.scales:
+                s = self._scores_at_scale(normalised, scale)
+                total = s if total is None else total + s
         return total / len(self.scales)
 
     @torch.no_grad()
@@ -111,7 +103,8 @@ class CLIPTeacher:
                  valid: torch.Tensor | None = None, frames=None) -> torch.Tensor:
         scores = self.scores(images)  # ``frames`` is not needed: CLIP sees only the pixels
         labels = image_labels.to(scores.device).bool()
-        if self.use_prompt_denoising:
-            labels = prompt_denoising(scores, labels)
-        return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
-                                 None if valid is None else valid.to(scores.device))
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            if self.use_prompt_denoising:
+                labels = prompt_denoising(scores, labels)
+            return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
+                                     None if valid is None else valid.to(scores.device))

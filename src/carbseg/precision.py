@@ -1,0 +1,41 @@
+"""Which reduced precision a device runs fast: the one place the trainer, the teacher and inference ask.
+
+bf16 is only fast where the hardware has it: NVIDIA GPUs from Ampere on (compute capability >= 8.0)
+and CPUs with AVX512-BF16 / AMX. Elsewhere it is emulated -- on a V100, T4 or RTX 20xx PyTorch still
+*accepts* bf16 (``torch.cuda.is_bf16_supported()`` is True there, by emulation) but convolutions
+run several times slower than in fp32 -- so on those GPUs the mixed precision of choice is fp16
+(with a GradScaler when training), and the CLIP teacher stays in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AMPERE = (8, 0)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """True where bf16 matrix products are native: CUDA of compute capability >= 8.0, or a CPU with
+    AVX512-BF16/AMX (measured 7x slower than fp32 on an AVX2-only CPU; see benchmarks/RESULTS.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        return tuple(torch.cuda.get_device_capability(device)) >= AMPERE
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def fast_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The automatic mixed precision for ``device``: bf16 where native, fp16 on older CUDA GPUs,
+    none on a CPU without native bf16 (autocast would only slow it down)."""
+    device = torch.device(device)
+    if native_bf16(device):
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return None

@@ -1,0 +1,161 @@
+"""The CUDA paths on a real GPU (marker ``gpu``: skipped without CUDA; run by benchmarks/gpu_check.py).
+
+Autocast bf16 and fp16 with the GradScaler, channels_last, resume equality without any CUDA
+generator state, the teacher's bf16 path, the online teacher equal to the offline one, inference
+and export on CUDA, and -- with two or more GPUs -- NCCL training with SyncBN under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from carbseg.config import ModelConfig
+from carbseg.data.classes import SYNTHETIC
+from carbseg.data.synthetic import generate_synthetic_dataset
+from carbseg.precision import native_bf16
+from test_cuda_paths import tiny_config
+
+pytestmark = pytest.mark.gpu
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    generate_synthetic_dataset(root, "train", 4, 64, 128, seed=5, progress=False)
+    generate_synthetic_dataset(root, "val", 2, 64, 128, seed=5, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "off"])
+def test_training_under_each_precision(scenes, tmp_path, amp):
+    from carbseg.engine.checkpoint import load_training_state
+    from carbseg.engine.train import train
+
+    if amp == "bf16" and not native_bf16("cuda"):
+        pytest.skip("bf16 is emulated on this GPU")
+    cfg = tiny_config(scenes, train={"amp": amp, "max_iters": 6, "eval_interval": 6}, device="cuda")
+    weights = load_file(train(cfg, tmp_path / "run", progress=False))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    state = load_training_state(tmp_path / "run" / "checkpoint_last.pt")
+    assert "cuda" not in state["rng"]
+    if amp == "fp16" or (amp == "auto" and not native_bf16("cuda")):
+        assert state["scaler"]["scale"] > 0  # the GradScaler ran
+
+
+def test_resume_on_cuda_equals_an_uninterrupted_run(scenes, tmp_path):
+    from carbseg.engine.train import train
+
+    cfg = tiny_config(scenes, train={"amp": "off", "max_iters": 6}, device="cuda")
+    straight = load_file(train(cfg, tmp_path / "a", progress=False))
+    train(cfg, tmp_path / "b", max_iters=3, progress=False)
+    resumed = load_file(train(cfg, tmp_path / "b", resume=True, progress=False))
+    for key, value in straight.items():
+        assert torch.allclose(value.float(), resumed[key].float(), atol=1e-5, rtol=1e-4), key
+
+
+def test_channels_last_gives_the_same_logits():
+    from carbseg.models.segmenter import build_segmenter
+
+    cfg = ModelConfig(backbone="resnet50_v1c", pretrained="none", classifier="learned", head_channels=64)
+    torch.manual_seed(0)
+    model = build_segmenter(cfg, 19, load_pretrained=False).cuda().eval()
+    images = torch.rand(2, 3, 128, 256, device="cuda") * 255
+    with torch.no_grad():
+        plain = model(images)
+        model.to(memory_format=torch.channels_last)
+        last = model(images.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(plain, last, atol=1e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> dict:
+    import open_clip
+
+    from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
+
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    torch.save(open_clip.model.CLIP(**TINY_VIT_CONFIG).state_dict(), folder / "tiny.bin")
+    write_tiny_config(folder / "tiny.json")
+    return {"kind": "clip", "clip_model": str(folder / "tiny.json"), "clip_pretrained": str(folder / "tiny.bin"),
+            "text_templates": "single", "cache_dir": str(folder / "cache")}
+
+
+def test_teacher_bf16_path_on_cuda(tiny_clip):
+    from carbseg.teacher.build import build_teacher
+
+    cfg = tiny_config(Path("."), teacher=tiny_clip).teacher
+    images = torch.rand(2, 3, 256, 512, device="cuda") * 255
+    labels = torch.ones(2, SYNTHETIC.num_classes, dtype=torch.bool, device="cuda")
+    fp32 = build_teacher(cfg, SYNTHETIC, "cuda", precision="fp32")
+    auto = build_teacher(cfg, SYNTHETIC, "cuda", precision="auto")
+    assert auto.scores(images).dtype == torch.float32
+    agree = (fp32(images, labels) == auto(images, labels)).float().mean().item()
+    assert agree > (0.9 if native_bf16("cuda") else 0.999999)
+
+
+def test_online_teacher_on_cuda_equals_the_offline_one(scenes, tiny_clip, tmp_path, monkeypatch):
+    from carbseg.engine import train as train_module
+    from carbseg.teacher.build import build_teacher
+
+    seen = []
+    original = train_module.teacher_views
+
+    def recording(teacher, batch, cfg, generator, single_path):
+        out = original(teacher, batch, cfg, generator, single_path)
+        seen.append((batch["images"].clone(), batch["image_labels"].clone(), batch["valid"].clone(), out[0].clone()))
+        return out
+
+    monkeypatch.setattr(train_module, "teacher_views", recording)
+    cfg = tiny_config(scenes, teacher=tiny_clip, train={"amp": "auto", "max_iters": 2}, device="cuda")
+    train_module.train(cfg, tmp_path / "run", progress=False)
+    offline = build_teacher(cfg.teacher, SYNTHETIC, "cuda", precision="auto")
+    for images, labels, valid, online in seen:
+        assert torch.equal(offline(images, labels, valid=valid), online)
+
+
+def test_inference_and_export_on_cuda(tmp_path):
+    pytest.importorskip("onnx")
+    from carbseg.config import Config
+    from carbseg.engine.checkpoint import load_model, save_model
+    from carbseg.engine.export import export_onnx
+    from carbseg.engine.inference import predict_whole
+    from carbseg.models.segmenter import build_segmenter
+
+    cfg = Config(name="gpu")
+    cfg.model = ModelConfig(backbone="tiny", pretrained="none", classifier="learned", head_channels=16,
+                            aspp_dilations=[1, 2])
+    model = build_segmenter(cfg.model, SYNTHETIC.num_classes, load_pretrained=False)
+    path = save_model(tmp_path / "m.safetensors", model, cfg, SYNTHETIC)
+    cpu, gpu = load_model(path, "cpu"), load_model(path, "cuda")
+    images = torch.rand(2, 3, 64, 96) * 255
+    on_gpu = predict_whole(gpu.model, images.cuda())
+    assert on_gpu.dtype == torch.float32
+    assert (on_gpu.argmax(1).cpu() == predict_whole(cpu.model, images).argmax(1)).float().mean() > 0.95
+    export_onnx(gpu, tmp_path / "m.onnx", height=64, width=96)
+    assert next(gpu.model.parameters()).device.type == "cuda"  # the caller's model stays on its GPU
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL training needs two GPUs")
+def test_torchrun_nccl_training_with_syncbn(scenes, tmp_path):
+    import yaml
+
+    from carbseg.config import config_to_dict
+
+    cfg = tiny_config(scenes, model={"backbone": "efficientnet_lite0"}, train={"max_iters": 3}, device="cuda")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "carbseg",
+                           "train", "--config", str(path), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
