@@ -143,6 +143,7 @@ def _run_pseudo_masks(args) -> int:
     from carbseg import distributed
     from carbseg.config import TeacherConfig
     from carbseg.data.labels import read_labels_json
+    from carbseg.devices import parse_device
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
 
@@ -153,8 +154,7 @@ def _run_pseudo_masks(args) -> int:
         raise UserError(f"--scales {args.scales!r}: expected comma-separated numbers, e.g. 0.75,1.0,1.25") from None
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)
+    device = parse_device(args.device)
     if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
         device = torch.device("cuda", distributed.local_rank())  # one GPU per torchrun rank
     dataset = _dataset_from_args(args)

@@ -217,13 +217,10 @@ class PredictionSample:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> the first GPU when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but no CUDA GPU is available; use --device cpu")
-    return device
+    """``auto`` -> the first GPU when there is one, else the CPU (see carbseg.devices)."""
+    from carbseg.devices import parse_device
+
+    return parse_device(device)
 
 
 def _same_size_batches(dataset, batch_size: int):

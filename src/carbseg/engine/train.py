@@ -72,14 +72,11 @@ def derive_seed(*parts: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device = {name!r} but no CUDA GPU is visible; set device=cpu or device=auto")
-        if dist.launched_by_torchrun():
-            device = torch.device("cuda", dist.local_rank())
+    from carbseg.devices import parse_device
+
+    device = parse_device(name, option="device =")
+    if device.type == "cuda" and dist.launched_by_torchrun():
+        device = torch.device("cuda", dist.local_rank())
     return device
 
 
