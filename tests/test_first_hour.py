@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -88,3 +93,97 @@ def test_cuda_without_a_gpu_is_one_line(scenes, tmp_path, capsys, monkeypatch):
                  str(labels), "--out", str(tmp_path / "pm"), "--teacher", "simulated", "--device", "cuda"]) == 2
     error_line(capsys.readouterr().err, "pseudo-masks", "--device 'cuda' but no CUDA GPU is visible", "carbseg doctor")
     assert not (tmp_path / "pm").exists()
+
+
+# ---------------------------------------------------------------- a run that fails after starting
+def _truncate(image: Path) -> bytes:
+    good = image.read_bytes()
+    image.write_bytes(good[:200])
+    return good
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_train_that_failed_after_starting_can_be_rerun_or_resumed(resume, scenes, tmp_path, capsys):
+    """A corrupt image met at iteration 2 (read by a DataLoader worker): one line naming it, and after
+    the fix the same command, or the same with --resume, trains in that folder."""
+    data = shutil.copytree(scenes, tmp_path / "scenes")
+    config = tiny_train_config(tmp_path / "tiny.yaml", data, data={"num_workers": 1})
+    image = data / "images" / "train" / "synth_train_000001.png"
+    good = _truncate(image)
+    out = tmp_path / "run"
+    command = ["train", "--config", str(config), "--out", str(out), "--max-iters", "3", "--no-progress"]
+    assert main(command) == 2
+    line = error_line(capsys.readouterr().err, "train", str(image), "truncated", "re-download or remove")
+    assert "Traceback" not in line and "DataLoader worker" not in line
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "tb"]  # stopped before a checkpoint
+    image.write_bytes(good)
+    assert main(command + (["--resume"] if resume else [])) == 0
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3]  # the failed run's line is gone
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_folder_with_a_finished_run_or_other_files_is_still_protected(scenes, tmp_path, capsys):
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: x\n")
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "--config", str(config), "--out", str(out), "--max-iters", "1"]) == 2
+    error_line(capsys.readouterr().err, "train", "not empty", "--resume")
+    assert main(["train", "--config", str(config), "--out", str(out / "notes.txt"), "--max-iters", "1"]) == 2
+    error_line(capsys.readouterr().err, "train", "notes.txt: is a file, not a run directory")
+
+
+def test_corrupt_image_in_a_pseudo_masks_worker_is_one_line(scenes, tmp_path, capsys):
+    data = shutil.copytree(scenes, tmp_path / "scenes")
+    labels = tmp_path / "labels.json"
+    assert main(["labels", "--dataset", "synthetic", "--root", str(data), "--out", str(labels)]) == 0
+    image = data / "images" / "train" / "synth_train_000002.png"
+    _truncate(image)
+    capsys.readouterr()
+    assert main(["pseudo-masks", "--dataset", "synthetic", "--root", str(data), "--split", "train", "--labels",
+                 str(labels), "--out", str(tmp_path / "pm"), "--teacher", "simulated", "--workers", "2"]) == 2
+    line = error_line(capsys.readouterr().err, "pseudo-masks", str(image), "truncated")
+    assert line == (f"carbseg pseudo-masks: error: {image}: cannot read image (image file is truncated); "
+                    "re-download or remove this file")
+
+
+# ---------------------------------------------------------------- progress bars
+def _labels_command(scenes, out, *extra):
+    return ["labels", "--dataset", "synthetic", "--root", str(scenes), "--out", str(out), *extra]
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_no_progress(scenes, tmp_path, capsys, monkeypatch):
+    assert main(_labels_command(scenes, tmp_path / "a.json")) == 0
+    assert "image-level labels" not in capsys.readouterr().err  # stderr is not a terminal under pytest
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(_labels_command(scenes, tmp_path / "b.json")) == 0
+    assert "image-level labels: 100%" in capsys.readouterr().err
+    assert main(_labels_command(scenes, tmp_path / "c.json", "--no-progress")) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["labels", "convert-wilddash2", "pseudo-masks", "evaluate", "train", "predict",
+                                     "demo", "synthesize"])
+def test_every_long_command_has_no_progress(command):
+    from carbseg.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    assert "--no-progress" in sub.format_help()
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar(scenes, tmp_path, capsys, monkeypatch):
+    data = shutil.copytree(scenes, tmp_path / "scenes")
+    labels = tmp_path / "labels.json"
+    assert main(_labels_command(data, labels, "--no-progress")) == 0
+    image = data / "images" / "train" / "synth_train_000002.png"
+    _truncate(image)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    capsys.readouterr()
+    assert main(["pseudo-masks", "--dataset", "synthetic", "--root", str(data), "--split", "train", "--labels",
+                 str(labels), "--out", str(tmp_path / "pm"), "--teacher", "simulated", "--workers", "0",
+                 "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "pseudo-masks:" in err  # a bar was drawn
+    assert err.splitlines()[-1].startswith(f"carbseg pseudo-masks: error: {image}: cannot read image"), err

@@ -11,7 +11,8 @@ import sys
 import traceback
 
 from carbseg import __version__
-from carbseg.errors import UserError
+from carbseg.console import close_progress_bars
+from carbseg.errors import UserError, one_line
 
 DATASETS = ("cityscapes", "camvid", "wilddash2", "synthetic", "folder")
 
@@ -44,6 +45,8 @@ def _add_labels(sub) -> None:
                    help="convert the authors' labels.npy (pickled dict id -> multi-hot vector) instead. "
                         "Loading a pickle can run code: use only files from a trusted source (carbseg "
                         "refuses pickles that ask for anything but numpy arrays and plain containers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_labels)
 
 
@@ -62,7 +65,7 @@ def _run_labels(args) -> int:
             raise UserError("--root is required (the dataset folder), unless --from-npy converts labels.npy")
         dataset = build_dataset(args.dataset, args.root, args.split, classes_file=args.classes)
         classes = dataset.classes
-        labels = compute_image_labels(dataset, min_pixels=args.min_pixels)
+        labels = compute_image_labels(dataset, min_pixels=args.min_pixels, progress=not args.no_progress)
         source = f"{args.root} ({args.split})"
     write_labels_json(args.out, args.dataset, classes, labels)
     empty = sum(1 for v in labels.values() if not v)
@@ -83,6 +86,8 @@ def _add_convert_wilddash2(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of that permutation (default 0)")
     p.add_argument("--split-file", default=None,
                    help='JSON {"train": [IMAGE_ID, ...], "val": [...]} to use instead of the seeded split')
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_convert_wilddash2)
 
 
@@ -90,7 +95,7 @@ def _run_convert_wilddash2(args) -> int:
     from carbseg.data.wilddash2 import convert_wilddash2
 
     counts = convert_wilddash2(args.src, args.out, split_file=args.split_file,
-                               val_fraction=args.val_fraction, seed=args.seed)
+                               val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress)
     print(f"converted WildDash2 into {args.out}: "
           + ", ".join(f"{name} {n} images" for name, n in counts.items()))
     return 0
@@ -131,7 +136,8 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="image-loading worker processes")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--cache-dir", default=None, help="cache of downloaded weights and text embeddings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_pseudo_masks)
 
 
@@ -202,7 +208,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", default=None, help="write the report as JSON here (miou, pixel_acc, iou, num_images)")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write report.md, report.json, IoU bars, confusion heat map and best/worst image grids here")
-    p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -217,12 +225,13 @@ def _run_evaluate(args) -> int:
 
     dataset = _dataset_from_args(args)
     if args.pred is not None:
-        confusion, stats = evaluate_predictions(dataset, args.pred)
+        confusion, stats = evaluate_predictions(dataset, args.pred, progress=not args.no_progress)
         samples = load_qualitative_samples(dataset, args.pred, stats) if args.report else None
     else:
         from carbseg.engine.inference import evaluate_checkpoint
 
-        confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device)
+        confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device,
+                                                     progress=not args.no_progress)
         samples = qualitative_from_predictions(stats, kept)
     report = confusion.report(dataset.classes.names)
     print_table(report, dataset.classes)
@@ -241,6 +250,12 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations in total")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--device", default=None,
+                   help="auto (GPU if any), cpu, cuda, cuda:N; the same as the override device=DEVICE")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-loading worker processes; the same as the override data.num_workers=N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_train)
 
 
@@ -253,10 +268,15 @@ def _run_train(args) -> int:
     from carbseg.engine.train import TrainingInterrupted, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)  # the flags are overrides by another name; they win over key=value
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.workers is not None:
+        overrides.append(f"data.num_workers={args.workers}")
+    cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:
-        model_path = train(cfg, out, max_iters=args.max_iters, resume=args.resume)
+        model_path = train(cfg, out, max_iters=args.max_iters, resume=args.resume, progress=not args.no_progress)
     except TrainingInterrupted as stop:
         print(f"carbseg train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by a signal"
@@ -283,7 +303,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: horizontal flip and several scales (the checkpoint's "
                         "eval.scales, or 0.5..1.75 when it names one)")
-    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_predict)
 
 
@@ -291,7 +313,7 @@ def _run_predict(args) -> int:
     from carbseg.engine.predict import predict_path
 
     summary = predict_path(args.checkpoint, args.input, args.out, fmt=args.format, mode=args.mode, tta=args.tta,
-                           device=args.device)
+                           device=args.device, progress=not args.no_progress)
     print(f"carbseg predict: {summary.written} written, {summary.skipped} already present, in {args.out}")
     return 0
 
@@ -331,7 +353,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created; a rerun resumes in it)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's choice; 1 is faster on a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     # Hidden: a seconds-long run at a minuscule size for smoke tests (its mIoU means nothing).
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_run_demo)
@@ -364,6 +387,8 @@ def _add_synthesize(sub) -> None:
     p.add_argument("--num", type=int, default=100, help="number of scenes (default 100)")
     p.add_argument("--size", default="512x256", help="WIDTHxHEIGHT in pixels (default 512x256)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; splits never share scenes (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_synthesize)
 
 
@@ -384,7 +409,8 @@ def _run_synthesize(args) -> int:
     width, height = _parse_size(args.size)
     if args.num < 1:
         raise UserError(f"--num {args.num}: the number of scenes must be at least 1")
-    written = generate_synthetic_dataset(args.out, args.split, args.num, height, width, seed=args.seed)
+    written = generate_synthetic_dataset(args.out, args.split, args.num, height, width, seed=args.seed,
+                                         progress=not args.no_progress)
     print(f"{args.out}: {args.num} {args.split} scenes of {width}x{height} ({written} written, "
           f"{args.num - written} already present)")
     return 0
@@ -409,12 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"carbseg {args.command}: error: {err}", file=sys.stderr)
+        close_progress_bars()  # the error starts a line of its own
+        print(f"carbseg {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"carbseg {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception:
+        close_progress_bars()
         traceback.print_exc()
         print(f"carbseg {args.command}: internal error (a bug: please report it with the traceback above)",
               file=sys.stderr)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.engine.checkpoint import LoadedModel, load_model
@@ -280,7 +281,7 @@ def evaluate_checkpoint(
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
     stats: list[ImageStats] = []
     kept: dict[int, PredictionSample] = {}
-    bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not show_progress(progress), leave=False)
     try:
         for batch in _same_size_batches(dataset, batch_size):
             images = images_to_tensor([s.image for _, s in batch])

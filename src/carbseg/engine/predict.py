@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.base import check_unique_ids
 from carbseg.engine.checkpoint import LoadedModel, load_model
 from carbseg.engine.inference import images_to_tensor, predict, resolve_device
@@ -146,7 +147,7 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
         # <city>_<seq>_<frame>*.png: an overlay/<id>.png would count as a second prediction.
         overlays = False
     summary = PredictSummary()
-    for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not progress):
+    for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not show_progress(progress)):
         label_path = out_dir / (cityscapes_file_name(image_id) if fmt == "cityscapes" else f"{image_id}.png")
         overlay_path = out_dir / "overlay" / f"{image_id}.png"
         if label_path.is_file() and (not overlays or overlay_path.is_file()):
@@ -241,7 +242,7 @@ def predict_video(loaded: LoadedModel, settings: InferenceSettings, path: Path, 
     if out_path.is_file():
         return PredictSummary(skipped=1)
     frames, count, rate = _gif_frames(path) if is_gif else _av_frames(path)
-    bar = tqdm(total=count, desc=f"predict {path.name}", unit="frame", disable=not progress)
+    bar = tqdm(total=count, desc=f"predict {path.name}", unit="frame", disable=not show_progress(progress))
     gif_frames: list[Image.Image] = []
     with atomic_path(out_path) as tmp:
         writer = None if is_gif else _AvWriter(tmp, rate)

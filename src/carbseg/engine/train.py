@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from carbseg import distributed as dist
 from carbseg.config import Config, config_to_dict, dump_config, load_config
+from carbseg.console import show_progress
 from carbseg.data.classes import IGNORE_INDEX, ClassSet
 from carbseg.engine.guards import NonFiniteGuard, any_rank_nonfinite
 from carbseg.engine.schedule import set_poly_lr
@@ -171,20 +172,44 @@ class RunDir:
                 kept.append(line + "\n")
         write_text_atomic(self.log, "".join(kept))
 
-    def check(self, resume: bool) -> None:
-        """Refuse to overwrite a run by accident, and to resume from nothing."""
+    def holds_no_training(self) -> bool:
+        """A folder left by a run that stopped before its first checkpoint: only config.yaml, log.jsonl
+        and TensorBoard events, nothing trained to lose, so it may be started again."""
+        ours = {CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR}
+        return (self.path.is_dir() and self.config.is_file()
+                and all(p.name in ours or p.name.startswith(".") for p in self.path.iterdir())
+                and (not self.tensorboard.exists()
+                     or all(p.name.startswith("events.out.tfevents.") for p in self.tensorboard.iterdir())))
+
+    def check(self, resume: bool) -> bool:
+        """Refuse to overwrite a run by accident, and to resume from nothing; returns whether to load
+        the checkpoint (False when ``resume`` meets a run that never reached its first checkpoint)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: is a file, not a run directory; choose another --out")
         if resume:
-            if not self.checkpoint.is_file():
-                raise UserError(
-                    f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
-                    "(or point --out to the run directory of the run to continue)"
-                )
-            return
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            if self.checkpoint.is_file():
+                return True
+            if self.holds_no_training():
+                log.info("%s: the earlier run stopped before its first checkpoint; starting again from "
+                         "iteration 0", self.path)
+                return False
+            raise UserError(
+                f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
+                "(or point --out to the run directory of the run to continue)"
+            )
+        if self.path.exists() and any(self.path.iterdir()) and not self.holds_no_training():
             raise UserError(
                 f"{self.path}: run directory is not empty; pass --resume to continue that run, "
                 "or choose another --out"
             )
+        return False
+
+    def clear_leftovers(self) -> None:
+        """Drop the log lines and TensorBoard events of a run that stopped before its first checkpoint."""
+        self.log.unlink(missing_ok=True)
+        if self.tensorboard.is_dir():
+            for events in self.tensorboard.glob("events.out.tfevents.*"):
+                events.unlink(missing_ok=True)
 
 
 def _warn_config_changes(saved: Path, cfg: Config) -> None:
@@ -293,7 +318,7 @@ class Trainer:
         dist.init_from_env(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = dist.is_main_process()
-        self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
+        resume = self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
         dist.barrier()
         self.amp = amp_dtype(cfg.train.amp, self.device)
         self.single_path = bool(cfg.data.pseudo_masks)
@@ -359,6 +384,8 @@ class Trainer:
             self.load_state()
             if self.is_main:
                 self.run_dir.discard_after(self.iteration)
+        elif self.is_main:
+            self.run_dir.clear_leftovers()
         # Written only once everything could be built, so a failed start leaves the folder reusable.
         if self.is_main:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -552,7 +579,7 @@ class Trainer:
         start = self.iteration
         loader = training_loader(self.samples, start, stop, cfg.data.num_workers)
         bar = tqdm(total=stop, initial=start, desc="train", unit="it", dynamic_ncols=True,
-                   disable=not (self.progress and self.is_main))
+                   disable=not show_progress(self.progress and self.is_main))
         batches: list[dict] = []
         started = time.perf_counter()
         with StopSignal() as stop_signal:
