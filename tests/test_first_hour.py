@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -187,3 +189,126 @@ def test_an_error_starts_its_own_line_after_a_progress_bar(scenes, tmp_path, cap
     err = capsys.readouterr().err
     assert "pseudo-masks:" in err  # a bar was drawn
     assert err.splitlines()[-1].startswith(f"carbseg pseudo-masks: error: {image}: cannot read image"), err
+
+
+# ---------------------------------------------------------------- outputs that cannot be written
+@pytest.fixture
+def labels_file(scenes, tmp_path):
+    out = tmp_path / "labels.json"
+    assert main(_labels_command(scenes, out, "--no-progress")) == 0
+    return out
+
+
+def test_out_that_is_an_existing_file(scenes, checkpoint, labels_file, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    runs = {
+        "labels": _labels_command(scenes, blocker / "labels.json"),
+        "pseudo-masks": ["pseudo-masks", "--dataset", "synthetic", "--root", str(scenes), "--split", "train",
+                         "--labels", str(labels_file), "--out", str(blocker), "--teacher", "simulated"],
+        "predict": ["predict", "--checkpoint", str(checkpoint), "--input", str(scenes / "images" / "val"),
+                    "--out", str(blocker)],
+        "export-onnx": ["export-onnx", "--checkpoint", str(checkpoint), "--out", str(blocker / "m.onnx")],
+        "evaluate": ["evaluate", "--dataset", "synthetic", "--root", str(scenes), "--split", "val",
+                     "--checkpoint", str(checkpoint), "--report", str(blocker)],
+    }
+    for command, argv in runs.items():
+        capsys.readouterr()
+        assert main(argv) == 2, command
+        error_line(capsys.readouterr().err, command, str(blocker), "is a file")
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["labels.json",
+                                                                                           "notes.txt"]
+    assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
+    error_line(capsys.readouterr().err, "export-onnx", str(tmp_path), "is a folder; give a file name")
+
+
+def _read_only(monkeypatch, root: Path) -> None:
+    """Below ``root`` nothing can be created, as on a read-only mount (root may ignore permissions)."""
+    real_mkdir, real_mkstemp = Path.mkdir, tempfile.mkstemp
+
+    def mkdir(self, *args, **kwargs):
+        if Path(self).absolute().is_relative_to(root) and not Path(self).is_dir():
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):  # noqa: A002 -- tempfile's own name
+        if dir is not None and Path(dir).absolute().is_relative_to(root):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_read_only_file_system(scenes, checkpoint, labels_file, tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes)
+    _read_only(monkeypatch, ro)
+    runs = {
+        "pseudo-masks": ["pseudo-masks", "--dataset", "synthetic", "--root", str(scenes), "--split", "train",
+                         "--labels", str(labels_file), "--out", str(ro / "pm"), "--teacher", "simulated",
+                         "--workers", "0"],
+        "train": ["train", "--config", str(config), "--out", str(ro / "run"), "--max-iters", "1"],
+        "evaluate": ["evaluate", "--dataset", "synthetic", "--root", str(scenes), "--split", "val",
+                     "--checkpoint", str(checkpoint), "--report", str(ro / "report")],
+        "labels": _labels_command(scenes, ro / "labels.json"),
+    }
+    for command, argv in runs.items():
+        capsys.readouterr()
+        assert main(argv) == 2, command
+        error_line(capsys.readouterr().err, command, str(ro), "read-only", "choose an output folder")
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no thread traceback either
+@pytest.mark.parametrize("target", ["log.jsonl", "tensorboard"])
+def test_full_disk_while_logging_stops_with_one_line(target, scenes, tmp_path, capsys, monkeypatch):
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"checkpoint_interval": 2})
+    out = tmp_path / "run"
+    if target == "log.jsonl":
+        real_open = open
+
+        def full_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            if str(file).endswith("log.jsonl") and "a" in mode and len(Path(file).read_text().splitlines()) >= 3:
+                def write(_text):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                handle.write = write
+            return handle
+
+        monkeypatch.setattr("builtins.open", full_open)
+        where = str(out / "log.jsonl")
+    else:
+        from tensorboard.summary.writer import record_writer
+
+        real_write = record_writer.RecordWriter.write
+        calls = []
+
+        def write(self, data):
+            calls.append(1)
+            if len(calls) > 60:  # after the checkpoint of iteration 2
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(self, data)
+
+        monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+        where = str(out / "tb")
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    error_line(err, "train", where, "the disk is full")
+    assert "Exception in thread" not in err
+    assert (out / "checkpoint_last.pt").is_file() and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress", "--resume"]) == 0
+    iterations = [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert iterations == list(range(1, 11))
+
+
+def test_a_text_file_as_checkpoint_last_under_resume(scenes, tmp_path, capsys):
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--max-iters", "2", "--no-progress"]) == 0
+    (out / "checkpoint_last.pt").write_text("hello\n")
+    assert main(["train", "--config", str(config), "--out", str(out), "--resume", "--no-progress"]) == 2
+    error_line(capsys.readouterr().err, "train", str(out / "checkpoint_last.pt"),
+               "not a training state written by carbseg train")

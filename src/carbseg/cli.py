@@ -150,6 +150,7 @@ def _run_pseudo_masks(args) -> int:
     from carbseg.config import TeacherConfig
     from carbseg.data.labels import read_labels_json
     from carbseg.devices import parse_device
+    from carbseg.io import check_output_dir
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
 
@@ -161,6 +162,7 @@ def _run_pseudo_masks(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = parse_device(args.device)
+    check_output_dir(args.out)
     if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
         device = torch.device("cuda", distributed.local_rank())  # one GPU per torchrun rank
     dataset = _dataset_from_args(args)
@@ -221,8 +223,10 @@ def _run_evaluate(args) -> int:
         qualitative_from_predictions,
     )
     from carbseg.engine.report import print_table, write_report
-    from carbseg.io import write_json_atomic
+    from carbseg.io import check_output_dir, write_json_atomic
 
+    if args.report:
+        check_output_dir(args.report, "--report")
     dataset = _dataset_from_args(args)
     if args.pred is not None:
         confusion, stats = evaluate_predictions(dataset, args.pred, progress=not args.no_progress)
@@ -311,7 +315,9 @@ def _add_predict(sub) -> None:
 
 def _run_predict(args) -> int:
     from carbseg.engine.predict import predict_path
+    from carbseg.io import check_output_dir
 
+    check_output_dir(args.out)
     summary = predict_path(args.checkpoint, args.input, args.out, fmt=args.format, mode=args.mode, tta=args.tta,
                            device=args.device, progress=not args.no_progress)
     print(f"carbseg predict: {summary.written} written, {summary.skipped} already present, in {args.out}")
@@ -442,12 +448,25 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print(f"carbseg {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except OSError as err:
+        from carbseg.io import environment_error_message
+
         close_progress_bars()
-        traceback.print_exc()
-        print(f"carbseg {args.command}: internal error (a bug: please report it with the traceback above)",
-              file=sys.stderr)
-        return 1
+        message = environment_error_message(err)
+        if message is None:
+            return _internal_error(args.command)
+        print(f"carbseg {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception:
+        return _internal_error(args.command)
+
+
+def _internal_error(command: str) -> int:
+    """A bug: the traceback, then a line that says so (exit 1)."""
+    close_progress_bars()
+    traceback.print_exc()
+    print(f"carbseg {command}: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from carbseg.engine.guards import NonFiniteGuard, any_rank_nonfinite
 from carbseg.engine.schedule import set_poly_lr
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
-from carbseg.io import remove_stale_temporaries, write_text_atomic
+from carbseg.io import remove_stale_temporaries, write_error, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -552,17 +552,25 @@ class Trainer:
     def log_scalars(self, iteration: int, values: dict[str, float]) -> None:
         if not self.is_main:
             return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir.tensorboard))
+        # A full disk or a vanished folder stops the run with one line naming the file (a torn last
+        # line of log.jsonl is dropped on --resume); the last checkpoint stays the place to resume from.
         record = {"iteration": iteration, **{k: _json_number(v) for k, v in values.items()}}
-        with open(self.run_dir.log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(_tensorboard_tag(key), value, iteration)
-        self.writer.flush()
+        try:
+            with open(self.run_dir.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise write_error(self.run_dir.log, err) from None
+        try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir.tensorboard))
+            for key, value in values.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(_tensorboard_tag(key), value, iteration)
+            self.writer.flush()
+        except OSError as err:
+            raise write_error(self.run_dir.tensorboard, err) from None
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if not dist.is_distributed():
@@ -582,7 +590,7 @@ class Trainer:
                    disable=not show_progress(self.progress and self.is_main))
         batches: list[dict] = []
         started = time.perf_counter()
-        with StopSignal() as stop_signal:
+        with StopSignal() as stop_signal, _event_writer_errors_reported_here():
             try:
                 for batch in loader:
                     batches.append(batch)
@@ -615,10 +623,30 @@ class Trainer:
             finally:
                 bar.close()
                 if self.writer is not None:
-                    self.writer.close()
+                    # Every record was flushed when logged; a failing close (full disk) has been reported.
+                    with contextlib.suppress(OSError):
+                        self.writer.close()
                     self.writer = None
         self.save_checkpoint()
         return self.save_model()
+
+
+@contextlib.contextmanager
+def _event_writer_errors_reported_here():
+    """TensorBoard writes events in a thread; an OSError there (a full disk) would print that thread's
+    traceback. It is re-raised on the main thread by the next flush, and reported from there as one line."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _loss_terms(terms) -> list[torch.Tensor]:
