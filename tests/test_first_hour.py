@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -312,3 +313,46 @@ def test_a_text_file_as_checkpoint_last_under_resume(scenes, tmp_path, capsys):
     assert main(["train", "--config", str(config), "--out", str(out), "--resume", "--no-progress"]) == 2
     error_line(capsys.readouterr().err, "train", str(out / "checkpoint_last.pt"),
                "not a training state written by carbseg train")
+
+
+# ---------------------------------------------------------------- CLIP weights on an offline machine
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, an empty cache, and a hub that cannot be reached; records download attempts."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    probes, attempts = [], []
+
+    def no_route(address, timeout=None):
+        probes.append((address, timeout))
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    real_download = huggingface_hub.hf_hub_download
+
+    def download(*args, local_files_only=False, **kwargs):
+        attempts.append(local_files_only)
+        assert local_files_only, "an unreachable hub must not be asked (it retries for a minute)"
+        return real_download(*args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return probes, attempts, tmp_path / "hf-cache"
+
+
+def test_offline_clip_weights_fail_fast_with_the_option_of_each_command(unreachable_hub, scenes, labels_file,
+                                                                        tmp_path, capsys):
+    probes, attempts, cache = unreachable_hub
+    assert main(["pseudo-masks", "--dataset", "synthetic", "--root", str(scenes), "--split", "train", "--labels",
+                 str(labels_file), "--out", str(tmp_path / "pm"), "--cache-dir", str(cache)]) == 2
+    line = error_line(capsys.readouterr().err, "pseudo-masks", "ViT-B-16/openai", "hub is not reachable",
+                      "--clip-pretrained PATH")
+    assert "Retrying" not in line
+    assert len(probes) == 1 and probes[0][1] == 5.0 and attempts and all(attempts)
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, teacher={"kind": "clip", "cache_dir": str(cache)})
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    line = error_line(capsys.readouterr().err, "train", "hub is not reachable", "teacher.clip_pretrained=PATH")
+    assert "--clip-pretrained" not in line
+    assert not (tmp_path / "pm").exists() and not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ Exit status: 0 on success; 2 on bad usage or bad input (one line on stderr, no t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 
@@ -263,6 +264,19 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+# Teacher settings are flags of pseudo-masks and config keys of train: an error met while training
+# (e.g. CLIP weights not found) names the key the train user can set.
+_FLAG_TO_KEY = {"--clip-pretrained": "teacher.clip_pretrained", "--clip-model": "teacher.clip_model",
+                "--templates": "teacher.text_templates", "--cache-dir": "teacher.cache_dir"}
+
+
+def _in_config_terms(message: str) -> str:
+    for flag, key in _FLAG_TO_KEY.items():
+        message = re.sub(re.escape(flag) + r"(?: ([A-Z]+)\b)?",
+                         lambda m, key=key: key + (f"={m.group(1)}" if m.group(1) else ""), message)
+    return message
+
+
 def _run_train(args) -> int:
     import logging
     import os
@@ -281,6 +295,8 @@ def _run_train(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:
         model_path = train(cfg, out, max_iters=args.max_iters, resume=args.resume, progress=not args.no_progress)
+    except UserError as err:
+        raise UserError(_in_config_terms(one_line(err))) from None
     except TrainingInterrupted as stop:
         print(f"carbseg train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by a signal"
