@@ -126,7 +126,7 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--confidence-threshold", type=float, default=None,
                    help="pixels whose class probability is below this become 255 (ignore)")
     p.add_argument("--crf", action="store_true", help="dense-CRF refinement with the authors' parameters "
-                   "(needs pip install carbseg[crf])")
+                   "(needs the crf extra: pip install -e \".[crf]\" in the carbseg checkout)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="CLIP blocks under bf16 autocast or fp32; auto (default): bf16 where the device has "
                         "native bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32")
