@@ -356,3 +356,34 @@ def test_offline_clip_weights_fail_fast_with_the_option_of_each_command(unreacha
     line = error_line(capsys.readouterr().err, "train", "hub is not reachable", "teacher.clip_pretrained=PATH")
     assert "--clip-pretrained" not in line
     assert not (tmp_path / "pm").exists() and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- what train says
+def test_train_states_device_precision_threads_and_the_resumed_iteration(scenes, tmp_path, caplog):
+    import torch
+
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"eval_interval": 2})
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="carbseg.engine.train"):
+        assert main(["train", "--config", str(config), "--out", str(out), "--max-iters", "2", "--no-progress"]) == 0
+    threads = torch.get_num_threads()
+    assert (f"training on cpu with {threads} CPU threads, 1 process; precision: model fp32; "
+            "from iteration 0 to 2") in caplog.messages
+    val = [m for m in caplog.messages if m.startswith("iteration 2: val mIoU ")]
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["val_miou"]
+    assert val == [f"iteration 2: val mIoU {logged:.1f}"]  # one decimal, as the evaluate table
+    caplog.clear()
+    with caplog.at_level("INFO", logger="carbseg.engine.train"):
+        assert main(["train", "--config", str(config), "--out", str(out), "--max-iters", "4", "--resume",
+                     "--no-progress", "--device", "cpu", "--workers", "0"]) == 0
+    assert (f"training on cpu with {threads} CPU threads, 1 process; precision: model fp32; "
+            f"resumed at iteration 2 from {out / 'checkpoint_last.pt'} to 4") in caplog.messages
+
+
+def test_device_and_workers_flags_of_train_are_the_config_keys(scenes, tmp_path):
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "data.num_workers=3", "--workers", "0", "--device", "cpu",
+                 "--out", str(out), "--max-iters", "1", "--no-progress"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["device"], saved["data"]["num_workers"]) == ("cpu", 0)  # the flag wins over key=value

@@ -392,6 +392,18 @@ class Trainer:
             write_text_atomic(self.run_dir.config, dump_config(cfg))
         self.writer = None
 
+    def setup_line(self, stop: int) -> str:
+        """What this run uses, said once at the start: device, precision, threads, processes, and
+        where the iterations start (a resumed run names the checkpoint's iteration)."""
+        model = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(self.amp, "fp32")
+        teacher = getattr(self.teacher, "precision", None)
+        teacher_part = f", teacher {teacher}" if teacher is not None else ""
+        where = (f"resumed at iteration {self.iteration} from {self.run_dir.checkpoint}" if self.iteration
+                 else "from iteration 0")
+        return (f"training on {self.device} with {torch.get_num_threads()} CPU threads, "
+                f"{self.world} process{'es' if self.world > 1 else ''}; precision: model {model}{teacher_part}; "
+                f"{where} to {stop}")
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         state = {
@@ -612,7 +624,8 @@ class Trainer:
                         values["iters_per_s"] = (done - start) / max(time.perf_counter() - started, 1e-9)
                         if evaluate_now:
                             values["val_miou"] = self.evaluate()
-                            log.info("iteration %d: val mIoU %s", done, values["val_miou"])
+                            if values["val_miou"] is not None:
+                                log.info("iteration %d: val mIoU %.1f", done, values["val_miou"])
                         self.log_scalars(done, values)
                     if done % max(cfg.train.checkpoint_interval, 1) == 0 and done != stop:
                         self.save_checkpoint()
@@ -714,6 +727,8 @@ def train(cfg: Config, out_dir: str | Path, max_iters: int | None = None, resume
     joined_here = not dist.is_distributed()  # leave a process group the caller made alone
     try:
         trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
+        if trainer.is_main:
+            log.info("%s", trainer.setup_line(stop))
         if trainer.iteration >= stop:
             log.warning("checkpoint is already at iteration %d >= %d: nothing to train", trainer.iteration, stop)
             return trainer.save_model()
