@@ -387,3 +387,30 @@ def test_device_and_workers_flags_of_train_are_the_config_keys(scenes, tmp_path)
                  "--out", str(out), "--max-iters", "1", "--no-progress"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["device"], saved["data"]["num_workers"]) == ("cpu", 0)  # the flag wins over key=value
+
+
+# ---------------------------------------------------------------- help
+def test_every_command_and_option_has_help():
+    import argparse
+
+    from carbseg.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in commands._choices_actions}
+    for name, sub in commands.choices.items():
+        assert helps.get(name), name
+        assert sub.description and len(sub.description) > 40, f"{name} has no description in --help"
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+@pytest.mark.parametrize("command", ["pseudo-masks", "evaluate", "train", "predict"])
+def test_device_is_chosen_the_same_way_on_every_command(command):
+    from carbseg.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    device = next(a for a in sub._actions if "--device" in a.option_strings)
+    assert "cuda:N" in device.help and "auto" in device.help

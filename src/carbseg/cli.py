@@ -34,10 +34,14 @@ def _dataset_from_args(args):
 
 # ---------------------------------------------------------------- labels
 def _add_labels(sub) -> None:
-    p = sub.add_parser("labels", help="derive image-level labels (the only supervision) from GT masks")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p = sub.add_parser(
+        "labels", help="derive image-level labels (the only supervision) from GT masks",
+        description="Writes OUT.json: {dataset, classes, labels: {IMAGE_ID: [class indices]}}, the classes present "
+                    "in each image's ground-truth mask -- the only supervision the method uses. Pass it to "
+                    "pseudo-masks --labels or as data.labels to train.")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout and class set")
     p.add_argument("--root", help="dataset root folder (not needed with --from-npy)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="train (default), val or test")
     p.add_argument("--classes", default=None, help="classes file, only for --dataset folder")
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--min-pixels", type=int, default=1,
@@ -77,8 +81,11 @@ def _run_labels(args) -> int:
 
 # ---------------------------------------------------------------- convert-wilddash2
 def _add_convert_wilddash2(sub) -> None:
-    p = sub.add_parser("convert-wilddash2",
-                       help="convert the public WildDash2 panoptic release to train-id masks (25 classes)")
+    p = sub.add_parser(
+        "convert-wilddash2", help="convert the public WildDash2 panoptic release to train-id masks (25 classes)",
+        description="Reads the extracted WildDash2 release (images/, panoptic/, panoptic.json) and writes "
+                    "OUT/images/SPLIT and OUT/masks/SPLIT (train ids, 255 = ignore) for --dataset wilddash2, "
+                    "with a seeded train/val split. Existing outputs are skipped (resumable).")
     p.add_argument("--src", required=True, help="extracted release: images/, panoptic/, panoptic.json")
     p.add_argument("--out", required=True, help="output root for --dataset wilddash2 (resumable)")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -133,8 +140,9 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--patch-size", type=int, default=16, help="simulated teacher: grid cell size in pixels")
     p.add_argument("--noise", type=float, default=0.3, help="simulated teacher: noise strength in [0, 1]")
     p.add_argument("--seed", type=int, default=0, help="simulated teacher: noise seed")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2, help="image-loading worker processes")
+    p.add_argument("--batch-size", type=int, default=4, help="images per teacher forward pass (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2; 0 loads "
+                   "in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--cache-dir", default=None, help="cache of downloaded weights and text embeddings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
@@ -249,7 +257,13 @@ def _run_evaluate(args) -> int:
 
 # ---------------------------------------------------------------- train
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train the segmenter (GLV + CARB) from a YAML config")
+    p = sub.add_parser(
+        "train", help="train the segmenter (GLV + CARB) from a YAML config",
+        description="Trains the DeepLab segmenter with Global-Local View training and CARB on the teacher's "
+                    "pseudo-masks (online, or offline with data.pseudo_masks). Writes OUT/config.yaml, log.jsonl, "
+                    "tb/ (TensorBoard), checkpoint_last.pt and, at the end, model.safetensors for evaluate, "
+                    "predict and export-onnx. Every config key can be overridden as key=value "
+                    "(docs/configuration.md). Stop with Ctrl-C and continue with --resume.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/cityscapes_carb.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_iters=1000")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
@@ -403,9 +417,12 @@ def _run_demo(args) -> int:
 
 # ---------------------------------------------------------------- synthesize
 def _add_synthesize(sub) -> None:
-    p = sub.add_parser("synthesize", help="write procedurally generated driving scenes (images + masks), resumable")
+    p = sub.add_parser(
+        "synthesize", help="write procedurally generated driving scenes (images + masks), resumable",
+        description="Writes OUT/images/SPLIT/*.png, OUT/masks/SPLIT/*.png (train ids) and OUT/classes.json: a "
+                    "dataset for --dataset synthetic --root OUT, to try every command without downloading data.")
     p.add_argument("--out", required=True, help="dataset root; writes OUT/images/SPLIT, OUT/masks/SPLIT, OUT/classes.json")
-    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="split to write (default train)")
     p.add_argument("--num", type=int, default=100, help="number of scenes (default 100)")
     p.add_argument("--size", default="512x256", help="WIDTHxHEIGHT in pixels (default 512x256)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; splits never share scenes (default 0)")
