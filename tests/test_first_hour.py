@@ -414,3 +414,35 @@ def test_device_is_chosen_the_same_way_on_every_command(command):
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     device = next(a for a in sub._actions if "--device" in a.option_strings)
     assert "cuda:N" in device.help and "auto" in device.help
+
+
+# ---------------------------------------------------------------- doctor
+def test_doctor_reports_on_one_screen_and_exits_0(tmp_path, capsys, monkeypatch):
+    import torch
+
+    data = tmp_path / "datasets"
+    (data / "camvid").mkdir(parents=True)
+    (data / "cityscapes").mkdir()
+    monkeypatch.setenv("CARBSEG_DATA", str(data))
+    monkeypatch.chdir(tmp_path)
+    assert main(["doctor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert 8 <= len(lines) <= 24 and max(len(line) for line in lines) < 200
+    text = "\n".join(lines)
+    assert f"torch {torch.__version__}" in text
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert f"native bf16 (AVX512-BF16/AMX): {'yes' if bf16 else 'no'}" in text
+    assert ("CUDA GPUs:    none visible" in text) != torch.cuda.is_available()
+    assert f"data:         {data}: camvid, cityscapes" in text
+    assert "extras:       crf " in text and "onnx " in text and "video " in text
+
+
+def test_doctor_survives_a_broken_check(capsys, monkeypatch):
+    import carbseg.doctor
+
+    def broken():
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(carbseg.doctor, "_cuda", broken)
+    assert main(["doctor"]) == 0
+    assert "CUDA GPUs:    unknown (RuntimeError: no driver)" in capsys.readouterr().out

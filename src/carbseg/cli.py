@@ -455,6 +455,23 @@ def _run_synthesize(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- doctor
+def _add_doctor(sub) -> None:
+    p = sub.add_parser(
+        "doctor", help="what this environment can do: versions, devices, bf16, weights, extras, data",
+        description="One screen about this machine: package versions, CPU threads and native bf16, CUDA GPUs "
+                    "and NCCL, CLIP and ResNet weights already cached, optional extras (crf, onnx, video) and "
+                    "shared datasets ($CARBSEG_DATA or ../shared/data). Reads only; always exits 0.")
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from carbseg.doctor import report_lines
+
+    print("\n".join(report_lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carbseg",
@@ -463,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"carbseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_labels, _add_convert_wilddash2, _add_pseudo_masks, _add_evaluate, _add_train, _add_predict,
-                _add_export_onnx, _add_demo, _add_synthesize):
+                _add_export_onnx, _add_demo, _add_synthesize, _add_doctor):
         add(sub)
     return parser
 
