@@ -34,7 +34,7 @@ from carbseg.engine.checkpoint import LoadedModel, load_model
 from carbseg.engine.inference import images_to_tensor, predict, resolve_device
 from carbseg.errors import UserError
 from carbseg.io import IMAGE_EXTENSIONS, atomic_path, read_image, write_png_atomic
-from carbseg.visualize import overlay
+from carbseg.visualize import overlay_with_legend
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 # Multi-scale + flip test-time augmentation used by --tta when the checkpoint's eval config names a
@@ -158,7 +158,7 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
         label = train_ids_to_cityscapes_ids(pred) if fmt == "cityscapes" else pred
         write_png_atomic(label_path, label)
         if overlays:
-            write_png_atomic(overlay_path, overlay(image, pred, loaded.classes))
+            write_png_atomic(overlay_path, overlay_with_legend(image, pred, loaded.classes))
         summary.written += 1
     return summary
 
@@ -251,7 +251,7 @@ def predict_video(loaded: LoadedModel, settings: InferenceSettings, path: Path, 
 
             def flush():
                 for image, pred in zip(batch, segment(loaded, settings, batch)):
-                    picture = overlay(image, pred, loaded.classes)
+                    picture = overlay_with_legend(image, pred, loaded.classes, all_classes=True)
                     if writer is None:
                         gif_frames.append(Image.fromarray(picture))
                     else:
