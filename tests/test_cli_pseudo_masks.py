@@ -160,5 +160,5 @@ def test_crf_without_the_extra_exits_2_before_writing(folder_data, capsys):
     tmp, _ = folder_data
     out = tmp / "crf"
     assert main(_args(tmp, out, "--teacher", "simulated", "--crf")) == 2
-    assert "pip install carbseg[crf]" in capsys.readouterr().err
+    assert "pip install -e '.[crf]' in the carbseg checkout" in capsys.readouterr().err
     assert not out.exists()

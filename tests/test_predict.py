@@ -16,13 +16,13 @@ from PIL import Image
 from carbseg.cli import main
 from carbseg.config import Config, ModelConfig
 from carbseg.data.classes import CAMVID, CITYSCAPES
-from carbseg.engine.checkpoint import load_model, save_model
+from carbseg.engine.checkpoint import load_model, read_model_metadata, save_model
 from carbseg.engine.inference import predict_whole
 from carbseg.engine.predict import predict_path, train_ids_to_cityscapes_ids
 from carbseg.errors import UserError
 from carbseg.io import read_label_png
 from carbseg.models.segmenter import build_segmenter
-from carbseg.visualize import overlay
+from carbseg.visualize import legend, overlay_with_legend
 
 
 def _checkpoint(tmp_path, classes=CAMVID, name="model.safetensors"):
@@ -69,7 +69,7 @@ def test_folder_prediction_writes_train_ids_and_overlays_and_resumes(tmp_path):
         pred = read_label_png(out / f"{image_id}.png")
         np.testing.assert_array_equal(pred, expected)
         np.testing.assert_array_equal(np.asarray(Image.open(out / "overlay" / f"{image_id}.png")),
-                                      overlay(image, expected, CAMVID))
+                                      overlay_with_legend(image, expected, CAMVID))
         seen |= set(np.unique(pred).tolist())
     assert len(seen) > 1 and max(seen) < CAMVID.num_classes
 
@@ -164,7 +164,9 @@ def test_gif_video_gives_an_overlay_animation(tmp_path):
     summary = predict_path(checkpoint, video, tmp_path / "out", device="cpu", progress=False)
     assert summary.written == 1
     with Image.open(tmp_path / "out" / "overlay" / "clip.gif") as result:
-        assert result.n_frames == 3 and result.size == (30, 20)
+        # every frame: the overlay, then a legend of all classes (one size for all frames) beside it
+        key = legend(read_model_metadata(checkpoint)[1], max_height=20)
+        assert result.n_frames == 3 and result.size == (30 + 4 + key.shape[1], max(20, key.shape[0]))
         assert result.info["duration"] == 80
     assert predict_path(checkpoint, video, tmp_path / "out", device="cpu", progress=False).skipped == 1
 
@@ -186,7 +188,9 @@ def test_mp4_video_gives_an_overlay_video(tmp_path):
     predict_path(checkpoint, video, tmp_path / "out", device="cpu", progress=False)
     with av.open(str(tmp_path / "out" / "overlay" / "drive.mp4")) as result:
         decoded = [f.to_ndarray(format="rgb24") for f in result.decode(video=0)]
-    assert len(decoded) == 4 and decoded[0].shape == (24, 32, 3)
+    key = legend(read_model_metadata(checkpoint)[1], max_height=24)
+    width, height = 32 + 4 + key.shape[1], max(24, key.shape[0])
+    assert len(decoded) == 4 and decoded[0].shape == (height + height % 2, width + width % 2, 3)
 
 
 def test_cli_predict_and_its_errors(tmp_path, capsys):

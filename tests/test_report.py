@@ -106,7 +106,20 @@ def test_write_report_without_samples_or_json(tmp_path):
 
 def test_qualitative_grid_layout_and_colours():
     image = np.full((3, 4, 3), 7, dtype=np.uint8)
-    grid = qualitative_grid([QualitativeSample("f", image, GT, PRED, 50.0)], TINY)
+    from carbseg.engine.report import QUALITATIVE_TITLES
+    from carbseg.visualize import colorize, error_key, error_map, legend, make_grid
+
+    with_keys = qualitative_grid([QualitativeSample("f", image, GT, PRED, 50.0)], TINY)
+    grid = make_grid([[image, colorize(GT, TINY), colorize(PRED, TINY), error_map(PRED, GT)]],
+                     list(QUALITATIVE_TITLES))
+    np.testing.assert_array_equal(with_keys[: grid.shape[0], : grid.shape[1]], grid)
+    # Below the grid: the legend of the classes in GT or prediction, then the error-map key.
+    present = sorted({int(v) for v in np.unique(np.concatenate([GT.ravel(), PRED.ravel()]))} - {255})
+    classes_key, errors_key = legend(TINY, present, max_height=4 + 5 * 18), error_key()
+    band = with_keys[grid.shape[0]:]
+    np.testing.assert_array_equal(band[: classes_key.shape[0], 4: 4 + classes_key.shape[1]], classes_key)
+    x = 4 + classes_key.shape[1] + 4
+    np.testing.assert_array_equal(band[: errors_key.shape[0], x: x + errors_key.shape[1]], errors_key)
     pad = 4
     assert grid.shape[1] == 4 * 4 + 5 * pad
     bottom = grid[-pad - 3: -pad]  # the one row of pictures, just above the bottom padding

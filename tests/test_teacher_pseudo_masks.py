@@ -70,7 +70,7 @@ def test_crf_without_the_extra_says_how_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr("builtins.__import__", no_crf)
-    with pytest.raises(UserError, match=r"pip install carbseg\[crf\]"):
+    with pytest.raises(UserError, match=r"pip install -e '\.\[crf\]' in the carbseg checkout"):
         refine.dense_crf(torch.zeros(2, 2, 3).numpy(), torch.tensor([[0, 1], [1, 0]]).numpy(), 2)
 
 

@@ -82,3 +82,30 @@ def test_save_png_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sub" / "p.png")), picture)
     with pytest.raises(ValueError, match="uint8"):
         save_png(tmp_path / "f.png", picture.astype(np.float32))
+
+
+def test_overlay_with_legend_names_the_classes_it_shows():
+    from carbseg.visualize import overlay_with_legend
+
+    image = np.full((40, 30, 3), 100, np.uint8)
+    mask = np.zeros((40, 30), np.uint8)
+    mask[20:] = 13
+    mask[:5] = 255
+    out = overlay_with_legend(image, mask, SYNTHETIC)
+    np.testing.assert_array_equal(out[:40, :30], overlay(image, mask, SYNTHETIC))
+    key = legend(SYNTHETIC, [0, 13], max_height=40)
+    assert out.shape == (40, 30 + 4 + key.shape[1], 3)
+    np.testing.assert_array_equal(out[: key.shape[0], 34:], key)
+    assert key[4 + 7, 4 + 7].tolist() == [128, 64, 128] and key[4 + 18 + 7, 4 + 7].tolist() == [0, 0, 142]
+    # A video's frames: every class, in columns no taller than the frame, even sizes for the encoder.
+    frame = overlay_with_legend(image[:39, :29], mask[:39, :29], SYNTHETIC, all_classes=True, even=True)
+    assert frame.shape[0] == 40 and frame.shape[1] % 2 == 0
+    assert legend(SYNTHETIC, max_height=40).shape[0] <= 40
+
+
+def test_error_key_shows_the_three_error_map_colours():
+    from carbseg.visualize import error_key
+
+    key = error_key()
+    assert [key[4 + 18 * row + 7, 4 + 7].tolist() for row in range(3)] == [
+        list(CORRECT_COLOR), list(WRONG_COLOR), list(IGNORE_COLOR)]

@@ -7,11 +7,13 @@ Exit status: 0 on success; 2 on bad usage or bad input (one line on stderr, no t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 
 from carbseg import __version__
-from carbseg.errors import UserError
+from carbseg.console import close_progress_bars
+from carbseg.errors import UserError, one_line
 
 DATASETS = ("cityscapes", "camvid", "wilddash2", "synthetic", "folder")
 
@@ -32,10 +34,14 @@ def _dataset_from_args(args):
 
 # ---------------------------------------------------------------- labels
 def _add_labels(sub) -> None:
-    p = sub.add_parser("labels", help="derive image-level labels (the only supervision) from GT masks")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p = sub.add_parser(
+        "labels", help="derive image-level labels (the only supervision) from GT masks",
+        description="Writes OUT.json: {dataset, classes, labels: {IMAGE_ID: [class indices]}}, the classes present "
+                    "in each image's ground-truth mask -- the only supervision the method uses. Pass it to "
+                    "pseudo-masks --labels or as data.labels to train.")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout and class set")
     p.add_argument("--root", help="dataset root folder (not needed with --from-npy)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="train (default), val or test")
     p.add_argument("--classes", default=None, help="classes file, only for --dataset folder")
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--min-pixels", type=int, default=1,
@@ -44,6 +50,8 @@ def _add_labels(sub) -> None:
                    help="convert the authors' labels.npy (pickled dict id -> multi-hot vector) instead. "
                         "Loading a pickle can run code: use only files from a trusted source (carbseg "
                         "refuses pickles that ask for anything but numpy arrays and plain containers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_labels)
 
 
@@ -62,7 +70,7 @@ def _run_labels(args) -> int:
             raise UserError("--root is required (the dataset folder), unless --from-npy converts labels.npy")
         dataset = build_dataset(args.dataset, args.root, args.split, classes_file=args.classes)
         classes = dataset.classes
-        labels = compute_image_labels(dataset, min_pixels=args.min_pixels)
+        labels = compute_image_labels(dataset, min_pixels=args.min_pixels, progress=not args.no_progress)
         source = f"{args.root} ({args.split})"
     write_labels_json(args.out, args.dataset, classes, labels)
     empty = sum(1 for v in labels.values() if not v)
@@ -73,8 +81,11 @@ def _run_labels(args) -> int:
 
 # ---------------------------------------------------------------- convert-wilddash2
 def _add_convert_wilddash2(sub) -> None:
-    p = sub.add_parser("convert-wilddash2",
-                       help="convert the public WildDash2 panoptic release to train-id masks (25 classes)")
+    p = sub.add_parser(
+        "convert-wilddash2", help="convert the public WildDash2 panoptic release to train-id masks (25 classes)",
+        description="Reads the extracted WildDash2 release (images/, panoptic/, panoptic.json) and writes "
+                    "OUT/images/SPLIT and OUT/masks/SPLIT (train ids, 255 = ignore) for --dataset wilddash2, "
+                    "with a seeded train/val split. Existing outputs are skipped (resumable).")
     p.add_argument("--src", required=True, help="extracted release: images/, panoptic/, panoptic.json")
     p.add_argument("--out", required=True, help="output root for --dataset wilddash2 (resumable)")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -83,6 +94,8 @@ def _add_convert_wilddash2(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of that permutation (default 0)")
     p.add_argument("--split-file", default=None,
                    help='JSON {"train": [IMAGE_ID, ...], "val": [...]} to use instead of the seeded split')
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_convert_wilddash2)
 
 
@@ -90,7 +103,7 @@ def _run_convert_wilddash2(args) -> int:
     from carbseg.data.wilddash2 import convert_wilddash2
 
     counts = convert_wilddash2(args.src, args.out, split_file=args.split_file,
-                               val_fraction=args.val_fraction, seed=args.seed)
+                               val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress)
     print(f"converted WildDash2 into {args.out}: "
           + ", ".join(f"{name} {n} images" for name, n in counts.items()))
     return 0
@@ -128,18 +141,20 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--confidence-threshold", type=float, default=None,
                    help="pixels whose class probability is below this become 255 (ignore)")
     p.add_argument("--crf", action="store_true", help="dense-CRF refinement with the authors' parameters "
-                   "(needs pip install carbseg[crf])")
+                   "(needs the crf extra: pip install -e \".[crf]\" in the carbseg checkout)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="CLIP blocks under bf16 autocast or fp32; auto (default): bf16 where the device has "
                         "native bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32")
     p.add_argument("--patch-size", type=int, default=16, help="simulated teacher: grid cell size in pixels")
     p.add_argument("--noise", type=float, default=0.3, help="simulated teacher: noise strength in [0, 1]")
     p.add_argument("--seed", type=int, default=0, help="simulated teacher: noise seed")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2, help="image-loading worker processes")
+    p.add_argument("--batch-size", type=int, default=4, help="images per teacher forward pass (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2; 0 loads "
+                   "in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--cache-dir", default=None, help="cache of downloaded weights and text embeddings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_pseudo_masks)
 
 
@@ -151,6 +166,8 @@ def _run_pseudo_masks(args) -> int:
     from carbseg import distributed
     from carbseg.config import TeacherConfig
     from carbseg.data.labels import read_labels_json
+    from carbseg.devices import parse_device
+    from carbseg.io import check_output_dir
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
 
@@ -161,8 +178,8 @@ def _run_pseudo_masks(args) -> int:
         raise UserError(f"--scales {args.scales!r}: expected comma-separated numbers, e.g. 0.75,1.0,1.25") from None
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)
+    device = parse_device(args.device)
+    check_output_dir(args.out)
     if device.type == "cuda" and distributed.launched_by_torchrun():
         if device.index is not None and device.index != distributed.local_rank():
             raise UserError(f"--device {args.device} under torchrun would put every rank on that GPU; "
@@ -225,6 +242,7 @@ def _add_fit_proxy_teacher(sub) -> None:
 def _run_fit_proxy_teacher(args) -> int:
     from pathlib import Path
 
+    from carbseg.console import show_progress
     from carbseg.teacher.proxy import fit_proxy_teacher
 
     out = Path(args.out)
@@ -234,7 +252,7 @@ def _run_fit_proxy_teacher(args) -> int:
         raise UserError(f"{out}: is a folder; give a file name such as {out / 'proxy_teacher.safetensors'}")
     dataset = _dataset_from_args(args)
     weights = fit_proxy_teacher(dataset, args.dataset, args.split, args.num_images, seed=args.seed,
-                                progress=not args.no_progress and sys.stderr.isatty())
+                                progress=show_progress(not args.no_progress))
     weights.save(out)
     print(f"proxy teacher (research instrument) fitted on {len(weights.fit_ids)} {args.dataset}/{args.split} images "
           f"(cell accuracy on them {100 * weights.fit_pixel_accuracy:.1f}%) -> {out}")
@@ -255,10 +273,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", default=None, help="write the report as JSON here (miou, pixel_acc, iou, num_images)")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write report.md, report.json, IoU bars, confusion heat map and best/worst image grids here")
-    p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:N")
     p.add_argument("--exclude-fit-set", default=None, metavar="PROXY_WEIGHTS",
                    help="leave out the images a proxy teacher was fitted on (its weight file lists them): "
                         "needed to score its pseudo-masks honestly, which skip those images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -269,8 +289,10 @@ def _run_evaluate(args) -> int:
         qualitative_from_predictions,
     )
     from carbseg.engine.report import print_table, write_report
-    from carbseg.io import write_json_atomic
+    from carbseg.io import check_output_dir, write_json_atomic
 
+    if args.report:
+        check_output_dir(args.report, "--report")
     dataset = _dataset_from_args(args)
     if args.exclude_fit_set:
         from carbseg.data.base import WithoutIds
@@ -279,12 +301,13 @@ def _run_evaluate(args) -> int:
         dataset = WithoutIds(dataset, read_fit_ids(args.exclude_fit_set))
         print(f"left out {len(dataset.excluded)} images of the proxy teacher's fit set; scoring {len(dataset)}")
     if args.pred is not None:
-        confusion, stats = evaluate_predictions(dataset, args.pred)
+        confusion, stats = evaluate_predictions(dataset, args.pred, progress=not args.no_progress)
         samples = load_qualitative_samples(dataset, args.pred, stats) if args.report else None
     else:
         from carbseg.engine.inference import evaluate_checkpoint
 
-        confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device)
+        confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device,
+                                                     progress=not args.no_progress)
         samples = qualitative_from_predictions(stats, kept)
     report = confusion.report(dataset.classes.names)
     print_table(report, dataset.classes)
@@ -297,13 +320,38 @@ def _run_evaluate(args) -> int:
 
 # ---------------------------------------------------------------- train
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train the segmenter (GLV + CARB) from a YAML config")
+    p = sub.add_parser(
+        "train", help="train the segmenter (GLV + CARB) from a YAML config",
+        description="Trains the DeepLab segmenter with Global-Local View training and CARB on the teacher's "
+                    "pseudo-masks (online, or offline with data.pseudo_masks). Writes OUT/config.yaml, log.jsonl, "
+                    "tb/ (TensorBoard), checkpoint_last.pt and, at the end, model.safetensors for evaluate, "
+                    "predict and export-onnx. Every config key can be overridden as key=value "
+                    "(docs/configuration.md). Stop with Ctrl-C and continue with --resume.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/cityscapes_carb.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_iters=1000")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations in total")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--device", default=None,
+                   help="auto (GPU if any), cpu, cuda, cuda:N; the same as the override device=DEVICE")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-loading worker processes; the same as the override data.num_workers=N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_train)
+
+
+# Teacher settings are flags of pseudo-masks and config keys of train: an error met while training
+# (e.g. CLIP weights not found) names the key the train user can set.
+_FLAG_TO_KEY = {"--clip-pretrained": "teacher.clip_pretrained", "--clip-model": "teacher.clip_model",
+                "--templates": "teacher.text_templates", "--cache-dir": "teacher.cache_dir"}
+
+
+def _in_config_terms(message: str) -> str:
+    for flag, key in _FLAG_TO_KEY.items():
+        message = re.sub(re.escape(flag) + r"(?: ([A-Z]+)\b)?",
+                         lambda m, key=key: key + (f"={m.group(1)}" if m.group(1) else ""), message)
+    return message
 
 
 def _run_train(args) -> int:
@@ -315,10 +363,17 @@ def _run_train(args) -> int:
     from carbseg.engine.train import TrainingInterrupted, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)  # the flags are overrides by another name; they win over key=value
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.workers is not None:
+        overrides.append(f"data.num_workers={args.workers}")
+    cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:
-        model_path = train(cfg, out, max_iters=args.max_iters, resume=args.resume)
+        model_path = train(cfg, out, max_iters=args.max_iters, resume=args.resume, progress=not args.no_progress)
+    except UserError as err:
+        raise UserError(_in_config_terms(one_line(err))) from None
     except TrainingInterrupted as stop:
         print(f"carbseg train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by a signal"
@@ -345,15 +400,19 @@ def _add_predict(sub) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: horizontal flip and several scales (the checkpoint's "
                         "eval.scales, or 0.5..1.75 when it names one)")
-    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args) -> int:
     from carbseg.engine.predict import predict_path
+    from carbseg.io import check_output_dir
 
+    check_output_dir(args.out)
     summary = predict_path(args.checkpoint, args.input, args.out, fmt=args.format, mode=args.mode, tta=args.tta,
-                           device=args.device)
+                           device=args.device, progress=not args.no_progress)
     print(f"carbseg predict: {summary.written} written, {summary.skipped} already present, in {args.out}")
     return 0
 
@@ -393,7 +452,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created; a rerun resumes in it)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's choice; 1 is faster on a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     # Hidden: a seconds-long run at a minuscule size for smoke tests (its mIoU means nothing).
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_run_demo)
@@ -420,12 +480,17 @@ def _run_demo(args) -> int:
 
 # ---------------------------------------------------------------- synthesize
 def _add_synthesize(sub) -> None:
-    p = sub.add_parser("synthesize", help="write procedurally generated driving scenes (images + masks), resumable")
+    p = sub.add_parser(
+        "synthesize", help="write procedurally generated driving scenes (images + masks), resumable",
+        description="Writes OUT/images/SPLIT/*.png, OUT/masks/SPLIT/*.png (train ids) and OUT/classes.json: a "
+                    "dataset for --dataset synthetic --root OUT, to try every command without downloading data.")
     p.add_argument("--out", required=True, help="dataset root; writes OUT/images/SPLIT, OUT/masks/SPLIT, OUT/classes.json")
-    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="split to write (default train)")
     p.add_argument("--num", type=int, default=100, help="number of scenes (default 100)")
     p.add_argument("--size", default="512x256", help="WIDTHxHEIGHT in pixels (default 512x256)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; splits never share scenes (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
     p.set_defaults(func=_run_synthesize)
 
 
@@ -446,9 +511,27 @@ def _run_synthesize(args) -> int:
     width, height = _parse_size(args.size)
     if args.num < 1:
         raise UserError(f"--num {args.num}: the number of scenes must be at least 1")
-    written = generate_synthetic_dataset(args.out, args.split, args.num, height, width, seed=args.seed)
+    written = generate_synthetic_dataset(args.out, args.split, args.num, height, width, seed=args.seed,
+                                         progress=not args.no_progress)
     print(f"{args.out}: {args.num} {args.split} scenes of {width}x{height} ({written} written, "
           f"{args.num - written} already present)")
+    return 0
+
+
+# ---------------------------------------------------------------- doctor
+def _add_doctor(sub) -> None:
+    p = sub.add_parser(
+        "doctor", help="what this environment can do: versions, devices, bf16, weights, extras, data",
+        description="One screen about this machine: package versions, CPU threads and native bf16, CUDA GPUs "
+                    "and NCCL, CLIP and ResNet weights already cached, optional extras (crf, onnx, video) and "
+                    "shared datasets ($CARBSEG_DATA or ../shared/data). Reads only; always exits 0.")
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from carbseg.doctor import report_lines
+
+    print("\n".join(report_lines()))
     return 0
 
 
@@ -460,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"carbseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_labels, _add_convert_wilddash2, _add_fit_proxy_teacher, _add_pseudo_masks, _add_evaluate,
-                _add_train, _add_predict, _add_export_onnx, _add_demo, _add_synthesize):
+                _add_train, _add_predict, _add_export_onnx, _add_demo, _add_synthesize, _add_doctor):
         add(sub)
     return parser
 
@@ -471,16 +554,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"carbseg {args.command}: error: {err}", file=sys.stderr)
+        close_progress_bars()  # the error starts a line of its own
+        print(f"carbseg {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"carbseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        from carbseg.io import environment_error_message
+
+        close_progress_bars()
+        message = environment_error_message(err)
+        if message is None:
+            return _internal_error(args.command)
+        print(f"carbseg {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except Exception:
-        traceback.print_exc()
-        print(f"carbseg {args.command}: internal error (a bug: please report it with the traceback above)",
-              file=sys.stderr)
-        return 1
+        return _internal_error(args.command)
+
+
+def _internal_error(command: str) -> int:
+    """A bug: the traceback, then a line that says so (exit 1)."""
+    close_progress_bars()
+    traceback.print_exc()
+    print(f"carbseg {command}: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

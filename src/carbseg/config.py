@@ -8,6 +8,7 @@ and embedded in ``model.safetensors`` so evaluation and prediction need nothing 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -146,12 +147,32 @@ CHOICES = {
 }
 
 
+# Counts that have a floor: refused at load time with the key's name, not as a crash inside the loop.
+MINIMUMS = {
+    "data.batch_size": 1,
+    "data.num_workers": 0,
+    "train.max_iters": 1,
+    "train.grad_accum": 1,
+    "eval.batch_size": 1,
+    "carb.queue_size": 1,
+}
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 and 5e-3 as strings: a float needs a dot there (1.0e-3). Such
+# strings are taken as the numbers a user means where the key is a float.
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _coerce(value, tp, key: str, source: str):
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    """Check ``value`` against the annotation ``tp``.
+
+    Ints and numeric strings such as ``1e-3`` are accepted where floats are expected, and numbers
+    where text is expected (``data.root=2024`` is the folder ``2024``).
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -165,6 +186,12 @@ def _coerce(value, tp, key: str, source: str):
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        return float(value)
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if tp is str and isinstance(value, bool):
+        raise UserError(f"{source}: {key} must be text, got {value!r}; quote the value (e.g. '{str(value).lower()}')")
     if tp is bool and not isinstance(value, bool):
         raise UserError(f"{source}: {key} must be true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
@@ -187,6 +214,9 @@ def _build(cls, data: dict, prefix: str, source: str):
             kwargs[key] = _build(tp, value, dotted + ".", source)
         else:
             kwargs[key] = _coerce(value, tp, dotted, source)
+            if dotted in MINIMUMS and kwargs[key] < MINIMUMS[dotted]:
+                raise UserError(f"{source}: {dotted} = {kwargs[key]!r} is not valid; it must be at least "
+                                f"{MINIMUMS[dotted]}")
             if dotted in CHOICES and kwargs[key] not in CHOICES[dotted]:
                 raise UserError(
                     f"{source}: {dotted} = {kwargs[key]!r} is not valid; choose one of {', '.join(CHOICES[dotted])}"
@@ -216,8 +246,29 @@ def parse_overrides(overrides: list[str]) -> dict:
         except yaml.YAMLError as err:  # e.g. a !!python tag: safe_load refuses to construct it
             reason = str(err).strip().splitlines()[0]
             raise UserError(f"override {item!r}: the value is not a plain YAML scalar or list ({reason})") from None
+        if isinstance(value, int | float) and _is_text_key(key.strip()):
+            value = raw.strip()  # data.root=2024 or name=1.10: the text as typed, not a number
         _set_dotted(tree, key.strip(), value)
     return tree
+
+
+def _is_text_key(dotted: str) -> bool:
+    """Whether the config key ``dotted`` (e.g. ``data.root``) holds text (str or str | None)."""
+    cls = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        tp = hints[part]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+            continue
+        if i != len(parts) - 1:
+            return False
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        return inner[0] is str
+    return False
 
 
 def _merge(base: dict, extra: dict) -> dict:

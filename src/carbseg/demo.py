@@ -342,15 +342,19 @@ def _report_markdown(report: dict, classes) -> str:
 
 def _save_scene_grid(path: Path, samples: list, mask_dir: Path, classes) -> None:
     """Rows of image | pseudo-mask | prediction | ground truth for a few held-out scenes."""
+    from carbseg.engine.report import KEY_HEIGHT
     from carbseg.io import read_label_png
-    from carbseg.visualize import colorize, make_grid, save_png
+    from carbseg.visualize import below, colorize, legend, make_grid, present_classes, save_png
 
-    rows = []
+    rows, masks = [], []
     for sample in samples:
         pseudo = read_label_png(mask_dir / f"{sample.id}.png").astype(np.uint8)
         rows.append([sample.image, colorize(pseudo, classes), colorize(sample.pred, classes),
                      colorize(sample.mask, classes)])
-    save_png(path, make_grid(rows, ["image", "pseudo-mask (simulated teacher)", "prediction", "ground truth"]))
+        masks += [pseudo, sample.pred, sample.mask]
+    grid = make_grid(rows, ["image", "pseudo-mask (simulated teacher)", "prediction", "ground truth"])
+    present = present_classes(*masks, classes=classes)
+    save_png(path, below(grid, [legend(classes, present, max_height=KEY_HEIGHT)]))
 
 
 def _read_log(path: Path) -> list[dict]:

@@ -11,3 +11,20 @@ class UserError(Exception):
 
 class MissingWeightsError(UserError):
     """Pretrained weights are neither on disk nor downloadable (offline)."""
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of ``err``.
+
+    A UserError raised in a DataLoader worker process (a corrupt image, say) comes back re-raised
+    with the worker's whole traceback as its message, the file named only on the last line; that
+    last line, without the exception's class name, is what the user needs.
+    """
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        name, sep, message = last.partition(": ")
+        if sep and name.rsplit(".", 1)[-1].endswith("Error"):
+            return message
+        return last
+    return text

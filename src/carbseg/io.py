@@ -32,6 +32,51 @@ _ENVIRONMENT_WRITE_ERRORS = {
 }
 
 
+# Paths that are the wrong kind of thing: a file where a folder is needed, or the reverse.
+_WRONG_KIND_ERRORS = {
+    errno.EEXIST: "a file of that name is in the way; remove it or choose another path",
+    errno.ENOTDIR: "part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder; give a file name",
+}
+
+
+def environment_error_message(err: OSError) -> str | None:
+    """One line for an OSError that is the environment's or the user's (full disk, read-only file
+    system, a file where a folder must go), naming the path; None for anything else (a bug)."""
+    reason = _ENVIRONMENT_WRITE_ERRORS.get(err.errno) or _WRONG_KIND_ERRORS.get(err.errno)
+    if reason is None:
+        return None
+    where = err.filename if err.filename is not None else "output"
+    return f"{where}: cannot write ({reason})"
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> Exception:
+    """What to raise for ``err`` met while writing ``path``: a UserError naming ``path`` when the
+    cause is the environment's (a full disk: ``OSError(ENOSPC)`` from ``write`` names no file), else ``err``."""
+    if err.filename is None:
+        err = OSError(err.errno, err.strerror, str(path))
+    message = environment_error_message(err)
+    return UserError(message) if message is not None else err
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The existing file at ``folder`` or at one of its parents, which keeps it from being a folder."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that is an existing file or lies below one."""
+    path = Path(path)
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        what = "is a file" if blocker == path else f"lies below {blocker}, which is a file"
+        raise UserError(f"{option} {path}: {what}, not a folder; choose another {option}")
+    return path
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -58,6 +103,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     tmp_path: Path | None = None
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name (e.g. {path / 'out'}{path.suffix or ''})")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise UserError(f"{path}: cannot write: {blocker} is a file, not a folder; choose another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=_temporary_suffix(path.name),

@@ -141,26 +141,96 @@ def make_grid(rows: list[list[np.ndarray]], titles: list[str] | None = None, pad
     return grid
 
 
-def legend(classes: ClassSet, present: list[int] | None = None, swatch: int = 14, pad: int = 4) -> np.ndarray:
+def key_panel(entries: list[tuple[tuple[int, int, int], str]], max_height: int | None = None, swatch: int = 14,
+              pad: int = 4) -> np.ndarray:
+    """A white panel of colour swatches with their names, one per row; when ``max_height`` is given,
+    in as many columns as needed to stay within it (a legend beside a short picture stays short)."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    row_h = swatch + pad
+    per_column = max(1, len(entries))
+    if max_height is not None:
+        per_column = max(1, min(per_column, (max_height - pad) // row_h))
+    columns = [entries[i : i + per_column] for i in range(0, len(entries), per_column)] or [[]]
+    widths = [pad + swatch + pad + max((_text_size(probe, name, font)[0] for _, name in column), default=0)
+              for column in columns]
+    width = sum(widths) + pad
+    height = pad + max(1, min(per_column, len(entries))) * row_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, column in enumerate(columns):
+        x = pad + sum(widths[:c])
+        for row, (colour, name) in enumerate(column):
+            y = pad + row * row_h
+            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(colour), outline=(0, 0, 0))
+            _, text_h = _text_size(draw, name, font)
+            draw.text((x + pad + swatch, y + (swatch - text_h) // 2 - 1), name, fill=TITLE_COLOR, font=font)
+    return np.asarray(canvas).copy()
+
+
+def legend(classes: ClassSet, present: list[int] | None = None, swatch: int = 14, pad: int = 4,
+           max_height: int | None = None) -> np.ndarray:
     """A white panel listing class colours and names (all classes, or only ``present`` ones)."""
     indices = list(range(classes.num_classes)) if present is None else sorted(set(int(i) for i in present))
     indices = [i for i in indices if 0 <= i < classes.num_classes]
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max((_text_size(probe, classes.names[i], font)[0] for i in indices), default=0)
-    row_h = swatch + pad
-    width = pad + swatch + pad + text_w + pad
-    height = pad + max(1, len(indices)) * row_h
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for row, i in enumerate(indices):
-        y = pad + row * row_h
-        draw.rectangle([pad, y, pad + swatch - 1, y + swatch - 1], fill=tuple(classes.palette[i]),
-                       outline=(0, 0, 0))
-        _, text_h = _text_size(draw, classes.names[i], font)
-        draw.text((2 * pad + swatch, y + (swatch - text_h) // 2 - 1), classes.names[i], fill=TITLE_COLOR,
-                  font=font)
-    return np.asarray(canvas).copy()
+    return key_panel([(tuple(classes.palette[i]), classes.names[i]) for i in indices], max_height=max_height,
+                     swatch=swatch, pad=pad)
+
+
+# What the colours of error_map mean, for a key beside or below the maps.
+ERROR_KEY = ((CORRECT_COLOR, "correct"), (WRONG_COLOR, "wrong"), (IGNORE_COLOR, "no ground truth (not scored)"))
+
+
+def error_key(max_height: int | None = None) -> np.ndarray:
+    """The key of error_map's colours."""
+    return key_panel(list(ERROR_KEY), max_height=max_height)
+
+
+def present_classes(*masks: np.ndarray, classes: ClassSet) -> list[int]:
+    """Class ids that occur in any of ``masks`` (ignore excluded), ascending."""
+    found = set()
+    for mask in masks:
+        found.update(int(v) for v in np.unique(mask))
+    return sorted(i for i in found if 0 <= i < classes.num_classes)
+
+
+def beside(picture: np.ndarray, panel: np.ndarray, pad: int = 4, even: bool = False) -> np.ndarray:
+    """``panel`` to the right of ``picture`` on white, both top-aligned; ``even`` pads the result to
+    even width and height (video encoders in yuv420p need both)."""
+    picture, panel = _as_rgb(picture), _as_rgb(panel)
+    height = max(picture.shape[0], panel.shape[0])
+    width = picture.shape[1] + pad + panel.shape[1]
+    if even:
+        height, width = height + height % 2, width + width % 2
+    out = np.full((height, width, 3), GRID_BACKGROUND, dtype=np.uint8)
+    out[: picture.shape[0], : picture.shape[1]] = picture
+    out[: panel.shape[0], picture.shape[1] + pad : picture.shape[1] + pad + panel.shape[1]] = panel
+    return out
+
+
+def below(picture: np.ndarray, panels: list[np.ndarray], pad: int = 4) -> np.ndarray:
+    """``panels`` side by side in a band under ``picture``, on white, left-aligned."""
+    picture = _as_rgb(picture)
+    panels = [_as_rgb(p) for p in panels]
+    band_h = max(p.shape[0] for p in panels)
+    band_w = sum(p.shape[1] for p in panels) + pad * (len(panels) - 1)
+    out = np.full((picture.shape[0] + band_h, max(picture.shape[1], band_w + pad), 3), GRID_BACKGROUND,
+                  dtype=np.uint8)
+    out[: picture.shape[0], : picture.shape[1]] = picture
+    x = pad
+    for p in panels:
+        out[picture.shape[0] : picture.shape[0] + p.shape[0], x : x + p.shape[1]] = p
+        x += p.shape[1] + pad
+    return out
+
+
+def overlay_with_legend(image: np.ndarray, mask: np.ndarray, classes: ClassSet, alpha: float = 0.5,
+                        all_classes: bool = False, even: bool = False) -> np.ndarray:
+    """The overlay with a legend of its classes on the right (every class with ``all_classes``, so
+    that all frames of a video have one size), never taller than the picture."""
+    picture = overlay(image, mask, classes, alpha=alpha)
+    present = None if all_classes else present_classes(mask, classes=classes)
+    return beside(picture, legend(classes, present, max_height=picture.shape[0]), even=even)
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:

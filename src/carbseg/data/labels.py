@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.cityscapes import normalize_image_id
 from carbseg.data.classes import ClassSet
@@ -52,7 +53,8 @@ def _image_shape(dataset: SegmentationDataset, index: int) -> tuple[int, int]:
         raise UserError(f"{path}: cannot read image ({err}); re-download or remove this file") from None
 
 
-def compute_image_labels(dataset: SegmentationDataset, min_pixels: int = 1) -> dict[str, list[int]]:
+def compute_image_labels(dataset: SegmentationDataset, min_pixels: int = 1,
+                         progress: bool = True) -> dict[str, list[int]]:
     """Image-level labels of every image of ``dataset`` from its ground-truth masks."""
     if not dataset.has_masks:
         raise UserError(f"{dataset}: this split has no ground-truth masks, so image-level labels cannot be "
@@ -60,7 +62,8 @@ def compute_image_labels(dataset: SegmentationDataset, min_pixels: int = 1) -> d
     if min_pixels < 1:
         raise UserError(f"--min-pixels {min_pixels}: must be at least 1")
     labels: dict[str, list[int]] = {}
-    for index in tqdm(range(len(dataset)), desc="image-level labels", unit="img"):
+    for index in tqdm(range(len(dataset)), desc="image-level labels", unit="img",
+                      disable=not show_progress(progress)):
         mask = dataset.load_mask(index, _image_shape(dataset, index))
         labels[dataset.ids[index]] = image_labels_from_mask(mask, dataset.classes.num_classes, min_pixels)
     return labels

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset, check_unique_ids
 from carbseg.data.classes import SYNTHETIC, ClassSet
 from carbseg.errors import UserError
@@ -874,7 +875,7 @@ def generate_synthetic_dataset(out: str | os.PathLike, split: str, num_images: i
     out = Path(out)
     write_json_atomic(out / "classes.json", SYNTHETIC.to_dict())
     written = 0
-    for index in tqdm(range(num_images), desc=f"synthesize {split}", unit="scene", disable=not progress):
+    for index in tqdm(range(num_images), desc=f"synthesize {split}", unit="scene", disable=not show_progress(progress)):
         image_path = out / "images" / split / f"{dataset.ids[index]}.png"
         mask_path = out / "masks" / split / f"{dataset.ids[index]}.png"
         if image_path.is_file() and mask_path.is_file():

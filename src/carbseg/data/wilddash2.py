@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.classes import IGNORE_INDEX, WILDDASH2
 from carbseg.data.datasets import FileListDataset, images_with_optional_masks, require_folder
 from carbseg.errors import UserError
@@ -162,7 +163,7 @@ def _read_split_file(path: Path, release_ids: set[str]) -> dict[str, list[str]]:
 
 
 def convert_wilddash2(src: str | Path, out: str | Path, split_file: str | Path | None = None,
-                      val_fraction: float = 0.1, seed: int = 0) -> dict[str, int]:
+                      val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, int]:
     """Convert the public WildDash2 release at ``src`` into the train-id layout at ``out``.
 
     Resumable: images whose two outputs already exist are skipped (outputs are written atomically).
@@ -185,7 +186,8 @@ def convert_wilddash2(src: str | Path, out: str | Path, split_file: str | Path |
         write_json_atomic(splits_path, splits)
     split_of = {i: name for name, members in splits.items() for i in members}
     todo = [r for r in records if r[0] in split_of]
-    for image_id, image_path, png_path, segments in tqdm(todo, desc="convert WildDash2", unit="img"):
+    for image_id, image_path, png_path, segments in tqdm(todo, desc="convert WildDash2", unit="img",
+                                                          disable=not show_progress(progress)):
         split = split_of[image_id]
         image_out = out / "images" / split / f"{image_id}{image_path.suffix.lower()}"
         label_out = out / "labels" / split / f"{image_id}.png"

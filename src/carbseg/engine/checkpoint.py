@@ -164,6 +164,9 @@ def load_training_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: training state not found; start without --resume or point to the run folder")
+    if not _looks_like_pickle(path):
+        raise UserError(f"{path}: not a training state written by carbseg train (not a PyTorch file); it was "
+                        "replaced or damaged -- restore it, or start again in a new --out without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.engine.report import QualitativeSample
@@ -116,7 +117,7 @@ def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | os.PathLi
     stats: list[ImageStats] = []
     indices = range(len(dataset))
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-    bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not show_progress(progress), leave=False)
     try:
         # map() keeps dataset order and re-raises a worker's UserError here.
         evaluate_one = partial(_evaluate_one, dataset, pred_dir)

@@ -40,7 +40,7 @@ def export_onnx(
     try:
         import onnx
     except ImportError:
-        raise UserError("ONNX export needs the onnx package: pip install 'carbseg[onnx]'") from None
+        raise UserError("ONNX export needs the onnx extra: run pip install -e '.[onnx]' in the carbseg checkout") from None
     if opset < MIN_OPSET:
         raise UserError(f"ONNX opset {opset} is too old; use {MIN_OPSET} or newer")
     if height < 1 or width < 1:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.engine.checkpoint import LoadedModel, load_model
@@ -228,13 +229,10 @@ class PredictionSample:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> the first GPU when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but no CUDA GPU is available; use --device cpu")
-    return device
+    """``auto`` -> the first GPU when there is one, else the CPU (see carbseg.devices)."""
+    from carbseg.devices import parse_device
+
+    return parse_device(device)
 
 
 def _same_size_batches(dataset, batch_size: int):
@@ -294,7 +292,7 @@ def evaluate_checkpoint(
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
     stats: list[ImageStats] = []
     kept: dict[int, PredictionSample] = {}
-    bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not show_progress(progress), leave=False)
     try:
         for batch in _same_size_batches(dataset, batch_size):
             images = images_to_tensor([s.image for _, s in batch])

@@ -28,12 +28,13 @@ import torch
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
+from carbseg.console import show_progress
 from carbseg.data.base import check_unique_ids
 from carbseg.engine.checkpoint import LoadedModel, load_model
 from carbseg.engine.inference import images_to_tensor, predict, resolve_device
 from carbseg.errors import UserError
 from carbseg.io import IMAGE_EXTENSIONS, atomic_path, read_image, write_png_atomic
-from carbseg.visualize import overlay
+from carbseg.visualize import overlay_with_legend
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 # Multi-scale + flip test-time augmentation used by --tta when the checkpoint's eval config names a
@@ -146,7 +147,7 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
         # <city>_<seq>_<frame>*.png: an overlay/<id>.png would count as a second prediction.
         overlays = False
     summary = PredictSummary()
-    for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not progress):
+    for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not show_progress(progress)):
         label_path = out_dir / (cityscapes_file_name(image_id) if fmt == "cityscapes" else f"{image_id}.png")
         overlay_path = out_dir / "overlay" / f"{image_id}.png"
         if label_path.is_file() and (not overlays or overlay_path.is_file()):
@@ -157,7 +158,7 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
         label = train_ids_to_cityscapes_ids(pred) if fmt == "cityscapes" else pred
         write_png_atomic(label_path, label)
         if overlays:
-            write_png_atomic(overlay_path, overlay(image, pred, loaded.classes))
+            write_png_atomic(overlay_path, overlay_with_legend(image, pred, loaded.classes))
         summary.written += 1
     return summary
 
@@ -241,7 +242,7 @@ def predict_video(loaded: LoadedModel, settings: InferenceSettings, path: Path, 
     if out_path.is_file():
         return PredictSummary(skipped=1)
     frames, count, rate = _gif_frames(path) if is_gif else _av_frames(path)
-    bar = tqdm(total=count, desc=f"predict {path.name}", unit="frame", disable=not progress)
+    bar = tqdm(total=count, desc=f"predict {path.name}", unit="frame", disable=not show_progress(progress))
     gif_frames: list[Image.Image] = []
     with atomic_path(out_path) as tmp:
         writer = None if is_gif else _AvWriter(tmp, rate)
@@ -250,7 +251,7 @@ def predict_video(loaded: LoadedModel, settings: InferenceSettings, path: Path, 
 
             def flush():
                 for image, pred in zip(batch, segment(loaded, settings, batch)):
-                    picture = overlay(image, pred, loaded.classes)
+                    picture = overlay_with_legend(image, pred, loaded.classes, all_classes=True)
                     if writer is None:
                         gif_frames.append(Image.fromarray(picture))
                     else:

@@ -156,15 +156,23 @@ def _shrink(picture: np.ndarray, max_width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(picture).resize(size, resample=Image.Resampling.NEAREST))
 
 
+# Height of the legend band under the picture grids: five classes per column, columns side by side.
+KEY_HEIGHT = 4 + 5 * 18
+
+
 def qualitative_grid(samples: list[QualitativeSample], classes: ClassSet, max_width: int = 512) -> np.ndarray:
     """Rows of image | ground truth | prediction | errors, each picture at most ``max_width`` wide
     (full-resolution Cityscapes frames would make a grid of tens of megapixels)."""
-    from carbseg.visualize import colorize, error_map, make_grid
+    from carbseg.visualize import below, colorize, error_key, error_map, legend, make_grid, present_classes
 
     rows = [[_shrink(p, max_width) for p in (s.image, colorize(s.gt, classes), colorize(s.pred, classes),
                                               error_map(s.pred, s.gt, classes.ignore_index))]
             for s in samples]
-    return make_grid(rows, list(QUALITATIVE_TITLES))
+    grid = make_grid(rows, list(QUALITATIVE_TITLES))
+    # Under the grid: which colour is which class (those in these rows' GT or prediction), and the
+    # key of the error maps, so the picture reads on its own.
+    present = present_classes(*(s.gt for s in samples), *(s.pred for s in samples), classes=classes)
+    return below(grid, [legend(classes, present, max_height=KEY_HEIGHT), error_key()])
 
 
 def write_report(out_dir: str | os.PathLike, report: dict, confusion: ConfusionMatrix, classes: ClassSet,

@@ -38,12 +38,13 @@ from tqdm import tqdm
 
 from carbseg import distributed as dist
 from carbseg.config import Config, config_to_dict, dump_config, load_config
+from carbseg.console import show_progress
 from carbseg.data.classes import IGNORE_INDEX, ClassSet
 from carbseg.engine.guards import NonFiniteGuard, any_rank_nonfinite
 from carbseg.engine.schedule import set_poly_lr
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
-from carbseg.io import remove_stale_temporaries, write_text_atomic
+from carbseg.io import remove_stale_temporaries, write_error, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,11 @@ def derive_seed(*parts: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device = {name!r} but no CUDA GPU is visible; set device=cpu or device=auto")
-        if dist.launched_by_torchrun():
-            device = torch.device("cuda", dist.local_rank())
+    from carbseg.devices import parse_device
+
+    device = parse_device(name, option="device =")
+    if device.type == "cuda" and dist.launched_by_torchrun():
+        device = torch.device("cuda", dist.local_rank())
     return device
 
 
@@ -180,20 +178,44 @@ class RunDir:
                 kept.append(line + "\n")
         write_text_atomic(self.log, "".join(kept))
 
-    def check(self, resume: bool) -> None:
-        """Refuse to overwrite a run by accident, and to resume from nothing."""
+    def holds_no_training(self) -> bool:
+        """A folder left by a run that stopped before its first checkpoint: only config.yaml, log.jsonl
+        and TensorBoard events, nothing trained to lose, so it may be started again."""
+        ours = {CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR}
+        return (self.path.is_dir() and self.config.is_file()
+                and all(p.name in ours or p.name.startswith(".") for p in self.path.iterdir())
+                and (not self.tensorboard.exists()
+                     or all(p.name.startswith("events.out.tfevents.") for p in self.tensorboard.iterdir())))
+
+    def check(self, resume: bool) -> bool:
+        """Refuse to overwrite a run by accident, and to resume from nothing; returns whether to load
+        the checkpoint (False when ``resume`` meets a run that never reached its first checkpoint)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: is a file, not a run directory; choose another --out")
         if resume:
-            if not self.checkpoint.is_file():
-                raise UserError(
-                    f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
-                    "(or point --out to the run directory of the run to continue)"
-                )
-            return
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            if self.checkpoint.is_file():
+                return True
+            if self.holds_no_training():
+                log.info("%s: the earlier run stopped before its first checkpoint; starting again from "
+                         "iteration 0", self.path)
+                return False
+            raise UserError(
+                f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
+                "(or point --out to the run directory of the run to continue)"
+            )
+        if self.path.exists() and any(self.path.iterdir()) and not self.holds_no_training():
             raise UserError(
                 f"{self.path}: run directory is not empty; pass --resume to continue that run, "
                 "or choose another --out"
             )
+        return False
+
+    def clear_leftovers(self) -> None:
+        """Drop the log lines and TensorBoard events of a run that stopped before its first checkpoint."""
+        self.log.unlink(missing_ok=True)
+        if self.tensorboard.is_dir():
+            for events in self.tensorboard.glob("events.out.tfevents.*"):
+                events.unlink(missing_ok=True)
 
 
 def _warn_config_changes(saved: Path, cfg: Config) -> None:
@@ -318,7 +340,7 @@ class Trainer:
         dist.init_from_env(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = dist.is_main_process()
-        self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
+        resume = self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
         dist.barrier(self.device)
         self.amp = amp_dtype(cfg.train.amp, self.device)
         self.single_path = bool(cfg.data.pseudo_masks)
@@ -389,11 +411,25 @@ class Trainer:
             self.load_state()
             if self.is_main:
                 self.run_dir.discard_after(self.iteration)
+        elif self.is_main:
+            self.run_dir.clear_leftovers()
         # Written only once everything could be built, so a failed start leaves the folder reusable.
         if self.is_main:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir.config, dump_config(cfg))
         self.writer = None
+
+    def setup_line(self, stop: int) -> str:
+        """What this run uses, said once at the start: device, precision, threads, processes, and
+        where the iterations start (a resumed run names the checkpoint's iteration)."""
+        model = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(self.amp, "fp32")
+        teacher = getattr(self.teacher, "precision", None)
+        teacher_part = f", teacher {teacher}" if teacher is not None else ""
+        where = (f"resumed at iteration {self.iteration} from {self.run_dir.checkpoint}" if self.iteration
+                 else "from iteration 0")
+        return (f"training on {self.device} with {torch.get_num_threads()} CPU threads, "
+                f"{self.world} process{'es' if self.world > 1 else ''}; precision: model {model}{teacher_part}; "
+                f"{where} to {stop}")
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -555,17 +591,25 @@ class Trainer:
     def log_scalars(self, iteration: int, values: dict[str, float]) -> None:
         if not self.is_main:
             return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir.tensorboard))
+        # A full disk or a vanished folder stops the run with one line naming the file (a torn last
+        # line of log.jsonl is dropped on --resume); the last checkpoint stays the place to resume from.
         record = {"iteration": iteration, **{k: _json_number(v) for k, v in values.items()}}
-        with open(self.run_dir.log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(_tensorboard_tag(key), value, iteration)
-        self.writer.flush()
+        try:
+            with open(self.run_dir.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise write_error(self.run_dir.log, err) from None
+        try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir.tensorboard))
+            for key, value in values.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(_tensorboard_tag(key), value, iteration)
+            self.writer.flush()
+        except OSError as err:
+            raise write_error(self.run_dir.tensorboard, err) from None
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if not dist.is_distributed():
@@ -582,10 +626,10 @@ class Trainer:
         start = self.iteration
         loader = training_loader(self.samples, start, stop, cfg.data.num_workers)
         bar = tqdm(total=stop, initial=start, desc="train", unit="it", dynamic_ncols=True,
-                   disable=not (self.progress and self.is_main))
+                   disable=not show_progress(self.progress and self.is_main))
         batches: list[dict] = []
         started = time.perf_counter()
-        with StopSignal() as stop_signal:
+        with StopSignal() as stop_signal, _event_writer_errors_reported_here():
             try:
                 for batch in loader:
                     batches.append(batch)
@@ -607,7 +651,8 @@ class Trainer:
                         values["iters_per_s"] = (done - start) / max(time.perf_counter() - started, 1e-9)
                         if evaluate_now:
                             values["val_miou"] = self.evaluate()
-                            log.info("iteration %d: val mIoU %s", done, values["val_miou"])
+                            if values["val_miou"] is not None:
+                                log.info("iteration %d: val mIoU %.1f", done, values["val_miou"])
                         self.log_scalars(done, values)
                     if done % max(cfg.train.checkpoint_interval, 1) == 0 and done != stop:
                         self.save_checkpoint()
@@ -618,10 +663,30 @@ class Trainer:
             finally:
                 bar.close()
                 if self.writer is not None:
-                    self.writer.close()
+                    # Every record was flushed when logged; a failing close (full disk) has been reported.
+                    with contextlib.suppress(OSError):
+                        self.writer.close()
                     self.writer = None
         self.save_checkpoint()
         return self.save_model()
+
+
+@contextlib.contextmanager
+def _event_writer_errors_reported_here():
+    """TensorBoard writes events in a thread; an OSError there (a full disk) would print that thread's
+    traceback. It is re-raised on the main thread by the next flush, and reported from there as one line."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _loss_terms(terms) -> list[torch.Tensor]:
@@ -689,6 +754,8 @@ def train(cfg: Config, out_dir: str | Path, max_iters: int | None = None, resume
     joined_here = not dist.is_distributed()  # leave a process group the caller made alone
     try:
         trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
+        if trainer.is_main:
+            log.info("%s", trainer.setup_line(stop))
         if trainer.iteration >= stop:
             log.warning("checkpoint is already at iteration %d >= %d: nothing to train", trainer.iteration, stop)
             return trainer.save_model()

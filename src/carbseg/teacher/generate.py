@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from carbseg import distributed
+from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset, WithoutIds
 from carbseg.data.frames import FrameMaps
 from carbseg.data.labels import labels_to_multi_hot
@@ -114,7 +115,7 @@ def generate_pseudo_masks(dataset: SegmentationDataset, labels: dict[str, list[i
     remove_stale_temporaries(out_dir, [mask_path(out_dir, i).name for i in mine])
     loader = DataLoader(_Views(dataset, indices, teacher.reads_ground_truth), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=_as_list)
-    bar = tqdm(total=len(indices), unit="img", desc="pseudo-masks", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(indices), unit="img", desc="pseudo-masks", disable=not show_progress(progress), dynamic_ncols=True)
     with torch.inference_mode():
         for batch in loader:
             for group in _same_size_groups(batch):

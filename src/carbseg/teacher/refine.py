@@ -4,7 +4,7 @@
   patch's scores are replaced by the affinity-weighted average of all patches' scores.
 - Prompt denoising: a present class that is nowhere confidently the winner is most likely a
   false prompt; its scores are dropped (at least one class always remains).
-- Dense CRF (offline, ``pip install carbseg[crf]``): label-based unaries and the authors'
+- Dense CRF (offline, ``pip install -e ".[crf]"`` in the checkout): label-based unaries and the authors'
   pairwise terms, 10 mean-field iterations.
 """
 
@@ -62,7 +62,7 @@ def _import_densecrf():
         except ImportError:
             continue
     raise UserError("dense-CRF refinement needs pydensecrf2, which is not installed; "
-                    "pip install carbseg[crf] (or drop --crf)")
+                    "pip install -e '.[crf]' in the carbseg checkout (or drop --crf)")
 
 
 def dense_crf(image: np.ndarray, mask: np.ndarray, num_classes: int, params: dict = CRF_PARAMS) -> np.ndarray:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -77,24 +79,68 @@ def _is_torchscript_archive(path: Path) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection at all (one try, ``timeout`` seconds).
+
+    Without it, huggingface_hub retries an unreachable host for about a minute, logging a line per
+    retry, before it gives up; with it, an offline machine learns in seconds that only the cache counts.
+    Behind an HTTP(S) proxy the direct probe says nothing, so the download is simply tried.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def _hub_file(repo_and_file: str, cache_dir: str | None) -> Path | None:
-    """A weights file from the Hugging Face hub: the cache first, then (if allowed) a short download."""
+    """A weights file from the Hugging Face hub: the cache first, then (if allowed and the hub is
+    reachable) one short download attempt, its retry warnings kept off the terminal."""
     from huggingface_hub import hf_hub_download
 
     repo_id, filename = os.path.split(repo_and_file)
     candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     for local_only in (True, False):
-        if not local_only and offline:
+        if not local_only and (hub_offline() or not hub_reachable()):
             break
-        for name in candidates:
-            try:
-                kwargs = {} if local_only else {"etag_timeout": HUB_TIMEOUT_S}
-                return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir,
-                                            local_files_only=local_only, **kwargs))
-            except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
-                log.debug("hub %s/%s (local_only=%s): %s", repo_id, name, local_only, err)
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)
+        try:
+            for name in candidates:
+                try:
+                    kwargs = {} if local_only else {"etag_timeout": HUB_TIMEOUT_S}
+                    return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir,
+                                                local_files_only=local_only, **kwargs))
+                except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
+                    log.debug("hub %s/%s (local_only=%s): %s", repo_id, name, local_only, err)
+        finally:
+            hub_log.setLevel(level)
     return None
+
+
+def cached_clip_weights(cache_dir: str | None = None) -> list[str]:
+    """``MODEL/TAG`` of the open_clip weights already in the Hugging Face cache (for ``carbseg doctor``)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = {repo.repo_id for repo in scan_cache_dir(cache_dir).repos}
+    except Exception:  # noqa: BLE001 - no cache yet, or an unreadable one: nothing found
+        return []
+    found = []
+    for model, tag in open_clip.list_pretrained():
+        hub = (open_clip.get_pretrained_cfg(model, tag) or {}).get("hf_hub", "")
+        if hub and "/".join(hub.rstrip("/").split("/")[:2]) in repos:
+            found.append(f"{model}/{tag}")
+    return found
 
 
 def resolve_weights(model: str, pretrained: str, cache_dir: str | None = None) -> WeightsSource:
@@ -120,8 +166,10 @@ def resolve_weights(model: str, pretrained: str, cache_dir: str | None = None) -
     found = _hub_file(cfg["hf_hub"], cache_dir) if cfg.get("hf_hub") else None
     if found is None:
         raise MissingWeightsError(
-            f"CLIP weights {model}/{pretrained} are not in the cache and cannot be downloaded (no network "
-            f"or HF_HUB_OFFLINE set); download them elsewhere and pass the file with --clip-pretrained PATH"
+            f"CLIP weights {model}/{pretrained} are not in the cache and cannot be downloaded ("
+            + ("HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub is not reachable")
+            + "); download them on a machine with network (see docs/teacher.md) and pass the file with "
+            "--clip-pretrained PATH"
         )
     return WeightsSource(model, pretrained, found, quick_gelu=bool(cfg.get("quick_gelu", False)))
 
