@@ -202,6 +202,9 @@ def test_pseudo_masks_refuses_one_gpu_for_every_torchrun_rank(monkeypatch, tmp_p
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    # Two GPUs as far as the device check can tell (none is touched before the refusal).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     code = main(["pseudo-masks", "--dataset", "synthetic", "--root", str(tmp_path), "--split", "train",
                  "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "out"), "--device", "cuda:0"])
     err = capsys.readouterr().err.strip().splitlines()
