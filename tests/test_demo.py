@@ -91,13 +91,17 @@ def test_quick_demo_writes_every_file(quick_demo):
     out, code = quick_demo
     assert code == 0
     for name in ("report.json", "report.md", "scenes.png", "learning_curve.png", "labels_train.json",
-                 "labels_val.json", "demo_state.json", "evaluation/report.md", "evaluation/iou_bar.png",
+                 "labels_test.json", "demo_state.json", "evaluation/report.md", "evaluation/iou_bar.png",
                  "run/model.safetensors", "run/log.jsonl", "run/config.yaml"):
         assert (out / name).is_file(), name
     assert len(list((out / "data" / "images" / "train").glob("*.png"))) == QUICK.num_train
     assert len(list((out / "data" / "images" / "val").glob("*.png"))) == QUICK.num_val
+    assert len(list((out / "data" / "images" / "test").glob("*.png"))) == QUICK.num_test
     assert len(list((out / "pseudo_masks" / "train").glob("*.png"))) == QUICK.num_train
-    assert len(list((out / "pseudo_masks" / "val").glob("*.png"))) == QUICK.num_val
+    assert len(list((out / "pseudo_masks" / "test").glob("*.png"))) == QUICK.num_test
+    # The test scenes share none with the validation scenes the settings were chosen on.
+    val_pixels = {Image.open(p).tobytes() for p in (out / "data" / "images" / "val").glob("*.png")}
+    assert not val_pixels & {Image.open(p).tobytes() for p in (out / "data" / "images" / "test").glob("*.png")}
     # The picture grid: one row per shown scene, four columns of the scene's width.
     grid = np.asarray(Image.open(out / "scenes.png"))
     assert grid.shape[1] > 4 * QUICK.width and grid.shape[0] > QUICK.grid_scenes * QUICK.height
@@ -111,7 +115,14 @@ def test_quick_demo_report_contract(quick_demo):
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert set(REPORT_KEYS) <= set(report)
     assert math.isfinite(report["miou"]) and 0.0 <= report["miou"] <= 100.0
-    assert report["num_images"] == QUICK.num_val
+    assert report["split"] == "test" and report["num_images"] == QUICK.num_test
+    # The validation figure is that of `carbseg evaluate` on the val split, named as such.
+    from carbseg.data.datasets import build_dataset
+    from carbseg.engine.inference import evaluate_checkpoint
+
+    val = build_dataset("synthetic", out / "data", "val")
+    confusion, _, _ = evaluate_checkpoint(val, out / "run" / "model.safetensors", device="cpu", progress=False)
+    assert report["val_miou"] == confusion.report(val.classes.names)["miou"]
     assert report["teacher"]["kind"] == "simulated" and "ground truth" in report["teacher"]["note"]
     assert set(report["timings_s"]) == set(STAGES) | {"total", "cpu_total"}
     assert report["reused_stages"] == []

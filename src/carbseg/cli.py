@@ -447,7 +447,8 @@ def _add_demo(sub) -> None:
         "demo", help="the whole method offline on generated driving scenes (minutes on a CPU)",
         description="Generated driving scenes -> image-level labels -> pseudo-masks of the SIMULATED teacher (it "
                     "reads the ground truth: a research instrument) -> GLV + CARB training -> evaluation on "
-                    "held-out scenes -> OUT/report.md and OUT/report.json. Rerunning the same command reuses "
+                    "the test scenes (never used for any choice; validation scenes reported as such) -> "
+                    "OUT/report.md and OUT/report.json. Rerunning the same command reuses "
                     "the finished stages.")
     p.add_argument("--out", required=True, help="output folder (created; a rerun resumes in it)")
     p.add_argument("--threads", type=int, default=None,
@@ -473,7 +474,8 @@ def _run_demo(args) -> int:
         torch.set_num_threads(args.threads)
     report = run_demo(args.out, QUICK if args.quick else DemoSettings(), progress=not args.no_progress,
                       announce=lambda line: print(line, flush=True))
-    print(f"carbseg demo: held-out mIoU {report['miou']:.1f} (pseudo-masks of the simulated teacher: "
+    print(f"carbseg demo: test mIoU {report['miou']:.1f} (validation {report['val_miou']:.1f}; pseudo-masks of "
+          f"the simulated teacher: "
           f"{report['pseudo_mask_miou']:.1f}) in {report['timings_s']['total']:.0f} s; report: {args.out}/report.md")
     return 0
 

@@ -2,14 +2,16 @@
 
 The stages follow the design's data flow, each one resumable (a rerun reuses what is finished):
 
-1. ``data``: procedural driving scenes (``carbseg.data.synthetic``) into ``OUT/data``, a training
-   split and a held-out split;
+1. ``data``: procedural driving scenes (``carbseg.data.synthetic``) into ``OUT/data``: a training
+   split, a validation split (the demo's settings were chosen on it) and a test split that was
+   never used for any choice -- the reported mIoU is the test split's;
 2. ``labels``: image-level labels from the training masks -- the only supervision of the method;
 3. ``pseudo_masks``: offline pseudo-masks of the SIMULATED teacher, scored against the ground truth
    (how good the supervision is that the segmenter learns from);
 4. ``train``: the segmenter with Global-Local View training (GLV) and Consistency-Aware Region
    Balancing (CARB), the teacher in the loop (``configs/demo.yaml``, shipped inside the package);
-5. ``evaluate``: mIoU of the trained segmenter on the held-out scenes;
+5. ``evaluate``: mIoU of the trained segmenter on the test scenes (and, named as such, the
+   validation scenes);
 6. ``report``: ``OUT/report.json``, ``OUT/report.md`` with a picture grid (image | pseudo-mask |
    prediction | ground truth) and the learning curve of the run's ``log.jsonl``.
 
@@ -43,7 +45,7 @@ TEACHER_NOTE = ("SIMULATED teacher: pseudo-masks are made from the ground truth 
                 "CLIP-like noise); a research instrument, not weak supervision")
 STAGES = ("data", "labels", "pseudo_masks", "train", "evaluate", "report")
 STATE_FILE = "demo_state.json"
-REPORT_KEYS = ("miou", "pixel_acc", "iou", "num_images", "pseudo_mask_miou", "pseudo_mask_iou", "teacher",
+REPORT_KEYS = ("split", "miou", "pixel_acc", "iou", "num_images", "val_miou", "pseudo_mask_miou", "pseudo_mask_iou", "teacher",
                "timings_s", "reused_stages", "settings")
 
 
@@ -52,17 +54,18 @@ class DemoSettings:
     """Size of the demo: the number and size of the scenes, and config overrides (``key=value``)."""
 
     num_train: int = 300
-    num_val: int = 40
+    num_val: int = 40  # validation scenes: settings are chosen here (in-training validation too)
+    num_test: int = 40  # test scenes: the reported mIoU; never used for any choice
     width: int = 256
     height: int = 128
     seed: int = 0
-    grid_scenes: int = 4  # held-out scenes shown in the picture grid
+    grid_scenes: int = 4  # test scenes shown in the picture grid
     overrides: tuple[str, ...] = ()
 
 
 #: The smoke-test size (``carbseg demo --quick``): seconds, and a meaningless mIoU.
 QUICK = DemoSettings(
-    num_train=6, num_val=3, width=128, height=64, grid_scenes=2,
+    num_train=6, num_val=3, num_test=3, width=128, height=64, grid_scenes=2,
     overrides=("data.resize=[128,64]", "data.crop_size=[64,128]", "glv.patch_size=[32,64]",
                "eval.crop_size=[64,128]", "eval.stride=[32,64]", "train.max_iters=4", "train.warmup_iters=2",
                "train.eval_interval=2", "train.checkpoint_interval=2", "train.log_interval=1",
@@ -173,32 +176,33 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
         say(f"      done in {seconds:.1f} s")
 
     # 1. Scenes: files are written atomically and existing ones skipped, so this resumes by itself.
-    if stage(1, "data", f"generating {settings.num_train} training and {settings.num_val} held-out scenes "
-                        f"of {settings.width}x{settings.height} in {data_root}"):
+    if stage(1, "data", f"generating {settings.num_train} training, {settings.num_val} validation and "
+                        f"{settings.num_test} test scenes of {settings.width}x{settings.height} in {data_root}"):
         began = time.perf_counter()
-        for split, count in (("train", settings.num_train), ("val", settings.num_val)):
+        for split, count in (("train", settings.num_train), ("val", settings.num_val), ("test", settings.num_test)):
             generate_synthetic_dataset(data_root, split, count, settings.height, settings.width,
                                        seed=settings.seed, progress=progress)
         finished("data", began)
     train_set = build_dataset("synthetic", data_root, "train")
     val_set = build_dataset("synthetic", data_root, "val")
+    test_set = build_dataset("synthetic", data_root, "test")
     classes = train_set.classes
 
     # 2. Image-level labels: which classes each image contains -- all the segmenter is told.
-    labels_files = {split: out / f"labels_{split}.json" for split in ("train", "val")}
+    labels_files = {split: out / f"labels_{split}.json" for split in ("train", "test")}
     if stage(2, "labels", "image-level labels (the only supervision) from the masks"):
         began = time.perf_counter()
-        for split, dataset in (("train", train_set), ("val", val_set)):
+        for split, dataset in (("train", train_set), ("test", test_set)):
             write_labels_json(labels_files[split], "synthetic", classes, compute_image_labels(dataset))
         finished("labels", began)
 
     # 3. Offline pseudo-masks of the simulated teacher, and how good they are against the GT.
-    #    The held-out split's masks are made only for the picture grid; training never sees them.
-    mask_dirs = {split: out / "pseudo_masks" / split for split in ("train", "val")}
+    #    The test split's masks are made only for the picture grid; training never sees them.
+    mask_dirs = {split: out / "pseudo_masks" / split for split in ("train", "test")}
     if stage(3, "pseudo_masks", f"offline pseudo-masks of the {TEACHER_NOTE}"):
         began = time.perf_counter()
         teacher = build_teacher(cfg.teacher, classes, device, seed=cfg.seed)
-        for split, dataset in (("train", train_set), ("val", val_set)):
+        for split, dataset in (("train", train_set), ("test", test_set)):
             labels = read_labels_json(labels_files[split], classes)
             generate_pseudo_masks(dataset, labels, teacher, mask_dirs[split], device=device, progress=progress)
         confusion, _ = evaluate_predictions(train_set, mask_dirs["train"], progress=progress)
@@ -219,20 +223,22 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
         finished("train", began)
         state.forget("evaluate", "report")
 
-    # 5. Evaluation on the held-out scenes (never seen in training, not even as image-level labels).
-    if stage(5, "evaluate", f"evaluating on {len(val_set)} held-out scenes"):
+    # 5. Evaluation on the test scenes (never seen in training nor used for any choice), and on the
+    #    validation scenes the settings were chosen on (reported as such, never as the result).
+    if stage(5, "evaluate", f"evaluating on {len(test_set)} test and {len(val_set)} validation scenes"):
         from carbseg.engine.evaluate import qualitative_from_predictions
         from carbseg.engine.inference import evaluate_checkpoint
         from carbseg.engine.report import write_report
 
         began = time.perf_counter()
-        confusion, stats, kept = evaluate_checkpoint(val_set, model_path, device=device, progress=progress,
-                                                     keep_samples=len(val_set))
+        confusion, stats, kept = evaluate_checkpoint(test_set, model_path, device=device, progress=progress,
+                                                     keep_samples=len(test_set))
         evaluation = confusion.report(classes.names)
         write_report(out / "evaluation", evaluation, confusion, classes, qualitative_from_predictions(stats, kept))
         shown = kept[: settings.grid_scenes]
-        _save_scene_grid(out / "scenes.png", shown, mask_dirs["val"], classes)
-        finished("evaluate", began, report=evaluation)
+        _save_scene_grid(out / "scenes.png", shown, mask_dirs["test"], classes)
+        val_confusion, _, _ = evaluate_checkpoint(val_set, model_path, device=device, progress=progress)
+        finished("evaluate", began, report=evaluation, val_miou=val_confusion.report(classes.names)["miou"])
         state.forget("report")
 
     # 6. The report: JSON for scripts, Markdown with pictures for people.
@@ -257,11 +263,14 @@ def _report_dict(state: _State, cfg: Config, settings: DemoSettings, timings: di
     evaluation = state.done["evaluate"]["report"]
     pseudo = state.done["pseudo_masks"]
     return {
-        # The evaluation contract (ConfusionMatrix.report) on the held-out scenes.
+        # The evaluation contract (ConfusionMatrix.report) on the TEST scenes, never used for any choice.
+        "split": "test",
         "miou": evaluation["miou"],
         "pixel_acc": evaluation["pixel_acc"],
         "iou": evaluation["iou"],
         "num_images": evaluation["num_images"],
+        # The validation scenes the demo's settings were chosen on: not a result.
+        "val_miou": state.done["evaluate"].get("val_miou"),
         # How good the supervision was: the teacher's offline pseudo-masks against the GT.
         "pseudo_mask_miou": pseudo["miou"],
         "pseudo_mask_iou": pseudo["iou"],
@@ -301,19 +310,22 @@ def _report_markdown(report: dict, classes) -> str:
         f"> **{TEACHER_NOTE}.** The numbers below show that the pipeline (image-level labels -> pseudo-masks ->",
         "> GLV + CARB training -> evaluation) works end to end; they say nothing about CLIP on real data.",
         "",
-        f"- held-out mIoU of the trained segmenter: **{_percent(report['miou'])}** "
-        f"({report['num_images']} held-out scenes), pixel accuracy {_percent(report['pixel_acc'])}",
+        f"- test mIoU of the trained segmenter: **{_percent(report['miou'])}** "
+        f"({report['num_images']} test scenes, never used for any choice), pixel accuracy "
+        f"{_percent(report['pixel_acc'])}; on the validation scenes the settings were chosen on: "
+        f"{_percent(report['val_miou'])}",
         f"- pseudo-mask mIoU of the simulated teacher against the ground truth (training scenes): "
         f"{_percent(report['pseudo_mask_miou'])}",
-        f"- scenes: {s['num_train']} training, {s['num_val']} held-out, {s['width']}x{s['height']} pixels; "
+        f"- scenes: {s['num_train']} training, {s['num_val']} validation, {s['num_test']} test, "
+        f"{s['width']}x{s['height']} pixels; "
         f"{report['config']['train']['max_iters']} iterations (warm-up {report['config']['train']['warmup_iters']}); "
         f"{s['threads']} CPU thread(s)",
-        f"- inference on the held-out scenes: {_inference_text(report['config']['eval'])}",
+        f"- inference on the test scenes: {_inference_text(report['config']['eval'])}",
         "- time per stage (s, first run): " + ", ".join(f"{k} {v:.0f}" for k, v in first.items())
         + f"; this invocation: {report['timings_s']['total']:.0f} s wall, {report['timings_s']['cpu_total']:.0f} s CPU"
         + (f" (reused: {', '.join(report['reused_stages'])})" if report["reused_stages"] else ""),
         "",
-        "## Held-out scenes",
+        "## Test scenes",
         "",
         "![image | pseudo-mask | prediction | ground truth](scenes.png)",
         "",
@@ -326,9 +338,9 @@ def _report_markdown(report: dict, classes) -> str:
         "Top: the CARB loss terms (during the warm-up, plain cross-entropy on the global view and the GLV",
         "patch; afterwards the consistent and c-scaled inconsistent regions). Bottom: validation mIoU.",
         "",
-        "## Per-class IoU (held-out scenes)",
+        "## Per-class IoU (test scenes)",
         "",
-        "| class | IoU (%), held-out scenes | pseudo-mask IoU (%), training scenes |",
+        "| class | IoU (%), test scenes | pseudo-mask IoU (%), training scenes |",
         "|---|---:|---:|",
     ]
     for name in classes.names:
@@ -341,7 +353,7 @@ def _report_markdown(report: dict, classes) -> str:
 
 
 def _save_scene_grid(path: Path, samples: list, mask_dir: Path, classes) -> None:
-    """Rows of image | pseudo-mask | prediction | ground truth for a few held-out scenes."""
+    """Rows of image | pseudo-mask | prediction | ground truth for a few test scenes."""
     from carbseg.engine.report import KEY_HEIGHT
     from carbseg.io import read_label_png
     from carbseg.visualize import below, colorize, legend, make_grid, present_classes, save_png
