@@ -266,3 +266,13 @@ def test_cli_evaluate_checkpoint_reports_what_evaluate_checkpoint_counts(tmp_pat
     assert report["num_images"] == 3
     assert (tmp_path / "report" / "qualitative_worst.png").is_file()
     assert (tmp_path / "report" / "qualitative_best.png").is_file()
+    # --scales overrides the checkpoint's eval.scales (CamVid's release protocol: --scales 2.0).
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--split", "val", "--checkpoint",
+                 str(checkpoint), "--device", "cpu", "--json", str(tmp_path / "r2.json"), "--scales", "2.0"]) == 0
+    confusion2, _, _ = evaluate_checkpoint(build_dataset("camvid", root, "val"), checkpoint, scales=[2.0],
+                                           progress=False)
+    assert json.loads((tmp_path / "r2.json").read_text())["iou"] == pytest.approx(
+        confusion2.report(CAMVID.names)["iou"])
+    assert confusion2.report(CAMVID.names)["iou"] != expected["iou"]  # the scale does change the predictions
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--split", "val", "--checkpoint",
+                 str(checkpoint), "--scales", "0,1"]) == 2

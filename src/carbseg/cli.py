@@ -172,10 +172,7 @@ def _run_pseudo_masks(args) -> int:
     from carbseg.teacher.generate import generate_pseudo_masks
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        scales = [float(s) for s in args.scales.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--scales {args.scales!r}: expected comma-separated numbers, e.g. 0.75,1.0,1.25") from None
+    scales = _parse_scales(args.scales, "--scales")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = parse_device(args.device)
@@ -274,12 +271,28 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write report.md, report.json, IoU bars, confusion heat map and best/worst image grids here")
     p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:N")
+    p.add_argument("--scales", default=None, metavar="S[,S...]",
+                   help="with --checkpoint: test scales instead of the checkpoint's eval.scales, e.g. 2.0 for "
+                        "CamVid's release protocol (the whole frame at 960x720) or 1.0 for native size")
     p.add_argument("--exclude-fit-set", default=None, metavar="PROXY_WEIGHTS",
                    help="leave out the images a proxy teacher was fitted on (its weight file lists them): "
                         "needed to score its pseudo-masks honestly, which skip those images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
                    "a terminal)")
     p.set_defaults(func=_run_evaluate)
+
+
+def _parse_scales(text: str | None, option: str) -> list[float] | None:
+    """'0.75,1.0' -> [0.75, 1.0]; None stays None (the default of whoever reads it)."""
+    if text is None:
+        return None
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.75,1.0,1.25") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise UserError(f"{option} {text!r}: scales must be positive numbers, e.g. 1.0 or 0.75,1.0,1.25")
+    return scales
 
 
 def _run_evaluate(args) -> int:
@@ -293,6 +306,8 @@ def _run_evaluate(args) -> int:
 
     if args.report:
         check_output_dir(args.report, "--report")
+    if args.scales is not None and args.checkpoint is None:
+        raise UserError("--scales applies to --checkpoint (predictions in --pred are already made)")
     dataset = _dataset_from_args(args)
     if args.exclude_fit_set:
         from carbseg.data.base import WithoutIds
@@ -307,6 +322,7 @@ def _run_evaluate(args) -> int:
         from carbseg.engine.inference import evaluate_checkpoint
 
         confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device,
+                                                     scales=_parse_scales(args.scales, "--scales"),
                                                      progress=not args.no_progress)
         samples = qualitative_from_predictions(stats, kept)
     report = confusion.report(dataset.classes.names)
