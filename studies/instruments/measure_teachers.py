@@ -122,6 +122,28 @@ def markdown(rows: list[dict], split: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration(dataset, patch_size: int, levels: list[float]) -> str:
+    """Per-class IoU of the simulated teacher's masks at several noise levels (whole frames)."""
+    names = dataset.classes.names
+    lines = ["| noise | mIoU | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for noise in levels:
+        teacher = SimulatedTeacher(dataset.classes, patch_size=patch_size, noise=noise)
+        matrix = ConfusionMatrix(len(names))
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            gt = torch.from_numpy(sample.mask).long()
+            present = gt.unique()
+            labels = torch.zeros(1, len(names), dtype=torch.bool)
+            labels[0, present[present < len(names)]] = True
+            mask = teacher(torch.zeros(1, 3, *gt.shape), labels, gt=gt[None],
+                           frames=FrameMaps.whole_frames([sample.id]))[0]
+            matrix.update(mask, gt)
+        report = matrix.report(names)
+        lines.append(f"| {noise:g} | {report['miou']:.1f} | "
+                     + " | ".join(f"{(report['iou'][c] or 0):.0f}" for c in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="CamVid root (train/, val/, ...annot/)")
@@ -133,10 +155,18 @@ def main(argv=None) -> int:
     parser.add_argument("--no-before", action="store_true", help="skip the per-view (before) simulated teacher")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibrate", default=None, metavar="N[,N...]",
+                        help="instead: per-class IoU of the simulated teacher at these noise levels")
     parser.add_argument("--out", required=True, help="folder for teachers.md and teachers.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dataset = build_dataset("camvid", args.root, args.split)
+    if args.calibrate:
+        table = calibration(dataset, args.patch_size, [float(v) for v in args.calibrate.split(",")])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "calibration.md").write_text(table)
+        sys.stdout.write(table)
+        return 0
     rows = []
     if args.proxy_weights:
         proxy = load_proxy_teacher(args.proxy_weights, dataset.classes)
