@@ -112,3 +112,30 @@ def test_summary_tables_mean_spread_and_small_classes(tmp_path):
     assert "| + GLV | 40.0 | 43.0 | **41.5** | 3.0 |" in text
     # small classes pole (2.5), signsymbol (6.5), pedestrian (9.5), bicyclist (10.5): mean 7.25
     assert "| **2.5** |" in text and text.rstrip().endswith("| **7.2** |")
+
+
+@pytest.mark.parametrize(
+    ("variant", "glv", "carb", "single_path"),
+    [("gt_upper_bound", False, False, "gt_train_ids"), ("proxy_ce", False, False, None),
+     ("proxy_glv", True, False, None), ("proxy_glv_carb", True, True, None),
+     ("proxy_single_ce", False, False, "proxy_train"), ("proxy_single_carb", False, True, "proxy_train")],
+)
+def test_proxy_study_variants_use_the_proxy_teacher_and_a_third_warmup(tmp_path, variant, glv, carb, single_path):
+    study = run_study.Study("data/camvid", str(tmp_path), seeds=[2], variants=[variant], dry_run=True,
+                            study=run_study.load_study(STUDY_DIR / "proxy_study.yaml"))
+    cfg = load_config(study.study["base"], study.overrides(variant, 2))
+    assert (cfg.teacher.kind, cfg.glv.enabled, cfg.carb.enabled, cfg.seed) == ("proxy", glv, carb, 2)
+    assert cfg.teacher.proxy_weights.endswith("proxy_teacher.safetensors")
+    assert (cfg.data.pseudo_masks or "").endswith(single_path or "") and bool(cfg.data.pseudo_masks) == bool(single_path)
+    assert cfg.train.warmup_iters * 3 == cfg.train.max_iters and cfg.carb.coeff == 1.0
+    if glv:
+        assert (cfg.glv.scale_offset, cfg.glv.scale_rate) == (1.0, 2.0)
+
+
+def test_proxy_study_prepare_fits_then_scores_without_the_fit_set(tmp_path, capsys):
+    assert run_study.main(["prepare", "--study", str(STUDY_DIR / "proxy_study.yaml"), "--root", "data/camvid",
+                           "--work", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("carbseg fit-proxy-teacher") and "--num-images 12" in lines[0]
+    evaluations = [line for line in lines if line.startswith("carbseg evaluate")]
+    assert len(evaluations) == 2 and all("--exclude-fit-set" in line for line in evaluations)

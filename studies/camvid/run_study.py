@@ -59,6 +59,10 @@ class Study:
         self.dry_run = dry_run
         self.gt_masks = self.work / "gt_train_ids"
         self.labels = {split: self.work / f"labels_{split}.json" for split in ("train", "val")}
+        # The proxy-teacher study (proxy_study.yaml): its fitted weights and offline masks.
+        self.proxy = self.study.get("proxy")
+        self.proxy_weights = self.work / "proxy_teacher.safetensors"
+        self.proxy_masks = self.work / "proxy_train"
 
     # ------------------------------------------------------------------ helpers
     def run(self, cmd: list[str], done: Path | None = None) -> None:
@@ -75,18 +79,42 @@ class Study:
         return self.work / "runs" / f"{variant}_seed{seed}"
 
     def overrides(self, variant: str, seed: int) -> list[str]:
-        values = [o.format(gt_masks=_rel(self.gt_masks), teacher_masks=_rel(self.work / "teacher_train_cell16"))
-                  for o in self.all_variants[variant]]
+        places = {"gt_masks": _rel(self.gt_masks), "teacher_masks": _rel(self.work / "teacher_train_cell16"),
+                  "proxy_weights": _rel(self.proxy_weights), "proxy_masks": _rel(self.proxy_masks)}
+        values = [o.format(**places) for o in [*self.study.get("common", []), *self.all_variants[variant]]]
         return [f"data.root={self.root}", *values, f"seed={seed}"]
 
     # ------------------------------------------------------------------ steps
     def prepare(self) -> None:
-        """Image-level labels, the simulated teacher's pseudo-masks on val and the GT train ids."""
-        self.teacher_quality("val")
+        """Image-level labels, the teacher's pseudo-masks on val (and, for the proxy teacher, on train)
+        and the GT train ids."""
+        if self.proxy:
+            self.prepare_proxy()
+        else:
+            self.teacher_quality("val")
         # GT upper bound: the ground truth as train ids (void = 255) for the single path.
         print(f"# write ground-truth train ids of the train split to {_rel(self.gt_masks)}", flush=True)
         if not self.dry_run:
             write_gt_train_ids(self.root, self.gt_masks)
+
+    def prepare_proxy(self) -> None:
+        """Fit the proxy teacher on a few train images, then its pseudo-masks on train (the single path
+        reads them; fit images get none) and val, each scored against the GT without the fit set."""
+        self.run(["carbseg", "fit-proxy-teacher", "--dataset", "camvid", "--root", self.root, "--split", "train",
+                  "--num-images", str(self.proxy["num_images"]), "--seed", str(self.proxy["seed"]),
+                  "--out", _rel(self.proxy_weights), "--no-progress"], done=self.proxy_weights)
+        for split in ("train", "val"):
+            path = self.labels[split]
+            self.run(["carbseg", "labels", "--dataset", "camvid", "--root", self.root, "--split", split,
+                      "--out", _rel(path), "--no-progress"], done=path)
+            out = self.proxy_masks if split == "train" else self.work / f"proxy_{split}"
+            report = self.work / f"proxy_{split}.json"
+            self.run(["carbseg", "pseudo-masks", "--dataset", "camvid", "--root", self.root, "--split", split,
+                      "--labels", _rel(path), "--teacher", "proxy", "--proxy-weights", _rel(self.proxy_weights),
+                      "--out", _rel(out), "--no-progress"], done=report)
+            self.run(["carbseg", "evaluate", "--dataset", "camvid", "--root", self.root, "--split", split,
+                      "--pred", _rel(out), "--exclude-fit-set", _rel(self.proxy_weights), "--json", _rel(report),
+                      "--no-progress"], done=report)
 
     def teacher_quality(self, split: str) -> None:
         """Pseudo-masks of the simulated teacher on ``split``, scored against its ground truth."""
@@ -153,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated variants (default: all of the study file's)")
     parser.add_argument("--docs", default="docs/study_camvid", help="summarize: folder of the plots")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--study", default=str(STUDY_FILE),
+                        help="study file (default: study.yaml, the simulated teacher; proxy_study.yaml: the proxy)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per queue: 2 queues on a 2-core machine
-    study = Study(args.root, args.work, args.seeds, args.variants, args.dry_run)
+    study = Study(args.root, args.work, args.seeds, args.variants, args.dry_run, study=load_study(Path(args.study)))
     if args.step in ("prepare", "all"):
         study.prepare()
     if args.step in ("train", "all"):

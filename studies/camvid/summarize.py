@@ -22,6 +22,12 @@ LABELS = {
     "single_ce": "follow-up: fixed masks, CE",
     "single_carb": "follow-up: fixed masks, CARB",
     "glv_carb_warmup110": "follow-up: + GLV + CARB, warm-up 110",
+    "proxy_ce": "proxy teacher, global CE only",
+    "proxy_glv": "proxy teacher, + GLV",
+    "proxy_glv_carb": "proxy teacher, + GLV + CARB",
+    "proxy_glv_carb_warmup_half": "follow-up: proxy, + GLV + CARB, warm-up 1/2",
+    "proxy_single_ce": "follow-up: proxy, fixed masks, CE",
+    "proxy_single_carb": "follow-up: proxy, fixed masks, CARB",
 }
 SHORT = {  # bar-plot tick labels
     "global_ce": "global\nCE only", "glv": "+ GLV", "glv_carb": "+ GLV\n+ CARB", "gt_upper_bound": "GT upper\nbound",
