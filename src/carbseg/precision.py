@@ -9,6 +9,8 @@ run several times slower than in fp32 -- so on those GPUs the mixed precision of
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 AMPERE = (8, 0)
@@ -39,3 +41,10 @@ def fast_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.float16
     return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; no autocast at all for ``None`` (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

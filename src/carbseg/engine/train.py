@@ -39,9 +39,10 @@ from tqdm import tqdm
 from carbseg import distributed as dist
 from carbseg.config import Config, config_to_dict, dump_config, load_config
 from carbseg.console import show_progress
-from carbseg.data.classes import IGNORE_INDEX, ClassSet
-from carbseg.engine.guards import NonFiniteGuard, any_rank_nonfinite
+from carbseg.data.classes import ClassSet
+from carbseg.engine.guards import NonFiniteGuard
 from carbseg.engine.schedule import set_poly_lr
+from carbseg.engine.step import batch_to_device, training_step
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
 from carbseg.io import remove_stale_temporaries, write_error, write_text_atomic
@@ -96,12 +97,6 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
         return torch.float16
     return torch.bfloat16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class StopSignal:
@@ -289,41 +284,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
                            weight_decay=cfg.train.weight_decay)
 
 
-# ---------------------------------------------------------------- one training step
-def teacher_views(teacher, batch: dict, cfg: Config, generator: torch.Generator, single_path: bool):
-    """Teacher labels for the global view and for the GLV local patch (no gradient, ever).
-
-    Returns (global labels (B, H, W), patch region or None, patch labels (B, h, w) or None).
-    """
-    from carbseg.data import views
-    from carbseg.data.frames import FrameMaps
-
-    images, masks, valid, image_labels = batch["images"], batch["masks"], batch["valid"], batch["image_labels"]
-    gt = masks if (teacher is not None and teacher.reads_ground_truth) else None
-    frames = FrameMaps(batch["frame_keys"].cpu(), batch["frames"].cpu()) if "frames" in batch else None
-    if single_path:
-        global_labels = masks.masked_fill(~valid, IGNORE_INDEX)
-    else:
-        global_labels = teacher(images, image_labels, gt=gt, valid=valid, frames=frames)
-    if not cfg.glv.enabled:
-        return global_labels, None, None
-    patch = views.sample_local_patch(
-        tuple(images.shape[-2:]), tuple(cfg.glv.patch_size), cfg.glv.scale_offset, cfg.glv.scale_rate, generator
-    )
-    if single_path:
-        patch_labels = views.cut_out(global_labels, patch)
-    else:
-        # GLV: zooming gives CLIP's 16-pixel patches a finer footprint on small objects.
-        zoomed = views.zoom_images(images, patch)
-        zoomed_gt = views.zoom_labels(gt, patch) if gt is not None else None
-        zoomed_valid = views.zoom_labels(valid, patch)
-        zoomed_frames = None if frames is None else frames.zoomed(
-            patch.top, patch.left, (patch.height, patch.width), patch.zoomed_hw)
-        zoomed_labels = teacher(zoomed, image_labels, gt=zoomed_gt, valid=zoomed_valid, frames=zoomed_frames)
-        patch_labels = views.labels_to_patch_size(zoomed_labels, patch)
-    return global_labels, patch, patch_labels
-
-
 # ---------------------------------------------------------------- the trainer
 class Trainer:
     """Holds the pieces of one run; ``run()`` trains from ``self.iteration`` to ``stop``."""
@@ -489,45 +449,18 @@ class Trainer:
 
     def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool) -> dict[str, float] | None:
         """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank."""
-        from carbseg.data import views
-        from carbseg.losses.carb import carb_loss
-
-        cfg, device = self.cfg, self.device
-        non_blocking = device.type == "cuda"
-        batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-        batch["images"] = batch["images"].float()
-        if device.type == "cuda":
-            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        cfg = self.cfg
+        batch = batch_to_device(batch, self.device)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, micro, self.rank, 1))
-        # Outside the segmenter's autocast: the teacher runs at its own precision, so its masks
-        # equal `carbseg pseudo-masks`' under any train.amp (scores promised in fp32).
-        with torch.inference_mode():
-            global_labels, patch, patch_labels = teacher_views(
-                self.teacher, batch, cfg, generator, self.single_path
-            )
-        # Inference tensors cannot be saved for backward: the targets are cloned out of inference mode.
-        global_labels = global_labels.clone()
-        patch_labels = patch_labels.clone() if patch_labels is not None else None
-
-        warmup = self.in_warmup(iteration)
         net = self.ddp if self.ddp is not None else self.model
         sync = contextlib.nullcontext() if (self.ddp is None or last_micro) else self.ddp.no_sync()
         with sync:
-            with autocast(device, self.amp):
-                logits = net(batch["images"])
-            logits = logits.float()
-            patch_logits = views.cut_out(logits, patch) if patch is not None else None
-            terms = carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
-                              None if warmup else cfg.carb.fixed_coefficient, warmup)
-            if any_rank_nonfinite(_loss_terms(terms), device):
-                return None  # before the queue push and backward: nothing of this step is kept
-            if not warmup and cfg.carb.fixed_coefficient is None:
-                # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
-                # (averaged over processes) before c = coeff * mean(cons) / mean(incons) is read.
-                self.loss_queue.push(terms.consistent.detach(), terms.inconsistent.detach())
-                terms = terms.with_coefficient(self.loss_queue.coefficient(cfg.carb.coeff))
-            self.scaler.scale(terms.total / cfg.train.grad_accum).backward()
-        return _terms_to_floats(terms)
+            out = training_step(net, self.teacher, batch, cfg, generator, warmup=self.in_warmup(iteration),
+                                loss_queue=self.loss_queue, single_path=self.single_path, amp=self.amp)
+            if out is None:
+                return None
+            self.scaler.scale(out.loss / cfg.train.grad_accum).backward()
+        return out.scalars()
 
     def train_iteration(self, batches: list[dict], iteration: int) -> dict[str, float]:
         cfg = self.cfg
@@ -687,22 +620,6 @@ def _event_writer_errors_reported_here():
         yield
     finally:
         threading.excepthook = previous
-
-
-def _loss_terms(terms) -> list[torch.Tensor]:
-    """Every CE term of CARBTerms (global, patch, consistent, inconsistent, ...): the NaN/Inf guard checks each."""
-    return [terms.global_ce, terms.patch_ce, terms.consistent, terms.inconsistent, terms.patch_consistent,
-            terms.patch_inconsistent]
-
-
-def _terms_to_floats(terms) -> dict[str, float]:
-    """Every scalar of CARBTerms as a float (losses, pixel counts, consistent share, c)."""
-    fields = vars(terms)
-    out = {"c": float(terms.coefficient), "warmup": float(terms.warmup)}
-    for key, value in fields.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            out[key] = float(value.detach())
-    return out
 
 
 def _json_number(value):
