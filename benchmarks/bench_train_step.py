@@ -34,6 +34,7 @@ from carbseg.config import load_config
 from carbseg.data.classes import CITYSCAPES
 from carbseg.data.synthetic import render_scene
 from carbseg.engine.step import batch_to_device, training_step
+from carbseg.losses.carb import CARBObjective
 from carbseg.models.segmenter import build_segmenter
 from carbseg.teacher.build import build_teacher
 
@@ -101,7 +102,7 @@ def run_variant(name: str, args, device: torch.device, cpu_batch: dict) -> dict:
         "model.pretrained=none",
         f"teacher.kind={args.teacher}", "teacher.clip_pretrained=none", "teacher.patch_size=16",
         f"glv.patch_size=[{args.patch[0]},{args.patch[1]}]", f"glv.scale_offset={args.scale[0]}",
-        f"glv.scale_rate={args.scale[1]}", "carb.fixed_coefficient=1.0",
+        f"glv.scale_rate={args.scale[1]}",
     ])
     if args.backbone == "tiny":
         cfg.model.head_channels, cfg.model.aspp_dilations = 64, [1, 2, 3, 4]
@@ -120,12 +121,13 @@ def run_variant(name: str, args, device: torch.device, cpu_batch: dict) -> dict:
     batch = batch_to_device(cpu_batch, device, channels_last=channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     amp = torch.bfloat16 if use_amp else None
+    objective = CARBObjective(warmup_iters=0, fixed_coefficient=1.0)  # CARB after warm-up, c = 1
 
     def step(timer: Timer, generator: torch.Generator) -> None:
-        out = training_step(model, teacher, batch, cfg, generator, warmup=False, loss_queue=None,
-                            single_path=False, amp=amp, timer=timer.part)
+        loss = training_step(model, teacher, batch, cfg, generator, iteration=0, objective=objective,
+                             single_path=False, amp=amp, timer=timer.part)
         with timer.part("backward"):
-            out.loss.backward()
+            loss.total.backward()
         with timer.part("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -10,8 +10,9 @@ what is trained:
    zoom, so a teacher that reads them sees where each pixel came from;
 2. ``segmenter_logits``: the segmenter runs on the global batch only, under the training autocast;
    the logits (fp32) are cut out at the patch region;
-3. ``training_step``: the CARB objective on both views, with the NaN/Inf guard before anything
-   stateful (the loss queue) is touched; it returns the loss to back-propagate and its terms.
+3. ``training_step``: the CARB terms on both views (``carb_loss``), the NaN/Inf guard before
+   anything stateful is touched, then the run's ``CARBObjective`` (warm-up rule, loss queue, c);
+   it returns the ``CARBLoss``: the total to back-propagate and the terms to log.
 
 Backward, gradient accumulation and the optimizer step stay with the caller (the trainer wraps
 them in DDP's ``no_sync`` and the AMP GradScaler; the benchmark times them).
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -112,36 +112,15 @@ def segmenter_logits(model: torch.nn.Module, images: torch.Tensor, patch,
     return logits, (views.cut_out(logits, patch) if patch is not None else None)
 
 
-@dataclass
-class StepOutput:
-    """What one step hands to backward (``loss``) and to the log (``terms``, see ``scalars``)."""
-
-    loss: torch.Tensor
-    terms: object  # carbseg.losses.carb.CARBTerms
-
-    def scalars(self) -> dict[str, float]:
-        """Every scalar of the CARB terms as a float (losses, pixel counts, consistent share, c)."""
-        terms = self.terms
-        out = {"c": float(terms.coefficient), "warmup": float(terms.warmup)}
-        for key, value in vars(terms).items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                out[key] = float(value.detach())
-        return out
-
-
-def loss_terms(terms) -> list[torch.Tensor]:
-    """Every CE term of CARBTerms (global, patch, consistent, inconsistent, ...): the NaN/Inf guard checks each."""
-    return [terms.global_ce, terms.patch_ce, terms.consistent, terms.inconsistent, terms.patch_consistent,
-            terms.patch_inconsistent]
-
-
 def training_step(model: torch.nn.Module, teacher, batch: dict, cfg, generator: torch.Generator, *,
-                  warmup: bool, loss_queue, single_path: bool, amp: torch.dtype | None = None,
-                  timer: Timer = _untimed) -> StepOutput | None:
+                  iteration: int, objective, single_path: bool, amp: torch.dtype | None = None,
+                  timer: Timer = _untimed):
     """Teacher views, segmenter forward and CARB objective of one (micro-)batch already on its device.
 
-    Returns the loss to back-propagate with its terms, or None when a loss term is NaN/Inf on any
-    process -- checked before the loss queue is pushed, so nothing of such a step is kept.
+    ``objective`` is the run's ``carbseg.losses.carb.CARBObjective`` (warm-up rule, loss queue, c).
+    Returns its ``CARBLoss`` -- ``total`` to back-propagate, the terms to log -- or None when a CE
+    term is NaN/Inf on any process: checked before the objective pushes its queue, so nothing of
+    such a step is kept.
     """
     from carbseg.losses import carb
 
@@ -156,13 +135,7 @@ def training_step(model: torch.nn.Module, teacher, batch: dict, cfg, generator: 
     with timer("forward"):
         logits, patch_logits = segmenter_logits(model, batch["images"], views.patch, amp)
     with timer("loss"):
-        terms = carb.carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
-                               None if warmup else cfg.carb.fixed_coefficient, warmup)
-        if any_rank_nonfinite(loss_terms(terms), logits.device):
+        terms = carb.carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"])
+        if any_rank_nonfinite(terms.cross_entropies(), logits.device):
             return None  # before the queue push and backward: nothing of this step is kept
-        if not warmup and cfg.carb.fixed_coefficient is None:
-            # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
-            # (averaged over processes) before c = coeff * mean(cons) / mean(incons) is read.
-            loss_queue.push(terms.consistent.detach(), terms.inconsistent.detach())
-            terms = terms.with_coefficient(loss_queue.coefficient(cfg.carb.coeff))
-    return StepOutput(terms.total, terms)
+        return objective(terms, iteration)

@@ -291,7 +291,7 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True):
         from carbseg.data.datasets import build_dataset
         from carbseg.data.transforms import TrainAugmentation
-        from carbseg.losses.carb import LossQueue
+        from carbseg.losses.carb import CARBObjective
 
         self.cfg = cfg
         self.run_dir = RunDir(Path(out_dir))
@@ -357,7 +357,7 @@ class Trainer:
             )
         self.optimizer = build_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.loss_queue = LossQueue(cfg.carb.queue_size)
+        self.objective = CARBObjective.from_config(cfg.carb, cfg.train.warmup_iters)
         self.nonfinite = NonFiniteGuard()
         self.iteration = 0
 
@@ -397,7 +397,7 @@ class Trainer:
             "iteration": self.iteration,  # the next iteration to run
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "loss_queue": self.loss_queue.state_dict(),
+            "loss_queue": self.objective.state_dict(),  # the CARB objective's running state: its queue
             "nonfinite": self.nonfinite.state_dict(),
             "scaler": self.scaler.state_dict(),
             # No CUDA generator state: every iteration reseeds all generators from (seed, iteration,
@@ -414,7 +414,7 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.loss_queue.load_state_dict(state["loss_queue"])
+            self.objective.load_state_dict(state["loss_queue"])
             self.nonfinite.load_state_dict(state.get("nonfinite", {}))
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -444,9 +444,6 @@ class Trainer:
         return self.run_dir.model
 
     # ---------------------------------------------------------------- step
-    def in_warmup(self, iteration: int) -> bool:
-        return (not self.cfg.carb.enabled) or iteration < self.cfg.train.warmup_iters
-
     def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool) -> dict[str, float] | None:
         """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank."""
         cfg = self.cfg
@@ -455,11 +452,11 @@ class Trainer:
         net = self.ddp if self.ddp is not None else self.model
         sync = contextlib.nullcontext() if (self.ddp is None or last_micro) else self.ddp.no_sync()
         with sync:
-            out = training_step(net, self.teacher, batch, cfg, generator, warmup=self.in_warmup(iteration),
-                                loss_queue=self.loss_queue, single_path=self.single_path, amp=self.amp)
+            out = training_step(net, self.teacher, batch, cfg, generator, iteration=iteration,
+                                objective=self.objective, single_path=self.single_path, amp=self.amp)
             if out is None:
                 return None
-            self.scaler.scale(out.loss / cfg.train.grad_accum).backward()
+            self.scaler.scale(out.total / cfg.train.grad_accum).backward()
         return out.scalars()
 
     def train_iteration(self, batches: list[dict], iteration: int) -> dict[str, float]:
