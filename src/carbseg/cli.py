@@ -161,12 +161,10 @@ def _add_pseudo_masks(sub) -> None:
 def _run_pseudo_masks(args) -> int:
     import logging
 
-    import torch
-
     from carbseg import distributed
     from carbseg.config import TeacherConfig
     from carbseg.data.labels import read_labels_json
-    from carbseg.devices import parse_device
+    from carbseg.devices import process_device
     from carbseg.io import check_output_dir
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
@@ -178,13 +176,8 @@ def _run_pseudo_masks(args) -> int:
         raise UserError(f"--scales {args.scales!r}: expected comma-separated numbers, e.g. 0.75,1.0,1.25") from None
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = parse_device(args.device)
+    device = process_device(args.device)  # under torchrun: one GPU per rank
     check_output_dir(args.out)
-    if device.type == "cuda" and distributed.launched_by_torchrun():
-        if device.index is not None and device.index != distributed.local_rank():
-            raise UserError(f"--device {args.device} under torchrun would put every rank on that GPU; "
-                            "pass --device cuda (each rank takes GPU LOCAL_RANK) or restrict CUDA_VISIBLE_DEVICES")
-        device = torch.device("cuda", distributed.local_rank())  # one GPU per torchrun rank
     dataset = _dataset_from_args(args)
     labels = read_labels_json(args.labels, dataset.classes)
     refine = None

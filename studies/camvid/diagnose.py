@@ -41,8 +41,8 @@ def diagnose(root: str, batches: int, checkpoint: str | None, seed: int = 0) -> 
     from carbseg.data.labels import compute_image_labels, labels_to_multi_hot
     from carbseg.data.transforms import TrainAugmentation
     from carbseg.data.views import cut_out
+    from carbseg.engine.seeds import derive_seed
     from carbseg.engine.step import batch_to_device, segmenter_logits, teacher_views
-    from carbseg.engine.train import derive_seed
     from carbseg.engine.train_data import BatchKey, TrainingSamples, collate
     from carbseg.losses.carb import region_masks, restricted_argmax
     from carbseg.teacher.build import build_teacher

@@ -11,7 +11,6 @@ covered each pixel) and the multi-scale / flip TTA are provided for memory-bound
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -25,10 +24,12 @@ from tqdm import tqdm
 from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
+from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
 from carbseg.engine.evaluate import ImageStats, image_stats, rank_images
 from carbseg.errors import UserError
 from carbseg.metrics import ConfusionMatrix, confusion_counts
+from carbseg.precision import autocast, inference_autocast_dtype
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -36,25 +37,6 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     if param is None:
         param = next(model.buffers(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def autocast_for(device: torch.device, amp: bool | torch.dtype | None = None):
-    """Autocast for inference: ``None`` (default) is the device's fast precision on CUDA (bf16 from
-    Ampere on, fp16 on older GPUs where bf16 is emulated) and nothing on CPU (CPU bf16 is slow);
-    ``True`` the fast precision (bf16 on a CPU); ``False`` none; a dtype exactly that dtype."""
-    from carbseg.precision import fast_autocast_dtype
-
-    if isinstance(amp, torch.dtype):
-        dtype: torch.dtype | None = amp
-    elif amp is None:
-        dtype = fast_autocast_dtype(device) if device.type == "cuda" else None
-    elif amp:
-        dtype = fast_autocast_dtype(device) or torch.bfloat16
-    else:
-        dtype = None
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resize_logits(logits: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
@@ -65,7 +47,7 @@ def resize_logits(logits: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
 
 
 def _forward(model: torch.nn.Module, images: torch.Tensor, amp: bool | torch.dtype | None) -> torch.Tensor:
-    with autocast_for(images.device, amp):
+    with autocast(images.device, inference_autocast_dtype(images.device, amp)):
         logits = model(images)
     return resize_logits(logits.float(), images.shape[-2:])
 
@@ -228,13 +210,6 @@ class PredictionSample:
     pred: np.ndarray  # uint8 (H, W) prediction, train ids
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> the first GPU when there is one, else the CPU (see carbseg.devices)."""
-    from carbseg.devices import parse_device
-
-    return parse_device(device)
-
-
 def _same_size_batches(dataset, batch_size: int):
     """Consecutive samples grouped into batches of one image size (sizes may vary in a dataset)."""
     batch: list = []
@@ -267,7 +242,7 @@ def evaluate_checkpoint(
     ``ConfusionMatrix``, per-image ``ImageStats`` in dataset order (as ``evaluate_predictions``),
     and the ``keep_samples`` worst and best images (by ``rank_images``) with their predictions.
     """
-    device = resolve_device(device)
+    device = parse_device(device)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device=device)
     model = loaded.model.to(device).eval()
     eval_cfg = loaded.config.eval

@@ -26,10 +26,8 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,195 +35,24 @@ import torch
 from tqdm import tqdm
 
 from carbseg import distributed as dist
-from carbseg.config import Config, config_to_dict, dump_config, load_config
+from carbseg.config import Config, dump_config
 from carbseg.console import show_progress
 from carbseg.data.classes import ClassSet
+from carbseg.devices import process_device
 from carbseg.engine.guards import NonFiniteGuard
+from carbseg.engine.run_dir import RunDir, warn_config_changes
 from carbseg.engine.schedule import set_poly_lr
+from carbseg.engine.seeds import derive_seed, numpy_rng_state, set_numpy_rng_state
+from carbseg.engine.signals import StopSignal, TrainingInterrupted
 from carbseg.engine.step import batch_to_device, training_step
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
-from carbseg.io import remove_stale_temporaries, write_error, write_text_atomic
+from carbseg.io import write_error, write_text_atomic
+from carbseg.precision import training_autocast_dtype
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_FILE = "checkpoint_last.pt"
-MODEL_FILE = "model.safetensors"
-LOG_FILE = "log.jsonl"
-TENSORBOARD_DIR = "tb"
-
-
-class TrainingInterrupted(Exception):  # noqa: N818 -- it is a stop, not an error
-    """SIGTERM / SIGINT arrived: the current step was finished and ``checkpoint_last.pt`` written."""
-
-    def __init__(self, iteration: int, checkpoint: Path, signum: int):
-        self.iteration, self.checkpoint, self.signum = iteration, checkpoint, signum
-        super().__init__(
-            f"stopped by signal {signal.Signals(signum).name} after iteration {iteration}; "
-            f"checkpoint written to {checkpoint} (continue with --resume)"
-        )
-
-
-# ---------------------------------------------------------------- small helpers
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, iteration, rank, ...), well mixed by numpy's SeedSequence."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-def resolve_device(name: str) -> torch.device:
-    from carbseg.devices import parse_device
-
-    device = parse_device(name, option="device =")
-    if device.type == "cuda" and dist.launched_by_torchrun():
-        device = torch.device("cuda", dist.local_rank())
-    return device
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 autocast on GPUs where bf16 is native (Ampere and newer), fp16 with the
-    GradScaler on older ones (V100, T4, RTX 20xx emulate bf16, several times slower), nothing on CPU
-    (it is slower there on most machines)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        from carbseg.precision import fast_autocast_dtype
-
-        return fast_autocast_dtype(device)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
-        return torch.float16
-    return torch.bfloat16
-
-
-class StopSignal:
-    """Turns SIGTERM / SIGINT into a flag checked between iterations (a step is never cut in half)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def any_rank_stopped(self, device: torch.device) -> int | None:
-        """The signal seen by any process, so that all stop after the same iteration."""
-        if not dist.is_distributed():
-            return self.signum
-        flag = torch.tensor([float(self.signum or 0)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
-
-
-# ---------------------------------------------------------------- run directory
-@dataclass
-class RunDir:
-    path: Path
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT_FILE
-
-    @property
-    def model(self) -> Path:
-        return self.path / MODEL_FILE
-
-    @property
-    def log(self) -> Path:
-        return self.path / LOG_FILE
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / TENSORBOARD_DIR
-
-    def discard_after(self, iteration: int) -> None:
-        """Make the run directory agree with a checkpoint at ``iteration`` before resuming from it.
-
-        A run killed with SIGKILL (no chance to checkpoint) logged iterations past its last
-        checkpoint and may have left a temporary file mid-write; resuming redoes those iterations,
-        so their log lines (and a torn last line) are dropped instead of appearing twice.
-        """
-        remove_stale_temporaries(self.path, [CONFIG_FILE, CHECKPOINT_FILE, MODEL_FILE])
-        if not self.log.is_file():
-            return
-        kept = []
-        for line in self.log.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line torn by the kill: nothing after it was written either
-            if record.get("iteration", 0) <= iteration:
-                kept.append(line + "\n")
-        write_text_atomic(self.log, "".join(kept))
-
-    def holds_no_training(self) -> bool:
-        """A folder left by a run that stopped before its first checkpoint: only config.yaml, log.jsonl
-        and TensorBoard events, nothing trained to lose, so it may be started again."""
-        ours = {CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR}
-        return (self.path.is_dir() and self.config.is_file()
-                and all(p.name in ours or p.name.startswith(".") for p in self.path.iterdir())
-                and (not self.tensorboard.exists()
-                     or all(p.name.startswith("events.out.tfevents.") for p in self.tensorboard.iterdir())))
-
-    def check(self, resume: bool) -> bool:
-        """Refuse to overwrite a run by accident, and to resume from nothing; returns whether to load
-        the checkpoint (False when ``resume`` meets a run that never reached its first checkpoint)."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path}: is a file, not a run directory; choose another --out")
-        if resume:
-            if self.checkpoint.is_file():
-                return True
-            if self.holds_no_training():
-                log.info("%s: the earlier run stopped before its first checkpoint; starting again from "
-                         "iteration 0", self.path)
-                return False
-            raise UserError(
-                f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
-                "(or point --out to the run directory of the run to continue)"
-            )
-        if self.path.exists() and any(self.path.iterdir()) and not self.holds_no_training():
-            raise UserError(
-                f"{self.path}: run directory is not empty; pass --resume to continue that run, "
-                "or choose another --out"
-            )
-        return False
-
-    def clear_leftovers(self) -> None:
-        """Drop the log lines and TensorBoard events of a run that stopped before its first checkpoint."""
-        self.log.unlink(missing_ok=True)
-        if self.tensorboard.is_dir():
-            for events in self.tensorboard.glob("events.out.tfevents.*"):
-                events.unlink(missing_ok=True)
-
-
-def _warn_config_changes(saved: Path, cfg: Config) -> None:
-    before = config_to_dict(load_config(saved))
-    after = config_to_dict(cfg)
-    changed = [
-        f"{section}.{key}" if isinstance(after[section], dict) else section
-        for section in after
-        for key in (after[section] if isinstance(after[section], dict) else [None])
-        if (before[section].get(key) if key is not None else before[section])
-        != (after[section][key] if key is not None else after[section])
-    ]
-    if changed:
-        log.warning("resuming with a config that differs from %s in: %s", saved, ", ".join(changed))
-
+resolve_device = process_device  # the name the demo imports from here
 
 # ---------------------------------------------------------------- building the pieces
 def _image_labels(cfg: Config, dataset) -> np.ndarray:
@@ -296,13 +123,13 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = RunDir(Path(out_dir))
         self.progress = progress
-        self.device = resolve_device(cfg.device)
+        self.device = process_device(cfg.device, option="device =")
         dist.init_from_env(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = dist.is_main_process()
         resume = self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
         dist.barrier(self.device)
-        self.amp = amp_dtype(cfg.train.amp, self.device)
+        self.amp = training_autocast_dtype(cfg.train.amp, self.device)
         self.single_path = bool(cfg.data.pseudo_masks)
 
         # Data: the training split with its image-level labels (the only supervision).
@@ -367,7 +194,7 @@ class Trainer:
                                          classes_file=cfg.data.classes)
         if resume:
             if self.run_dir.config.is_file():
-                _warn_config_changes(self.run_dir.config, cfg)
+                warn_config_changes(self.run_dir.config, cfg)
             self.load_state()
             if self.is_main:
                 self.run_dir.discard_after(self.iteration)
@@ -402,7 +229,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             # No CUDA generator state: every iteration reseeds all generators from (seed, iteration,
             # rank), so it is not needed, and restoring it would tie a resume to the number of GPUs.
-            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
             "config": dump_config(self.cfg),
         }
         return state
@@ -420,7 +247,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             self.iteration = int(state["iteration"])
             torch.set_rng_state(state["rng"]["torch"])
-            _set_numpy_rng_state(state["rng"]["numpy"])  # a "cuda" entry of older checkpoints is ignored
+            set_numpy_rng_state(state["rng"]["numpy"])  # a "cuda" entry of older checkpoints is ignored
         except (KeyError, RuntimeError, ValueError) as err:
             raise UserError(
                 f"{self.run_dir.checkpoint}: does not match this config's model or optimizer "
@@ -633,17 +460,6 @@ def _tensorboard_tag(key: str) -> str:
     if key.endswith("_pixels") or key in ("c", "consistent_share", "warmup"):
         return f"carb/{key}"
     return f"loss/{key}"
-
-
-def _numpy_rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def _set_numpy_rng_state(state: dict) -> None:
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
 
 
 # ---------------------------------------------------------------- public entry point
