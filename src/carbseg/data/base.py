@@ -89,17 +89,14 @@ def check_unique_ids(ids: list[str], root) -> None:
         seen.add(i)
 
 
-class WithoutIds(SegmentationDataset):
-    """A dataset with some of its images left out, e.g. the fit set of the proxy teacher, which was
-    fitted on those images' ground truth and must neither label them for training nor be scored on them."""
+class Subset(SegmentationDataset):
+    """The images of ``dataset`` at ``indices``, in that order (same loaders, same validation)."""
 
-    def __init__(self, dataset: SegmentationDataset, excluded: list[str] | set[str]):
-        excluded = set(excluded)
+    def __init__(self, dataset: SegmentationDataset, indices: list[int]):
         self.dataset = dataset
         self.classes = dataset.classes
-        self._indices = [k for k, i in enumerate(dataset.ids) if i not in excluded]
+        self._indices = list(indices)
         self.ids = [dataset.ids[k] for k in self._indices]
-        self.excluded = [i for i in dataset.ids if i in excluded]
 
     @property
     def has_masks(self) -> bool:
@@ -116,3 +113,13 @@ class WithoutIds(SegmentationDataset):
 
     def load_mask(self, index: int, image_shape: tuple[int, int] | None = None) -> np.ndarray | None:
         return self.dataset.load_mask(self._indices[index], image_shape)
+
+
+class WithoutIds(Subset):
+    """A dataset with some of its images left out, e.g. the fit set of the proxy teacher, which was
+    fitted on those images' ground truth and must neither label them for training nor be scored on them."""
+
+    def __init__(self, dataset: SegmentationDataset, excluded: list[str] | set[str]):
+        excluded = set(excluded)
+        super().__init__(dataset, [k for k, i in enumerate(dataset.ids) if i not in excluded])
+        self.excluded = [i for i in dataset.ids if i in excluded]

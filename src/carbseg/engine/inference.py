@@ -230,15 +230,16 @@ def evaluate_checkpoint(
     mode: str | None = None,
     scales: Sequence[float] | None = None,
     flip: bool | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool = True,
     keep_samples: int = 8,
 ) -> tuple[ConfusionMatrix, list[ImageStats], list[PredictionSample]]:
     """Predict every image of ``dataset`` with a checkpoint and count it against the ground truth.
 
     ``checkpoint`` is a ``model.safetensors`` path or an already loaded model (the trainer's
-    validation passes its own). ``mode``, ``scales`` and ``flip`` default to the checkpoint's
-    ``eval`` config, as do the sliding window's crop and stride. Returns the accumulated
+    validation passes its own, so its mIoU is the one ``carbseg evaluate --checkpoint`` reports).
+    ``mode``, ``scales``, ``flip`` and ``batch_size`` default to the checkpoint's ``eval`` config,
+    as do the sliding window's crop and stride. Returns the accumulated
     ``ConfusionMatrix``, per-image ``ImageStats`` in dataset order (as ``evaluate_predictions``),
     and the ``keep_samples`` worst and best images (by ``rank_images``) with their predictions.
     """
@@ -256,6 +257,7 @@ def evaluate_checkpoint(
     if not dataset.has_masks:
         raise UserError(f"{dataset.ids[0] if len(dataset) else 'dataset'}: this split has no ground truth; "
                         "evaluate on a split with masks")
+    batch_size = eval_cfg.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     mode = eval_cfg.mode if mode is None else mode

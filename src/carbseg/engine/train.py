@@ -192,6 +192,9 @@ class Trainer:
         if cfg.train.eval_interval > 0:
             self.val_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split,
                                          classes_file=cfg.data.classes)
+            if not self.val_set.has_masks:
+                log.warning("data.val_split %r has no ground truth: no validation mIoU", cfg.data.val_split)
+                self.val_set = None
         if resume:
             if self.run_dir.config.is_file():
                 warn_config_changes(self.run_dir.config, cfg)
@@ -316,33 +319,29 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> float | None:
-        """mIoU (percent) on the validation ground truth, sharded over processes."""
-        from carbseg.engine.inference import predict_slide, predict_whole
-        from carbseg.metrics import ConfusionMatrix
+        """mIoU (percent) on the validation ground truth, sharded over processes.
+
+        The evaluation of ``carbseg evaluate --checkpoint`` (``evaluate_checkpoint``: ``eval.mode``,
+        ``eval.scales``, ``eval.flip``, ``eval.batch_size``, inference precision), on the first
+        ``train.val_max_images`` images, each process scoring its share.
+        """
+        from carbseg.data.base import Subset
+        from carbseg.engine.checkpoint import LoadedModel
+        from carbseg.engine.inference import evaluate_checkpoint
 
         if self.val_set is None:
             return None
-        cfg = self.cfg
         count = len(self.val_set)
-        if cfg.train.val_max_images is not None:
-            count = min(count, cfg.train.val_max_images)
-        self.model.eval()
-        matrix = ConfusionMatrix(self.classes.num_classes)
-        amp = self.amp if self.amp is not None else False  # train.amp's dtype (fp16 stays fp16)
-        for index in dist.shard(list(range(count))):
-            sample = self.val_set[index]
-            if sample.mask is None:
-                continue
-            images = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float().to(self.device)
-            if cfg.eval.mode == "slide":
-                logits = predict_slide(self.model, images, cfg.eval.crop_size, cfg.eval.stride,
-                                       self.classes.num_classes, amp=amp)
-            else:
-                logits = predict_whole(self.model, images, amp=amp)
-            matrix.update(logits.argmax(1)[0].cpu(), torch.from_numpy(sample.mask).long())
-        matrix.reduce_(self.device)
-        self.model.train()
-        return matrix.report(self.classes.names)["miou"]
+        if self.cfg.train.val_max_images is not None:
+            count = min(count, self.cfg.train.val_max_images)
+        shard = Subset(self.val_set, dist.shard(list(range(count))))
+        try:
+            confusion, _, _ = evaluate_checkpoint(shard, LoadedModel(self.model, self.cfg, self.classes),
+                                                  device=self.device, progress=False, keep_samples=0)
+        finally:
+            self.model.train()
+        confusion.reduce_(self.device)
+        return confusion.report(self.classes.names)["miou"]
 
     # ---------------------------------------------------------------- logging
     def log_scalars(self, iteration: int, values: dict[str, float]) -> None:
