@@ -13,13 +13,12 @@ import traceback
 
 from carbseg import __version__
 from carbseg.console import close_progress_bars
+from carbseg.data.datasets import DATASET_NAMES
 from carbseg.errors import UserError, one_line
-
-DATASETS = ("cityscapes", "camvid", "wilddash2", "synthetic", "folder")
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout and class set")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout and class set")
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--split", required=split_default is None, default=split_default, help="train, val or test")
     p.add_argument("--classes", default=None,
@@ -39,7 +38,7 @@ def _add_labels(sub) -> None:
         description="Writes OUT.json: {dataset, classes, labels: {IMAGE_ID: [class indices]}}, the classes present "
                     "in each image's ground-truth mask -- the only supervision the method uses. Pass it to "
                     "pseudo-masks --labels or as data.labels to train.")
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout and class set")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout and class set")
     p.add_argument("--root", help="dataset root folder (not needed with --from-npy)")
     p.add_argument("--split", default="train", help="train (default), val or test")
     p.add_argument("--classes", default=None, help="classes file, only for --dataset folder")

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from carbseg import distributed
-
-IGNORE_INDEX = 255
+from carbseg.data.classes import IGNORE_INDEX
 
 
 # ---------------------------------------------------------------- pure functions
