@@ -1,8 +1,13 @@
-"""Inference: whole image, sliding window, and test-time augmentation (scales x horizontal flip).
+"""Inference and the evaluation of a model: whole image, sliding window, test-time augmentation
+(scales x horizontal flip), and ``evaluate_checkpoint``.
 
-Every function takes images as float tensors (B, 3, H, W) in 0..255 (the segmenter applies its own
-normalisation) and returns float32 logits (B, C, H, W) at the input size. They run under
-``torch.inference_mode`` and, on a GPU, autocast (bf16; fp16 before Ampere; the logits are returned in float32).
+The ``predict*`` functions take images as float tensors (B, 3, H, W) in 0..255 (the segmenter applies
+its own normalisation) and return float32 logits (B, C, H, W) at the input size. They run under
+``torch.inference_mode`` and the autocast that ``carbseg.precision.inference_autocast_dtype`` chooses:
+by default bf16 on GPUs from Ampere on, fp16 on older ones, none on a CPU.
+
+``evaluate_checkpoint`` is the one evaluation of a model against ground truth: ``carbseg evaluate
+--checkpoint`` and the trainer's validation both call it, with the model's ``eval`` config section.
 
 The release tests Cityscapes on the whole 2048x1024 image at a single scale; the sliding window
 (mmsegmentation's ``slide`` mode: overlapping crops, logits summed and divided by how many crops
