@@ -17,7 +17,7 @@ from carbseg.data.classes import SYNTHETIC, ClassSet
 from carbseg.data.folder import FolderDataset
 from carbseg.data.synthetic.render import render_scene, scene_seed
 from carbseg.errors import UserError
-from carbseg.io import write_json_atomic, write_png_atomic
+from carbseg.io import list_images, write_json_atomic, write_png_atomic
 
 
 def scene_id(split: str, index: int) -> str:
@@ -57,15 +57,14 @@ class SyntheticFolder(FolderDataset):
     def __init__(self, root: str | os.PathLike, split: str):
         root = Path(root)
         image_dir = root / "images" / split
-        how = f"generate it with `carbseg synthesize --out {root} --split {split}`"
+        how = f"with `carbseg synthesize --out {root} --split {split}`"
         if not image_dir.is_dir():
-            raise UserError(f"{image_dir}: synthetic split not found; {how}")
+            raise UserError(f"{image_dir}: synthetic split not found; generate it {how}")
+        if not list_images(image_dir):
+            raise UserError(f"{image_dir}: no images; generate them {how}")
         classes_file = root / "classes.json"
         classes = _read_classes(classes_file) if classes_file.is_file() else SYNTHETIC
-        try:
-            super().__init__(root, split, classes)
-        except UserError as err:
-            raise UserError(f"{err}; or {how}") from None
+        super().__init__(root, split, classes)
         self.split = split
 
 
