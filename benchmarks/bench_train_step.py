@@ -5,10 +5,12 @@ segmenter forward, CARB loss, backward, optimizer step. Each part is timed with 
 synchronisation around it (so the parts add up); the end-to-end step time is measured separately,
 without the intermediate synchronisations, and gives the throughput.
 
-- ``fp32``: the straightforward step: fp32 everywhere, the teacher under ``torch.no_grad`` in fp32,
-  default memory format.
-- ``optimised``: what ``carbseg train`` does: the teacher in ``torch.inference_mode``; on GPU (or with
-  ``--cpu-amp``) the teacher's blocks and the segmenter under bf16 autocast; channels-last on GPU.
+The step is the trainer's own (``carbseg.engine.step.training_step``: teacher views with the GLV
+patch, segmenter forward, CARB objective after warm-up with c = 1), so what is timed is what is trained.
+
+- ``fp32``: the straightforward step: fp32 everywhere (teacher and segmenter), default memory format.
+- ``optimised``: what ``carbseg train`` does: on GPU (or with ``--cpu-amp``) the teacher's blocks and
+  the segmenter under bf16 autocast; channels-last on GPU.
 
 CPU, small (default):
     python benchmarks/bench_train_step.py
@@ -29,10 +31,10 @@ import numpy as np
 import torch
 
 from carbseg.config import load_config
-from carbseg.data import views
 from carbseg.data.classes import CITYSCAPES
 from carbseg.data.synthetic import render_scene
-from carbseg.losses.carb import carb_loss
+from carbseg.engine.step import batch_to_device, training_step
+from carbseg.losses.carb import CARBObjective
 from carbseg.models.segmenter import build_segmenter
 from carbseg.teacher.build import build_teacher
 
@@ -59,16 +61,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_batch(args, device) -> dict:
+def make_batch(args) -> dict:
+    """A collated training batch (the keys of carbseg.engine.train_data), on the CPU."""
     scenes = [render_scene(1000 + i, args.height, args.width) for i in range(args.batch)]
-    images = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2).float().to(device)
-    gt = torch.from_numpy(np.stack([s[1] for s in scenes])).long().to(device)
-    labels = torch.zeros(args.batch, CITYSCAPES.num_classes, dtype=torch.bool, device=device)
+    images = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2)
+    gt = torch.from_numpy(np.stack([s[1] for s in scenes])).long()
+    labels = torch.zeros(args.batch, CITYSCAPES.num_classes, dtype=torch.bool)
     for i in range(args.batch):
         present = gt[i].unique()
         labels[i, present[present < CITYSCAPES.num_classes]] = True
     valid = torch.ones_like(gt, dtype=torch.bool)
-    return {"images": images, "gt": gt, "labels": labels, "valid": valid}
+    return {"images": images, "masks": gt, "image_labels": labels, "valid": valid}
 
 
 def sync(device: torch.device) -> None:
@@ -92,12 +95,14 @@ class Timer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
 
-def run_variant(name: str, args, device: torch.device, batch: dict) -> dict:
+def run_variant(name: str, args, device: torch.device, cpu_batch: dict) -> dict:
     optimised = name == "optimised"
     cfg = load_config(None, [
         f"model.backbone={args.backbone}", f"model.classifier={args.classifier}",
         "model.pretrained=none",
         f"teacher.kind={args.teacher}", "teacher.clip_pretrained=none", "teacher.patch_size=16",
+        f"glv.patch_size=[{args.patch[0]},{args.patch[1]}]", f"glv.scale_offset={args.scale[0]}",
+        f"glv.scale_rate={args.scale[1]}",
     ])
     if args.backbone == "tiny":
         cfg.model.head_channels, cfg.model.aspp_dilations = 64, [1, 2, 3, 4]
@@ -110,33 +115,19 @@ def run_variant(name: str, args, device: torch.device, batch: dict) -> dict:
         embeddings = torch.nn.functional.normalize(torch.randn(CITYSCAPES.num_classes, cfg.model.embed_dim), dim=1)
     model = build_segmenter(cfg.model, CITYSCAPES.num_classes, class_embeddings=embeddings,
                             load_pretrained=False).to(device).train()
-    images = batch["images"]
-    if optimised and device.type == "cuda":
+    channels_last = optimised and device.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
+    batch = batch_to_device(cpu_batch, device, channels_last=channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    seg_autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-    no_grad = torch.inference_mode if optimised else torch.no_grad
-    gt = batch["gt"] if teacher.reads_ground_truth else None
+    amp = torch.bfloat16 if use_amp else None
+    objective = CARBObjective(warmup_iters=0, fixed_coefficient=1.0)  # CARB after warm-up, c = 1
 
     def step(timer: Timer, generator: torch.Generator) -> None:
-        with timer.part("teacher_global"), no_grad():
-            global_labels = teacher(images, batch["labels"], gt=gt, valid=batch["valid"])
-        with timer.part("teacher_local"), no_grad():
-            patch = views.sample_local_patch(images.shape[-2:], args.patch, args.scale[0], args.scale[1], generator)
-            zoomed = views.zoom_images(images, patch)
-            zoomed_gt = views.zoom_labels(gt, patch) if gt is not None else None
-            zoomed_labels = teacher(zoomed, batch["labels"], gt=zoomed_gt, valid=views.zoom_labels(batch["valid"], patch))
-            patch_labels = views.labels_to_patch_size(zoomed_labels, patch)
-        global_labels, patch_labels = global_labels.clone(), patch_labels.clone()
-        with timer.part("forward"), seg_autocast():
-            logits = model(images)
-        with timer.part("loss"):
-            logits = logits.float()
-            terms = carb_loss(logits, global_labels, views.cut_out(logits, patch), patch_labels, batch["labels"],
-                              1.0, warmup=False)
+        loss = training_step(model, teacher, batch, cfg, generator, iteration=0, objective=objective,
+                             single_path=False, amp=amp, timer=timer.part)
         with timer.part("backward"):
-            terms.total.backward()
+            loss.total.backward()
         with timer.part("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -167,7 +158,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch = make_batch(args, device)
+    batch = make_batch(args)
     results = {name: run_variant(name, args, device, batch) for name in args.variants.split(",")}
 
     print(f"\ndevice {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "

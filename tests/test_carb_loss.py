@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from carbseg.losses.carb import (
-    CARBTerms,
+    CARBObjective,
     LossQueue,
     adaptive_coefficient,
     carb_loss,
@@ -101,18 +101,18 @@ def test_empty_region_gives_exact_zero_and_finite_gradient():
 
 def test_carb_loss_after_warmup_by_hand():
     logits, teacher, labels = example()
-    terms = carb_loss(logits, teacher, None, None, labels, coefficient=0.5, warmup=False)
+    terms = carb_loss(logits, teacher, None, None, labels)
     assert terms.consistent.item() == pytest.approx(CE_CONS, rel=1e-6)
     assert terms.inconsistent.item() == pytest.approx(CE_INCONS, rel=1e-6)
     assert (int(terms.consistent_pixels), int(terms.inconsistent_pixels)) == (2, 2)
     assert terms.consistent_share.item() == pytest.approx(0.5)
-    assert terms.total.item() == pytest.approx(CE_CONS + 0.5 * CE_INCONS, rel=1e-6)
+    assert terms.balanced_loss(0.5).item() == pytest.approx(CE_CONS + 0.5 * CE_INCONS, rel=1e-6)
     assert terms.patch_consistent.item() == 0.0 and terms.patch_inconsistent.item() == 0.0
     # c is a plain float: the gradient of the inconsistent pixels is scaled by exactly c.
-    terms.total.backward()
+    terms.balanced_loss(0.5).backward()
     grad_full = logits.grad.clone()
     logits.grad = None
-    carb_loss(logits, teacher, None, None, labels, 1.0, False).total.backward()
+    carb_loss(logits, teacher, None, None, labels).balanced_loss(1.0).backward()
     assert torch.allclose(grad_full[..., 0, 1], 0.5 * logits.grad[..., 0, 1])  # inconsistent pixel
     assert torch.allclose(grad_full[..., 0, 0], logits.grad[..., 0, 0])  # consistent pixel
 
@@ -124,18 +124,17 @@ def test_carb_loss_with_patch_terms_by_hand():
     # and class 1 at (0,1) -> consistent with the self-prediction 1.
     patch_logits = logits[..., :1, :]
     teacher_patch = torch.tensor([[[1, 1]]])
-    terms = carb_loss(logits, teacher, patch_logits, teacher_patch, labels, coefficient=0.25, warmup=False)
+    terms = carb_loss(logits, teacher, patch_logits, teacher_patch, labels)
     patch_cons, patch_incons = ce2(1, 0), ce2(0, 2)  # (0,1) target 1: logits (0,1); (0,0) target 1: (2,0)
     assert terms.patch_consistent.item() == pytest.approx(patch_cons, rel=1e-6)
     assert terms.patch_inconsistent.item() == pytest.approx(patch_incons, rel=1e-6)
     assert (int(terms.patch_consistent_pixels), int(terms.patch_inconsistent_pixels)) == (1, 1)
     expected = CE_CONS + 0.25 * CE_INCONS + patch_cons + 0.25 * patch_incons
-    assert terms.total.item() == pytest.approx(expected, rel=1e-6)
-    # Warm-up: plain CE on both views, c ignored.
-    warm = carb_loss(logits, teacher, patch_logits, teacher_patch, labels, coefficient=0.25, warmup=True)
+    assert terms.balanced_loss(0.25).item() == pytest.approx(expected, rel=1e-6)
+    # Warm-up: plain CE on both views, no c.
     all_global = (CE_00 + CE_01 + CE_10 + CE_11) / 4
-    assert warm.global_ce.item() == pytest.approx(all_global, rel=1e-6)
-    assert warm.total.item() == pytest.approx(all_global + (patch_cons + patch_incons) / 2, rel=1e-6)
+    assert terms.global_ce.item() == pytest.approx(all_global, rel=1e-6)
+    assert terms.warmup_loss().item() == pytest.approx(all_global + (patch_cons + patch_incons) / 2, rel=1e-6)
 
 
 def test_carb_self_prediction_is_restricted_to_image_classes():
@@ -143,30 +142,59 @@ def test_carb_self_prediction_is_restricted_to_image_classes():
     logits = torch.tensor([[[[-1.0]], [[-2.0]], [[5.0]]]])
     teacher = torch.tensor([[[0]]])
     labels = torch.tensor([[True, True, False]])
-    terms = carb_loss(logits, teacher, None, None, labels, 1.0, warmup=False)
+    terms = carb_loss(logits, teacher, None, None, labels)
     # restricted prediction = 0 = teacher -> consistent (the 0/1 product would have said 2: inconsistent)
     assert (int(terms.consistent_pixels), int(terms.inconsistent_pixels)) == (1, 0)
     assert terms.inconsistent.item() == 0.0
-    assert math.isfinite(terms.total.item())
+    assert math.isfinite(terms.balanced_loss(1.0).item())
 
 
 def test_carb_loss_all_consistent_is_finite_with_gradients():
     logits, _, labels = example()
     teacher = torch.tensor([[[0, 1], [1, 0]]])  # = the self-prediction
-    terms = carb_loss(logits, teacher, logits[..., :1, :], teacher[:, :1, :], labels, 3.0, warmup=False)
+    terms = carb_loss(logits, teacher, logits[..., :1, :], teacher[:, :1, :], labels)
     assert int(terms.inconsistent_pixels) == 0 and terms.inconsistent.item() == 0.0
-    terms.total.backward()
+    terms.balanced_loss(3.0).backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
-def test_terms_with_coefficient_recomputes_total():
+def test_objective_owns_warmup_fixed_and_adaptive_c():
     logits, teacher, labels = example()
-    terms = carb_loss(logits, teacher, None, None, labels, None, warmup=False)
-    assert terms.coefficient == 1.0
-    assert terms.total.item() == pytest.approx(CE_CONS + CE_INCONS, rel=1e-6)
-    scaled = terms.with_coefficient(2.0)
-    assert isinstance(scaled, CARBTerms)
-    assert scaled.total.item() == pytest.approx(CE_CONS + 2.0 * CE_INCONS, rel=1e-6)
+    terms = carb_loss(logits, teacher, None, None, labels)
+    # Warm-up (iterations 0, 1): plain CE, c = 1, the queue untouched.
+    adaptive = CARBObjective(warmup_iters=2, coeff=0.5, queue_size=2)
+    warm = adaptive(terms, 1)
+    assert warm.warmup and warm.coefficient == 1.0 and len(adaptive.queue) == 0
+    assert warm.total.item() == pytest.approx((CE_00 + CE_01 + CE_10 + CE_11) / 4, rel=1e-6)
+    # After: this step joins the queue before c = coeff * mean(cons) / mean(incons) is read.
+    after = adaptive(terms, 2)
+    c = 0.5 * CE_CONS / CE_INCONS
+    assert not after.warmup and after.coefficient == pytest.approx(c, rel=1e-6)
+    assert after.total.item() == pytest.approx(CE_CONS + c * CE_INCONS, rel=1e-6)
+    assert list(adaptive.queue.consistent) == pytest.approx([CE_CONS], rel=1e-6)
+    # A fixed c never touches the queue; carb.enabled = false is warm-up forever.
+    fixed = CARBObjective(warmup_iters=0, fixed_coefficient=2.0)
+    assert fixed(terms, 0).total.item() == pytest.approx(CE_CONS + 2.0 * CE_INCONS, rel=1e-6)
+    assert len(fixed.queue) == 0
+    assert CARBObjective(enabled=False)(terms, 10**6).warmup
+    scalars = after.scalars()
+    assert scalars["c"] == after.coefficient and scalars["warmup"] == 0.0
+    assert scalars["total"] == pytest.approx(after.total.item()) and scalars["consistent_pixels"] == 2.0
+
+
+def test_objective_state_is_the_checkpoints_loss_queue(tmp_path):
+    # Checkpoints keep the queue under "loss_queue" in LossQueue's own format, before and after the objective.
+    old = LossQueue(size=3)
+    for cons, incons in [(0.5, 2.0), (0.25, 1.0)]:
+        old.push(cons, incons)
+    path = tmp_path / "state.pt"
+    torch.save({"loss_queue": old.state_dict()}, path)
+    objective = CARBObjective(queue_size=3)
+    objective.load_state_dict(torch.load(path, weights_only=True)["loss_queue"])
+    assert objective.state_dict() == old.state_dict()
+    logits, teacher, labels = example()
+    c = objective(carb_loss(logits, teacher, None, None, labels), 0).coefficient
+    assert c == pytest.approx((0.5 + 0.25 + CE_CONS) / (2.0 + 1.0 + CE_INCONS), rel=1e-6)
 
 
 def test_adaptive_coefficient_values_and_edge_cases():
@@ -184,7 +212,7 @@ def test_loss_queue_keeps_last_q_and_feeds_c():
     queue.push(3.0, 6.0)  # drops (10, 1)
     assert list(queue.consistent) == [1.0, 3.0] and list(queue.inconsistent) == [2.0, 6.0]
     assert queue.coefficient() == pytest.approx(2.0 / 4.0)
-    assert adaptive_coefficient(queue, 2.0) == pytest.approx(1.0)  # the trainer's call form
+    assert queue.coefficient(2.0) == pytest.approx(1.0)
 
 
 def test_loss_queue_checkpoint_round_trip(tmp_path):

@@ -98,9 +98,8 @@ def test_sync_batchnorm_keeps_every_activation_and_equals_the_unconverted_model(
                                                            ((8, 0), torch.bfloat16, True),
                                                            ((9, 0), torch.bfloat16, True)])
 def test_precision_for_a_faked_gpu(monkeypatch, capability, amp, teacher_bf16):
-    from carbseg.engine.inference import autocast_for
-    from carbseg.engine.train import amp_dtype
-    from carbseg.precision import native_bf16
+    from carbseg.precision import inference_autocast_dtype, native_bf16
+    from carbseg.precision import training_autocast_dtype as amp_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -111,18 +110,18 @@ def test_precision_for_a_faked_gpu(monkeypatch, capability, amp, teacher_bf16):
     assert amp_dtype("auto", cuda) == amp
     assert amp_dtype("off", cuda) is None
     assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("bf16", cuda) == torch.bfloat16
-    assert autocast_for(cuda).fast_dtype == amp  # inference default
-    assert autocast_for(cuda, torch.float16).fast_dtype == torch.float16  # train.amp=fp16 stays fp16
-    assert isinstance(autocast_for(cuda, False), type(autocast_for(torch.device("cpu"))))  # no autocast
+    assert inference_autocast_dtype(cuda) == amp  # inference default
+    assert inference_autocast_dtype(cuda, torch.float16) == torch.float16  # train.amp=fp16 stays fp16
+    assert inference_autocast_dtype(cuda, False) is None  # no autocast
 
 
 def test_inference_autocast_on_cpu_only_when_asked():
-    from carbseg.engine.inference import autocast_for
+    from carbseg.precision import autocast, inference_autocast_dtype
 
     cpu = torch.device("cpu")
-    assert not isinstance(autocast_for(cpu), torch.autocast)
-    assert autocast_for(cpu, True).fast_dtype == torch.bfloat16
-    assert autocast_for(cpu, torch.bfloat16).fast_dtype == torch.bfloat16
+    assert inference_autocast_dtype(cpu) is None and not isinstance(autocast(cpu, None), torch.autocast)
+    assert autocast(cpu, inference_autocast_dtype(cpu, True)).fast_dtype == torch.bfloat16
+    assert autocast(cpu, inference_autocast_dtype(cpu, torch.bfloat16)).fast_dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- resume on fewer GPUs

@@ -103,18 +103,19 @@ def test_teacher_bf16_path_on_cuda(tiny_clip):
 
 
 def test_online_teacher_on_cuda_equals_the_offline_one(scenes, tiny_clip, tmp_path, monkeypatch):
+    from carbseg.engine import step as step_module
     from carbseg.engine import train as train_module
     from carbseg.teacher.build import build_teacher
 
     seen = []
-    original = train_module.teacher_views
+    original = step_module.teacher_views
 
-    def recording(teacher, batch, cfg, generator, single_path):
-        out = original(teacher, batch, cfg, generator, single_path)
+    def recording(teacher, batch, cfg, generator, single_path, **kwargs):
+        out = original(teacher, batch, cfg, generator, single_path, **kwargs)
         seen.append((batch["images"].clone(), batch["image_labels"].clone(), batch["valid"].clone(), out[0].clone()))
         return out
 
-    monkeypatch.setattr(train_module, "teacher_views", recording)
+    monkeypatch.setattr(step_module, "teacher_views", recording)
     cfg = tiny_config(scenes, teacher=tiny_clip, train={"amp": "auto", "max_iters": 2}, device="cuda")
     train_module.train(cfg, tmp_path / "run", progress=False)
     offline = build_teacher(cfg.teacher, SYNTHETIC, "cuda", precision="auto")

@@ -101,7 +101,7 @@ def test_gray_rgba_and_16_bit_images_are_read_as_rgb(scenes, tmp_path):
 @pytest.mark.parametrize("damage, fragments", [
     ("size", ["mask size 10x10 differs from its image 64x32", "nearest neighbour"]),
     ("value", ["label value 40 is outside the 19-class set", "valid 0..18 and 255"]),
-    ("missing", ["label file not found"]),
+    ("missing", ["mask missing for image", "restore the missing masks"]),  # found when the split is opened
 ])
 def test_bad_ground_truth_is_named(scenes, tmp_path, capsys, damage, fragments):
     mask = scenes / "masks" / "train" / "synth_train_000001.png"

@@ -49,10 +49,10 @@ def test_every_carb_term_is_checked(bad):
     logits = torch.zeros(1, 3, 2, 2)
     teacher = torch.tensor([[[0, 1], [2, 255]]])
     labels = torch.ones(1, 3, dtype=torch.bool)
-    assert not any_rank_nonfinite(_terms(carb_loss(logits, teacher, logits, teacher, labels, None, False)), "cpu")
+    assert not any_rank_nonfinite(_terms(carb_loss(logits, teacher, logits, teacher, labels)), "cpu")
     poisoned = logits.clone()
     poisoned[0, 1, 0, 1] = bad  # a pixel of the patch view only
-    terms = carb_loss(logits, teacher, poisoned, teacher, labels, None, False)
+    terms = carb_loss(logits, teacher, poisoned, teacher, labels)
     assert torch.isfinite(terms.global_ce) and torch.isfinite(terms.consistent)
     assert any_rank_nonfinite(_terms(terms), "cpu")
 
@@ -105,9 +105,9 @@ def test_loss_is_computed_in_fp32_from_half_precision_logits(dtype):
     """CE = 32768 - (-32768) = 65536: beyond fp16's largest value (65504), exact in fp32."""
     logits = torch.tensor([32768.0, -32768.0]).view(1, 2, 1, 1).to(dtype)
     teacher = torch.tensor([[[1]]])
-    terms = carb_loss(logits, teacher, None, None, torch.ones(1, 2, dtype=torch.bool), None, True)
+    terms = carb_loss(logits, teacher, None, None, torch.ones(1, 2, dtype=torch.bool))
     assert terms.global_ce.dtype == torch.float32 and terms.global_ce.item() == 65536.0
-    assert terms.total.item() == 65536.0
+    assert terms.warmup_loss().item() == 65536.0
 
 
 def test_bf16_autocast_training_on_cpu_stays_finite(scenes, tmp_path):
@@ -129,11 +129,11 @@ def test_all_ignore_batch_gives_zero_loss_and_zero_gradients(warmup):
     logits = torch.randn(2, 4, 3, 5, requires_grad=True)
     teacher = torch.full((2, 3, 5), 255)
     patch_logits = logits[:, :, :2, :2]
-    terms = carb_loss(logits, teacher, patch_logits, teacher[:, :2, :2], torch.ones(2, 4, dtype=torch.bool),
-                      0.5, warmup)
-    assert terms.total.item() == 0.0 and all(t.item() == 0.0 for t in _terms(terms))
+    terms = carb_loss(logits, teacher, patch_logits, teacher[:, :2, :2], torch.ones(2, 4, dtype=torch.bool))
+    total = terms.warmup_loss() if warmup else terms.balanced_loss(0.5)
+    assert total.item() == 0.0 and all(t.item() == 0.0 for t in _terms(terms))
     assert terms.consistent_pixels.item() == terms.inconsistent_pixels.item() == 0
-    terms.total.backward()
+    total.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 

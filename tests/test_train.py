@@ -173,3 +173,29 @@ def test_text_classifier_is_the_frozen_clip_text_embeddings(config_file, scenes,
     weights = load_file(out / "model.safetensors")
     expected = class_text_embeddings(SYNTHETIC, "ViT-B-16", "none", "cpu", templates="single")
     assert torch.allclose(weights["classifier.class_embeddings"], expected.float(), atol=1e-6)  # not trained
+
+
+def test_validation_in_training_equals_carbseg_evaluate(config_file, scenes, tmp_path, monkeypatch):
+    # The eval section (TTA scales, flip, batch size) is honoured by both, on the same code path.
+    from carbseg.engine import inference
+
+    calls = []
+    original = inference.predict
+
+    def recording(model, images, **kwargs):
+        calls.append((images.shape[0], list(kwargs["scales"]), kwargs["flip"], model.training))
+        return original(model, images, **kwargs)
+
+    monkeypatch.setattr(inference, "predict", recording)
+    out = tmp_path / "run"
+    assert _train(config_file, scenes, out, "--max-iters", "2", "train.eval_interval=2",
+                  "eval.scales=[0.75,1.0]", "eval.flip=true", "eval.batch_size=2") == 0
+    assert calls == [(2, [0.75, 1.0], True, False)]  # both val images in one batch, TTA, eval mode
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]["val_miou"]
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--dataset", "synthetic", "--root", str(scenes), "--split", "val",
+                 "--checkpoint", str(out / "model.safetensors"), "--json", str(report), "--no-progress"]) == 0
+    assert calls == [calls[0]] * 2  # carbseg evaluate: the same settings, from the checkpoint's config
+    evaluated = json.loads(report.read_text())
+    assert evaluated["num_images"] == 2 and 0.0 < logged <= 100.0
+    assert logged == pytest.approx(evaluated["miou"], abs=1e-9)

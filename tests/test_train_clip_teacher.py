@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from carbseg.data.classes import SYNTHETIC
 from carbseg.data.synthetic import generate_synthetic_dataset
-from carbseg.engine import train as train_module
+from carbseg.engine import step as step_module
 from carbseg.engine.train import train
 from carbseg.teacher.build import build_teacher
 from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
@@ -47,15 +47,15 @@ def tiny_clip(tmp_path_factory) -> dict:
 def test_online_teacher_masks_equal_the_offline_teacher_under_any_amp(scenes, tiny_clip, tmp_path, monkeypatch,
                                                                       amp):
     seen = []
-    original = train_module.teacher_views
+    original = step_module.teacher_views
 
-    def recording(teacher, batch, cfg, generator, single_path):
-        out = original(teacher, batch, cfg, generator, single_path)
+    def recording(teacher, batch, cfg, generator, single_path, **kwargs):
+        out = original(teacher, batch, cfg, generator, single_path, **kwargs)
         seen.append((batch["images"].clone(), batch["image_labels"].clone(), batch["valid"].clone(),
                      out[0].clone()))
         return out
 
-    monkeypatch.setattr(train_module, "teacher_views", recording)
+    monkeypatch.setattr(step_module, "teacher_views", recording)
     cfg = tiny_config(scenes, teacher=tiny_clip, train={"amp": amp, "max_iters": 2})
     assert train(cfg, tmp_path / "run", progress=False).is_file()
     assert len(seen) == 2

@@ -13,13 +13,12 @@ import traceback
 
 from carbseg import __version__
 from carbseg.console import close_progress_bars
+from carbseg.data.datasets import DATASET_NAMES
 from carbseg.errors import UserError, one_line
-
-DATASETS = ("cityscapes", "camvid", "wilddash2", "synthetic", "folder")
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout and class set")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout and class set")
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--split", required=split_default is None, default=split_default, help="train, val or test")
     p.add_argument("--classes", default=None,
@@ -39,7 +38,7 @@ def _add_labels(sub) -> None:
         description="Writes OUT.json: {dataset, classes, labels: {IMAGE_ID: [class indices]}}, the classes present "
                     "in each image's ground-truth mask -- the only supervision the method uses. Pass it to "
                     "pseudo-masks --labels or as data.labels to train.")
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout and class set")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout and class set")
     p.add_argument("--root", help="dataset root folder (not needed with --from-npy)")
     p.add_argument("--split", default="train", help="train (default), val or test")
     p.add_argument("--classes", default=None, help="classes file, only for --dataset folder")
@@ -161,12 +160,10 @@ def _add_pseudo_masks(sub) -> None:
 def _run_pseudo_masks(args) -> int:
     import logging
 
-    import torch
-
     from carbseg import distributed
     from carbseg.config import TeacherConfig
     from carbseg.data.labels import read_labels_json
-    from carbseg.devices import parse_device
+    from carbseg.devices import process_device
     from carbseg.io import check_output_dir
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
@@ -175,13 +172,8 @@ def _run_pseudo_masks(args) -> int:
     scales = _parse_scales(args.scales, "--scales")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = parse_device(args.device)
+    device = process_device(args.device)  # under torchrun: one GPU per rank
     check_output_dir(args.out)
-    if device.type == "cuda" and distributed.launched_by_torchrun():
-        if device.index is not None and device.index != distributed.local_rank():
-            raise UserError(f"--device {args.device} under torchrun would put every rank on that GPU; "
-                            "pass --device cuda (each rank takes GPU LOCAL_RANK) or restrict CUDA_VISIBLE_DEVICES")
-        device = torch.device("cuda", distributed.local_rank())  # one GPU per torchrun rank
     dataset = _dataset_from_args(args)
     labels = read_labels_json(args.labels, dataset.classes)
     refine = None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from carbseg.data.datasets import DATASET_NAMES
 from carbseg.errors import UserError
 
 
@@ -136,7 +137,7 @@ class Config:
 
 
 CHOICES = {
-    "data.dataset": ("cityscapes", "camvid", "wilddash2", "synthetic", "folder"),
+    "data.dataset": DATASET_NAMES,
     "teacher.kind": ("clip", "simulated", "proxy"),
     "teacher.dense": ("maskclip", "sclip", "clearclip", "naclip"),
     "model.backbone": ("resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0", "small",

@@ -33,3 +33,20 @@ def parse_device(name: str | torch.device, option: str = "--device") -> torch.de
             raise UserError(f"{option} {text!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def process_device(name: str | torch.device, option: str = "--device") -> torch.device:
+    """The device of this process: ``parse_device``, and under torchrun each rank's own GPU.
+
+    ``cuda`` under torchrun is ``cuda:LOCAL_RANK`` (one GPU per process). A pinned ``cuda:N`` is
+    refused with one line -- on every rank alike, so that no rank is left waiting for the others.
+    """
+    from carbseg import distributed
+
+    device = parse_device(name, option=option)
+    if device.type == "cuda" and distributed.launched_by_torchrun():
+        if device.index is not None:
+            raise UserError(f"{option} {str(name).strip()!r} under torchrun would put every rank on that GPU; "
+                            "use cuda (each rank takes GPU LOCAL_RANK) or restrict CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", distributed.local_rank())
+    return device

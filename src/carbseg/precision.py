@@ -1,4 +1,5 @@
-"""Which reduced precision a device runs fast: the one place the trainer, the teacher and inference ask.
+"""Which reduced precision a device runs fast, and the autocast of training and inference: the one
+place the trainer, the teacher and inference ask.
 
 bf16 is only fast where the hardware has it: NVIDIA GPUs from Ampere on (compute capability >= 8.0)
 and CPUs with AVX512-BF16 / AMX. Elsewhere it is emulated -- on a V100, T4 or RTX 20xx PyTorch still
@@ -8,6 +9,8 @@ run several times slower than in fp32 -- so on those GPUs the mixed precision of
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -38,4 +41,42 @@ def fast_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.float16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; no autocast at all for ``None`` (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def training_autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The segmenter's autocast in training for ``train.amp``. ``auto``: bf16 autocast on GPUs where
+    bf16 is native (Ampere and newer), fp16 with the GradScaler on older ones (V100, T4, RTX 20xx
+    emulate bf16, several times slower), nothing on CPU (it is slower there on most machines)."""
+    from carbseg.errors import UserError
+
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return fast_autocast_dtype(device)
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
+        return torch.float16
+    return torch.bfloat16
+
+
+def inference_autocast_dtype(device: torch.device, amp: bool | torch.dtype | None = None) -> torch.dtype | None:
+    """The autocast of inference: ``None`` (default) is the device's fast precision on CUDA (bf16 from
+    Ampere on, fp16 on older GPUs where bf16 is emulated) and nothing on CPU (CPU bf16 is slow);
+    ``True`` the fast precision (bf16 on a CPU); ``False`` none; a dtype exactly that dtype (the
+    trainer's validation passes train.amp's, so fp16 stays fp16)."""
+    if isinstance(amp, torch.dtype):
+        return amp
+    if amp is None:
+        return fast_autocast_dtype(device) if device.type == "cuda" else None
+    if amp:
+        return fast_autocast_dtype(device) or torch.bfloat16
     return None

@@ -41,8 +41,10 @@ def diagnose(root: str, batches: int, checkpoint: str | None, seed: int = 0) -> 
     from carbseg.data.labels import compute_image_labels, labels_to_multi_hot
     from carbseg.data.transforms import TrainAugmentation
     from carbseg.data.views import cut_out
-    from carbseg.engine.train import derive_seed, teacher_views
+    from carbseg.engine.seeds import derive_seed
+    from carbseg.engine.step import batch_to_device, segmenter_logits, teacher_views
     from carbseg.engine.train_data import BatchKey, TrainingSamples, collate
+    from carbseg.losses.carb import region_masks, restricted_argmax
     from carbseg.teacher.build import build_teacher
 
     cfg = load_config(STUDY_DIR / "base.yaml", [f"data.root={root}", f"seed={seed}"])
@@ -64,8 +66,9 @@ def diagnose(root: str, batches: int, checkpoint: str | None, seed: int = 0) -> 
                                                       "glv_patch_s_below_1", "glv_patch_s_from_1")}
     split = {"consistent": 0, "inconsistent": 0, "teacher_right_consistent": 0, "teacher_right_inconsistent": 0}
     for iteration in range(batches):
-        batch = collate([samples[BatchKey(iteration, 0, slot)] for slot in range(cfg.data.batch_size)])
-        batch["images"] = batch["images"].float()
+        # The trainer's own batch, generator and teacher views (iteration, micro-step 0, rank 0).
+        batch = batch_to_device(collate([samples[BatchKey(iteration, 0, slot)] for slot in range(cfg.data.batch_size)]),
+                                torch.device("cpu"))
         generator = torch.Generator().manual_seed(derive_seed(seed, iteration, 0, 0, 1))
         global_labels, patch, patch_labels = teacher_views(teacher, batch, cfg, generator, single_path=False)
         gt = batch["masks"].masked_fill(~batch["valid"], IGNORE_INDEX)
@@ -77,12 +80,10 @@ def diagnose(root: str, batches: int, checkpoint: str | None, seed: int = 0) -> 
             patch_labels.numpy(), gt_patch.numpy())
         if model is not None:
             with torch.inference_mode():
-                logits = model(batch["images"])
-            present = batch["image_labels"].bool()[:, :, None, None]
-            prediction = logits.masked_fill(~present, float("-inf")).argmax(dim=1)  # CARB's restricted argmax
-            labelled = (gt != IGNORE_INDEX) & (global_labels != IGNORE_INDEX)
-            consistent = (prediction == global_labels) & labelled
-            inconsistent = (prediction != global_labels) & labelled
+                logits, _ = segmenter_logits(model, batch["images"], None)
+            # CARB's own split (teacher vs restricted self-prediction), scored where GT exists.
+            consistent, inconsistent = region_masks(global_labels, restricted_argmax(logits, batch["image_labels"]))
+            consistent, inconsistent = consistent & (gt != IGNORE_INDEX), inconsistent & (gt != IGNORE_INDEX)
             right = global_labels == gt
             split["consistent"] += int(consistent.sum())
             split["inconsistent"] += int(inconsistent.sum())

@@ -13,16 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from carbseg.data.base import FileListDataset, images_with_optional_masks, require_folder, require_split
 from carbseg.data.classes import CAMVID, IGNORE_INDEX
-from carbseg.data.datasets import (
-    FileListDataset,
-    pair_masks,
-    require_folder,
-    require_not_empty,
-    require_split,
-)
 from carbseg.errors import UserError
-from carbseg.io import list_images
 
 SPLITS = ("train", "val", "test")
 VOID = 11
@@ -52,12 +45,7 @@ class CamVidDataset(FileListDataset):
         else:
             image_dir = require_folder(root / "img" / split, AUTHORS_LAYOUT)
             mask_dir = root / "mask" / split
-        image_paths = list_images(image_dir)
-        ids = [p.stem for p in image_paths]
-        require_not_empty(ids, image_dir, "*.png")
-        mask_paths = None
-        if mask_dir.is_dir():
-            mask_paths = pair_masks(ids, image_paths, lambda i, p: mask_dir / f"{i}.png")
+        ids, image_paths, mask_paths = images_with_optional_masks(image_dir, mask_dir, "*.png")
         super().__init__(CAMVID, ids, image_paths, mask_paths, root)
 
     def to_train_ids(self, raw: np.ndarray, path: Path) -> np.ndarray:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from carbseg.data.classes import CITYSCAPES, IGNORE_INDEX
-from carbseg.data.datasets import (
+from carbseg.data.base import (
     FileListDataset,
     pair_masks,
     require_folder,
     require_not_empty,
     require_split,
 )
+from carbseg.data.classes import CITYSCAPES, IGNORE_INDEX
 from carbseg.errors import UserError
 from carbseg.io import IMAGE_EXTENSIONS
 

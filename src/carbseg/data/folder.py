@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from carbseg.data.base import FileListDataset, images_with_optional_masks, require_folder
 from carbseg.data.classes import ClassSet
-from carbseg.data.datasets import FileListDataset, images_with_optional_masks, require_folder
 from carbseg.errors import UserError
 
 LAYOUT = "ROOT/images/<split>/* with optional masks ROOT/masks/<split>/<same name>.png"

@@ -17,8 +17,8 @@ from PIL import Image
 
 from carbseg.config import DataConfig
 from carbseg.data import frames
+from carbseg.data.classes import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 CROP_TRIES = 10
 
 

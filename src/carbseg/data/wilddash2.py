@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from carbseg.console import show_progress
+from carbseg.data.base import FileListDataset, images_with_optional_masks, require_folder
 from carbseg.data.classes import IGNORE_INDEX, WILDDASH2
-from carbseg.data.datasets import FileListDataset, images_with_optional_masks, require_folder
 from carbseg.errors import UserError
 from carbseg.io import atomic_path, write_json_atomic, write_png_atomic
 

@@ -5,7 +5,8 @@ Two kinds of file, with different loading rules:
 * ``model.safetensors`` -- what ``carbseg evaluate`` / ``predict`` / ``export-onnx`` read. It holds the
   model's ``state_dict`` plus, as string metadata, the resolved run config and the class set, so the
   segmenter can be rebuilt with nothing else. safetensors never executes code while loading.
-* ``train_state.pt`` -- what ``carbseg train --resume`` reads (optimizer, iteration, CARB queues, ...).
+* ``checkpoint_last.pt`` -- what ``carbseg train --resume`` reads (optimizer, iteration, CARB loss queue,
+  AMP scaler, RNG state; see ``carbseg.engine.run_dir``).
   It is loaded only with ``torch.load(weights_only=True)``, which refuses any pickle that would import
   or call arbitrary Python (a "payload"), so a tampered file fails with a UserError instead of running.
 

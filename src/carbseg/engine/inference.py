@@ -1,8 +1,13 @@
-"""Inference: whole image, sliding window, and test-time augmentation (scales x horizontal flip).
+"""Inference and the evaluation of a model: whole image, sliding window, test-time augmentation
+(scales x horizontal flip), and ``evaluate_checkpoint``.
 
-Every function takes images as float tensors (B, 3, H, W) in 0..255 (the segmenter applies its own
-normalisation) and returns float32 logits (B, C, H, W) at the input size. They run under
-``torch.inference_mode`` and, on a GPU, autocast (bf16; fp16 before Ampere; the logits are returned in float32).
+The ``predict*`` functions take images as float tensors (B, 3, H, W) in 0..255 (the segmenter applies
+its own normalisation) and return float32 logits (B, C, H, W) at the input size. They run under
+``torch.inference_mode`` and the autocast that ``carbseg.precision.inference_autocast_dtype`` chooses:
+by default bf16 on GPUs from Ampere on, fp16 on older ones, none on a CPU.
+
+``evaluate_checkpoint`` is the one evaluation of a model against ground truth: ``carbseg evaluate
+--checkpoint`` and the trainer's validation both call it, with the model's ``eval`` config section.
 
 The release tests Cityscapes on the whole 2048x1024 image at a single scale; the sliding window
 (mmsegmentation's ``slide`` mode: overlapping crops, logits summed and divided by how many crops
@@ -11,7 +16,6 @@ covered each pixel) and the multi-scale / flip TTA are provided for memory-bound
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -25,10 +29,12 @@ from tqdm import tqdm
 from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
+from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
 from carbseg.engine.evaluate import ImageStats, image_stats, rank_images
 from carbseg.errors import UserError
 from carbseg.metrics import ConfusionMatrix, confusion_counts
+from carbseg.precision import autocast, inference_autocast_dtype
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -36,25 +42,6 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     if param is None:
         param = next(model.buffers(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def autocast_for(device: torch.device, amp: bool | torch.dtype | None = None):
-    """Autocast for inference: ``None`` (default) is the device's fast precision on CUDA (bf16 from
-    Ampere on, fp16 on older GPUs where bf16 is emulated) and nothing on CPU (CPU bf16 is slow);
-    ``True`` the fast precision (bf16 on a CPU); ``False`` none; a dtype exactly that dtype."""
-    from carbseg.precision import fast_autocast_dtype
-
-    if isinstance(amp, torch.dtype):
-        dtype: torch.dtype | None = amp
-    elif amp is None:
-        dtype = fast_autocast_dtype(device) if device.type == "cuda" else None
-    elif amp:
-        dtype = fast_autocast_dtype(device) or torch.bfloat16
-    else:
-        dtype = None
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resize_logits(logits: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
@@ -65,7 +52,7 @@ def resize_logits(logits: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
 
 
 def _forward(model: torch.nn.Module, images: torch.Tensor, amp: bool | torch.dtype | None) -> torch.Tensor:
-    with autocast_for(images.device, amp):
+    with autocast(images.device, inference_autocast_dtype(images.device, amp)):
         logits = model(images)
     return resize_logits(logits.float(), images.shape[-2:])
 
@@ -228,13 +215,6 @@ class PredictionSample:
     pred: np.ndarray  # uint8 (H, W) prediction, train ids
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> the first GPU when there is one, else the CPU (see carbseg.devices)."""
-    from carbseg.devices import parse_device
-
-    return parse_device(device)
-
-
 def _same_size_batches(dataset, batch_size: int):
     """Consecutive samples grouped into batches of one image size (sizes may vary in a dataset)."""
     batch: list = []
@@ -255,19 +235,20 @@ def evaluate_checkpoint(
     mode: str | None = None,
     scales: Sequence[float] | None = None,
     flip: bool | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool = True,
     keep_samples: int = 8,
 ) -> tuple[ConfusionMatrix, list[ImageStats], list[PredictionSample]]:
     """Predict every image of ``dataset`` with a checkpoint and count it against the ground truth.
 
     ``checkpoint`` is a ``model.safetensors`` path or an already loaded model (the trainer's
-    validation passes its own). ``mode``, ``scales`` and ``flip`` default to the checkpoint's
-    ``eval`` config, as do the sliding window's crop and stride. Returns the accumulated
+    validation passes its own, so its mIoU is the one ``carbseg evaluate --checkpoint`` reports).
+    ``mode``, ``scales``, ``flip`` and ``batch_size`` default to the checkpoint's ``eval`` config,
+    as do the sliding window's crop and stride. Returns the accumulated
     ``ConfusionMatrix``, per-image ``ImageStats`` in dataset order (as ``evaluate_predictions``),
     and the ``keep_samples`` worst and best images (by ``rank_images``) with their predictions.
     """
-    device = resolve_device(device)
+    device = parse_device(device)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device=device)
     model = loaded.model.to(device).eval()
     eval_cfg = loaded.config.eval
@@ -281,6 +262,7 @@ def evaluate_checkpoint(
     if not dataset.has_masks:
         raise UserError(f"{dataset.ids[0] if len(dataset) else 'dataset'}: this split has no ground truth; "
                         "evaluate on a split with masks")
+    batch_size = eval_cfg.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     mode = eval_cfg.mode if mode is None else mode

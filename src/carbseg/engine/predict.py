@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from carbseg.console import show_progress
 from carbseg.data.base import check_unique_ids
+from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
-from carbseg.engine.inference import images_to_tensor, predict, resolve_device
+from carbseg.engine.inference import images_to_tensor, predict
 from carbseg.errors import UserError
 from carbseg.io import IMAGE_EXTENSIONS, atomic_path, read_image, write_png_atomic
 from carbseg.visualize import overlay_with_legend
@@ -301,7 +302,7 @@ def predict_path(
     if input_path.is_file() and not is_video and input_path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise UserError(f"{input_path}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or a video "
                         f"({', '.join(VIDEO_EXTENSIONS)})")
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, resolve_device(device))
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, parse_device(device))
     settings = InferenceSettings.from_checkpoint(loaded, mode=mode, tta=tta)
     if fmt == "cityscapes" and loaded.classes.num_classes != 19:
         raise UserError(f"--format cityscapes needs a 19-class Cityscapes model; this one has "

@@ -26,10 +26,8 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,200 +35,24 @@ import torch
 from tqdm import tqdm
 
 from carbseg import distributed as dist
-from carbseg.config import Config, config_to_dict, dump_config, load_config
+from carbseg.config import Config, dump_config
 from carbseg.console import show_progress
-from carbseg.data.classes import IGNORE_INDEX, ClassSet
-from carbseg.engine.guards import NonFiniteGuard, any_rank_nonfinite
+from carbseg.data.classes import ClassSet
+from carbseg.devices import process_device
+from carbseg.engine.guards import NonFiniteGuard
+from carbseg.engine.run_dir import RunDir, warn_config_changes
 from carbseg.engine.schedule import set_poly_lr
+from carbseg.engine.seeds import derive_seed, numpy_rng_state, set_numpy_rng_state
+from carbseg.engine.signals import StopSignal, TrainingInterrupted
+from carbseg.engine.step import batch_to_device, training_step
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
-from carbseg.io import remove_stale_temporaries, write_error, write_text_atomic
+from carbseg.io import write_error, write_text_atomic
+from carbseg.precision import training_autocast_dtype
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_FILE = "checkpoint_last.pt"
-MODEL_FILE = "model.safetensors"
-LOG_FILE = "log.jsonl"
-TENSORBOARD_DIR = "tb"
-
-
-class TrainingInterrupted(Exception):  # noqa: N818 -- it is a stop, not an error
-    """SIGTERM / SIGINT arrived: the current step was finished and ``checkpoint_last.pt`` written."""
-
-    def __init__(self, iteration: int, checkpoint: Path, signum: int):
-        self.iteration, self.checkpoint, self.signum = iteration, checkpoint, signum
-        super().__init__(
-            f"stopped by signal {signal.Signals(signum).name} after iteration {iteration}; "
-            f"checkpoint written to {checkpoint} (continue with --resume)"
-        )
-
-
-# ---------------------------------------------------------------- small helpers
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, iteration, rank, ...), well mixed by numpy's SeedSequence."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-def resolve_device(name: str) -> torch.device:
-    from carbseg.devices import parse_device
-
-    device = parse_device(name, option="device =")
-    if device.type == "cuda" and dist.launched_by_torchrun():
-        device = torch.device("cuda", dist.local_rank())
-    return device
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 autocast on GPUs where bf16 is native (Ampere and newer), fp16 with the
-    GradScaler on older ones (V100, T4, RTX 20xx emulate bf16, several times slower), nothing on CPU
-    (it is slower there on most machines)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        from carbseg.precision import fast_autocast_dtype
-
-        return fast_autocast_dtype(device)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class StopSignal:
-    """Turns SIGTERM / SIGINT into a flag checked between iterations (a step is never cut in half)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def any_rank_stopped(self, device: torch.device) -> int | None:
-        """The signal seen by any process, so that all stop after the same iteration."""
-        if not dist.is_distributed():
-            return self.signum
-        flag = torch.tensor([float(self.signum or 0)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
-
-
-# ---------------------------------------------------------------- run directory
-@dataclass
-class RunDir:
-    path: Path
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT_FILE
-
-    @property
-    def model(self) -> Path:
-        return self.path / MODEL_FILE
-
-    @property
-    def log(self) -> Path:
-        return self.path / LOG_FILE
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / TENSORBOARD_DIR
-
-    def discard_after(self, iteration: int) -> None:
-        """Make the run directory agree with a checkpoint at ``iteration`` before resuming from it.
-
-        A run killed with SIGKILL (no chance to checkpoint) logged iterations past its last
-        checkpoint and may have left a temporary file mid-write; resuming redoes those iterations,
-        so their log lines (and a torn last line) are dropped instead of appearing twice.
-        """
-        remove_stale_temporaries(self.path, [CONFIG_FILE, CHECKPOINT_FILE, MODEL_FILE])
-        if not self.log.is_file():
-            return
-        kept = []
-        for line in self.log.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line torn by the kill: nothing after it was written either
-            if record.get("iteration", 0) <= iteration:
-                kept.append(line + "\n")
-        write_text_atomic(self.log, "".join(kept))
-
-    def holds_no_training(self) -> bool:
-        """A folder left by a run that stopped before its first checkpoint: only config.yaml, log.jsonl
-        and TensorBoard events, nothing trained to lose, so it may be started again."""
-        ours = {CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR}
-        return (self.path.is_dir() and self.config.is_file()
-                and all(p.name in ours or p.name.startswith(".") for p in self.path.iterdir())
-                and (not self.tensorboard.exists()
-                     or all(p.name.startswith("events.out.tfevents.") for p in self.tensorboard.iterdir())))
-
-    def check(self, resume: bool) -> bool:
-        """Refuse to overwrite a run by accident, and to resume from nothing; returns whether to load
-        the checkpoint (False when ``resume`` meets a run that never reached its first checkpoint)."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path}: is a file, not a run directory; choose another --out")
-        if resume:
-            if self.checkpoint.is_file():
-                return True
-            if self.holds_no_training():
-                log.info("%s: the earlier run stopped before its first checkpoint; starting again from "
-                         "iteration 0", self.path)
-                return False
-            raise UserError(
-                f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
-                "(or point --out to the run directory of the run to continue)"
-            )
-        if self.path.exists() and any(self.path.iterdir()) and not self.holds_no_training():
-            raise UserError(
-                f"{self.path}: run directory is not empty; pass --resume to continue that run, "
-                "or choose another --out"
-            )
-        return False
-
-    def clear_leftovers(self) -> None:
-        """Drop the log lines and TensorBoard events of a run that stopped before its first checkpoint."""
-        self.log.unlink(missing_ok=True)
-        if self.tensorboard.is_dir():
-            for events in self.tensorboard.glob("events.out.tfevents.*"):
-                events.unlink(missing_ok=True)
-
-
-def _warn_config_changes(saved: Path, cfg: Config) -> None:
-    before = config_to_dict(load_config(saved))
-    after = config_to_dict(cfg)
-    changed = [
-        f"{section}.{key}" if isinstance(after[section], dict) else section
-        for section in after
-        for key in (after[section] if isinstance(after[section], dict) else [None])
-        if (before[section].get(key) if key is not None else before[section])
-        != (after[section][key] if key is not None else after[section])
-    ]
-    if changed:
-        log.warning("resuming with a config that differs from %s in: %s", saved, ", ".join(changed))
-
+resolve_device = process_device  # the name the demo imports from here
 
 # ---------------------------------------------------------------- building the pieces
 def _image_labels(cfg: Config, dataset) -> np.ndarray:
@@ -289,41 +111,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
                            weight_decay=cfg.train.weight_decay)
 
 
-# ---------------------------------------------------------------- one training step
-def teacher_views(teacher, batch: dict, cfg: Config, generator: torch.Generator, single_path: bool):
-    """Teacher labels for the global view and for the GLV local patch (no gradient, ever).
-
-    Returns (global labels (B, H, W), patch region or None, patch labels (B, h, w) or None).
-    """
-    from carbseg.data import views
-    from carbseg.data.frames import FrameMaps
-
-    images, masks, valid, image_labels = batch["images"], batch["masks"], batch["valid"], batch["image_labels"]
-    gt = masks if (teacher is not None and teacher.reads_ground_truth) else None
-    frames = FrameMaps(batch["frame_keys"].cpu(), batch["frames"].cpu()) if "frames" in batch else None
-    if single_path:
-        global_labels = masks.masked_fill(~valid, IGNORE_INDEX)
-    else:
-        global_labels = teacher(images, image_labels, gt=gt, valid=valid, frames=frames)
-    if not cfg.glv.enabled:
-        return global_labels, None, None
-    patch = views.sample_local_patch(
-        tuple(images.shape[-2:]), tuple(cfg.glv.patch_size), cfg.glv.scale_offset, cfg.glv.scale_rate, generator
-    )
-    if single_path:
-        patch_labels = views.cut_out(global_labels, patch)
-    else:
-        # GLV: zooming gives CLIP's 16-pixel patches a finer footprint on small objects.
-        zoomed = views.zoom_images(images, patch)
-        zoomed_gt = views.zoom_labels(gt, patch) if gt is not None else None
-        zoomed_valid = views.zoom_labels(valid, patch)
-        zoomed_frames = None if frames is None else frames.zoomed(
-            patch.top, patch.left, (patch.height, patch.width), patch.zoomed_hw)
-        zoomed_labels = teacher(zoomed, image_labels, gt=zoomed_gt, valid=zoomed_valid, frames=zoomed_frames)
-        patch_labels = views.labels_to_patch_size(zoomed_labels, patch)
-    return global_labels, patch, patch_labels
-
-
 # ---------------------------------------------------------------- the trainer
 class Trainer:
     """Holds the pieces of one run; ``run()`` trains from ``self.iteration`` to ``stop``."""
@@ -331,18 +118,18 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True):
         from carbseg.data.datasets import build_dataset
         from carbseg.data.transforms import TrainAugmentation
-        from carbseg.losses.carb import LossQueue
+        from carbseg.losses.carb import CARBObjective
 
         self.cfg = cfg
         self.run_dir = RunDir(Path(out_dir))
         self.progress = progress
-        self.device = resolve_device(cfg.device)
+        self.device = process_device(cfg.device, option="device =")
         dist.init_from_env(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = dist.is_main_process()
         resume = self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
         dist.barrier(self.device)
-        self.amp = amp_dtype(cfg.train.amp, self.device)
+        self.amp = training_autocast_dtype(cfg.train.amp, self.device)
         self.single_path = bool(cfg.data.pseudo_masks)
 
         # Data: the training split with its image-level labels (the only supervision).
@@ -397,7 +184,7 @@ class Trainer:
             )
         self.optimizer = build_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.loss_queue = LossQueue(cfg.carb.queue_size)
+        self.objective = CARBObjective.from_config(cfg.carb, cfg.train.warmup_iters)
         self.nonfinite = NonFiniteGuard()
         self.iteration = 0
 
@@ -405,9 +192,12 @@ class Trainer:
         if cfg.train.eval_interval > 0:
             self.val_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split,
                                          classes_file=cfg.data.classes)
+            if not self.val_set.has_masks:
+                log.warning("data.val_split %r has no ground truth: no validation mIoU", cfg.data.val_split)
+                self.val_set = None
         if resume:
             if self.run_dir.config.is_file():
-                _warn_config_changes(self.run_dir.config, cfg)
+                warn_config_changes(self.run_dir.config, cfg)
             self.load_state()
             if self.is_main:
                 self.run_dir.discard_after(self.iteration)
@@ -437,12 +227,12 @@ class Trainer:
             "iteration": self.iteration,  # the next iteration to run
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "loss_queue": self.loss_queue.state_dict(),
+            "loss_queue": self.objective.state_dict(),  # the CARB objective's running state: its queue
             "nonfinite": self.nonfinite.state_dict(),
             "scaler": self.scaler.state_dict(),
             # No CUDA generator state: every iteration reseeds all generators from (seed, iteration,
             # rank), so it is not needed, and restoring it would tie a resume to the number of GPUs.
-            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
             "config": dump_config(self.cfg),
         }
         return state
@@ -454,13 +244,13 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.loss_queue.load_state_dict(state["loss_queue"])
+            self.objective.load_state_dict(state["loss_queue"])
             self.nonfinite.load_state_dict(state.get("nonfinite", {}))
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.iteration = int(state["iteration"])
             torch.set_rng_state(state["rng"]["torch"])
-            _set_numpy_rng_state(state["rng"]["numpy"])  # a "cuda" entry of older checkpoints is ignored
+            set_numpy_rng_state(state["rng"]["numpy"])  # a "cuda" entry of older checkpoints is ignored
         except (KeyError, RuntimeError, ValueError) as err:
             raise UserError(
                 f"{self.run_dir.checkpoint}: does not match this config's model or optimizer "
@@ -484,50 +274,20 @@ class Trainer:
         return self.run_dir.model
 
     # ---------------------------------------------------------------- step
-    def in_warmup(self, iteration: int) -> bool:
-        return (not self.cfg.carb.enabled) or iteration < self.cfg.train.warmup_iters
-
     def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool) -> dict[str, float] | None:
         """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank."""
-        from carbseg.data import views
-        from carbseg.losses.carb import carb_loss
-
-        cfg, device = self.cfg, self.device
-        non_blocking = device.type == "cuda"
-        batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-        batch["images"] = batch["images"].float()
-        if device.type == "cuda":
-            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        cfg = self.cfg
+        batch = batch_to_device(batch, self.device)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, micro, self.rank, 1))
-        # Outside the segmenter's autocast: the teacher runs at its own precision, so its masks
-        # equal `carbseg pseudo-masks`' under any train.amp (scores promised in fp32).
-        with torch.inference_mode():
-            global_labels, patch, patch_labels = teacher_views(
-                self.teacher, batch, cfg, generator, self.single_path
-            )
-        # Inference tensors cannot be saved for backward: the targets are cloned out of inference mode.
-        global_labels = global_labels.clone()
-        patch_labels = patch_labels.clone() if patch_labels is not None else None
-
-        warmup = self.in_warmup(iteration)
         net = self.ddp if self.ddp is not None else self.model
         sync = contextlib.nullcontext() if (self.ddp is None or last_micro) else self.ddp.no_sync()
         with sync:
-            with autocast(device, self.amp):
-                logits = net(batch["images"])
-            logits = logits.float()
-            patch_logits = views.cut_out(logits, patch) if patch is not None else None
-            terms = carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
-                              None if warmup else cfg.carb.fixed_coefficient, warmup)
-            if any_rank_nonfinite(_loss_terms(terms), device):
-                return None  # before the queue push and backward: nothing of this step is kept
-            if not warmup and cfg.carb.fixed_coefficient is None:
-                # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
-                # (averaged over processes) before c = coeff * mean(cons) / mean(incons) is read.
-                self.loss_queue.push(terms.consistent.detach(), terms.inconsistent.detach())
-                terms = terms.with_coefficient(self.loss_queue.coefficient(cfg.carb.coeff))
-            self.scaler.scale(terms.total / cfg.train.grad_accum).backward()
-        return _terms_to_floats(terms)
+            out = training_step(net, self.teacher, batch, cfg, generator, iteration=iteration,
+                                objective=self.objective, single_path=self.single_path, amp=self.amp)
+            if out is None:
+                return None
+            self.scaler.scale(out.total / cfg.train.grad_accum).backward()
+        return out.scalars()
 
     def train_iteration(self, batches: list[dict], iteration: int) -> dict[str, float]:
         cfg = self.cfg
@@ -559,33 +319,29 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> float | None:
-        """mIoU (percent) on the validation ground truth, sharded over processes."""
-        from carbseg.engine.inference import predict_slide, predict_whole
-        from carbseg.metrics import ConfusionMatrix
+        """mIoU (percent) on the validation ground truth, sharded over processes.
+
+        The evaluation of ``carbseg evaluate --checkpoint`` (``evaluate_checkpoint``: ``eval.mode``,
+        ``eval.scales``, ``eval.flip``, ``eval.batch_size``, inference precision), on the first
+        ``train.val_max_images`` images, each process scoring its share.
+        """
+        from carbseg.data.base import Subset
+        from carbseg.engine.checkpoint import LoadedModel
+        from carbseg.engine.inference import evaluate_checkpoint
 
         if self.val_set is None:
             return None
-        cfg = self.cfg
         count = len(self.val_set)
-        if cfg.train.val_max_images is not None:
-            count = min(count, cfg.train.val_max_images)
-        self.model.eval()
-        matrix = ConfusionMatrix(self.classes.num_classes)
-        amp = self.amp if self.amp is not None else False  # train.amp's dtype (fp16 stays fp16)
-        for index in dist.shard(list(range(count))):
-            sample = self.val_set[index]
-            if sample.mask is None:
-                continue
-            images = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float().to(self.device)
-            if cfg.eval.mode == "slide":
-                logits = predict_slide(self.model, images, cfg.eval.crop_size, cfg.eval.stride,
-                                       self.classes.num_classes, amp=amp)
-            else:
-                logits = predict_whole(self.model, images, amp=amp)
-            matrix.update(logits.argmax(1)[0].cpu(), torch.from_numpy(sample.mask).long())
-        matrix.reduce_(self.device)
-        self.model.train()
-        return matrix.report(self.classes.names)["miou"]
+        if self.cfg.train.val_max_images is not None:
+            count = min(count, self.cfg.train.val_max_images)
+        shard = Subset(self.val_set, dist.shard(list(range(count))))
+        try:
+            confusion, _, _ = evaluate_checkpoint(shard, LoadedModel(self.model, self.cfg, self.classes),
+                                                  device=self.device, progress=False, keep_samples=0)
+        finally:
+            self.model.train()
+        confusion.reduce_(self.device)
+        return confusion.report(self.classes.names)["miou"]
 
     # ---------------------------------------------------------------- logging
     def log_scalars(self, iteration: int, values: dict[str, float]) -> None:
@@ -689,22 +445,6 @@ def _event_writer_errors_reported_here():
         threading.excepthook = previous
 
 
-def _loss_terms(terms) -> list[torch.Tensor]:
-    """Every CE term of CARBTerms (global, patch, consistent, inconsistent, ...): the NaN/Inf guard checks each."""
-    return [terms.global_ce, terms.patch_ce, terms.consistent, terms.inconsistent, terms.patch_consistent,
-            terms.patch_inconsistent]
-
-
-def _terms_to_floats(terms) -> dict[str, float]:
-    """Every scalar of CARBTerms as a float (losses, pixel counts, consistent share, c)."""
-    fields = vars(terms)
-    out = {"c": float(terms.coefficient), "warmup": float(terms.warmup)}
-    for key, value in fields.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            out[key] = float(value.detach())
-    return out
-
-
 def _json_number(value):
     if value is None:
         return None
@@ -719,17 +459,6 @@ def _tensorboard_tag(key: str) -> str:
     if key.endswith("_pixels") or key in ("c", "consistent_share", "warmup"):
         return f"carb/{key}"
     return f"loss/{key}"
-
-
-def _numpy_rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def _set_numpy_rng_state(state: dict) -> None:
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
 
 
 # ---------------------------------------------------------------- public entry point

@@ -1,6 +1,6 @@
-"""Consistency-Aware Region Balancing (CARB): pure functions first, then the loss queue.
+"""Consistency-Aware Region Balancing (CARB): pure functions first, then the objective with its state.
 
-Terms of the method (docs: method.md, "Consistency-aware region balancing"):
+Terms of the method (docs/training.md, "One iteration (what the loop does)"):
 
 * teacher mask -- the CLIP teacher's label map for the global view (and, with GLV, for the local patch);
 * self-prediction -- the segmenter's own argmax, restricted to the image-level classes;
@@ -13,20 +13,23 @@ Terms of the method (docs: method.md, "Consistency-aware region balancing"):
 Three defects of the authors' release are avoided here: absent classes are masked with -inf, not
 multiplied by 0/1 (defect 1); an empty region gives exactly 0, not NaN (defect 2); the loss queue is
 averaged across processes and checkpointable (defect 3).
+
+Layers: ``carb_loss`` is a pure function returning every term (``CARBTerms``); ``CARBTerms`` adds
+them up for the warm-up or for a given c; ``CARBObjective`` is the one stateful piece -- it owns
+the warm-up rule, the loss queue and c, like a loss module with running state (``state_dict`` /
+``load_state_dict``), and turns the terms of a step into the ``CARBLoss`` to back-propagate.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from carbseg import distributed
-
-IGNORE_INDEX = 255
+from carbseg.data.classes import IGNORE_INDEX
 
 
 # ---------------------------------------------------------------- pure functions
@@ -89,24 +92,15 @@ def masked_cross_entropy(
     return _region_mean(_pixel_cross_entropy(logits, target, ignore_index), region)
 
 
-def adaptive_coefficient(consistent_history, inconsistent_history=None, coeff: float = 1.0) -> float:
+def adaptive_coefficient(consistent_history, inconsistent_history, coeff: float = 1.0) -> float:
     """Adaptive c = coeff * mean(consistent_history) / mean(inconsistent_history).
 
     Scales the noisy (inconsistent) region's loss to the magnitude of the reliable (consistent)
     one. Without information -- an empty history, or a non-positive mean inconsistent loss (no
     inconsistent pixels recently) -- there is nothing to rebalance: returns ``coeff`` (ratio 1).
-
-    Convenience: ``adaptive_coefficient(queue, coeff)`` with a ``LossQueue`` reads its histories.
     """
-    if isinstance(consistent_history, LossQueue):
-        if inconsistent_history is not None:
-            coeff = float(inconsistent_history)
-        consistent_history, inconsistent_history = (
-            consistent_history.consistent,
-            consistent_history.inconsistent,
-        )
     cons = [float(v) for v in consistent_history]
-    incons = [float(v) for v in (inconsistent_history or [])]
+    incons = [float(v) for v in inconsistent_history]
     if not cons or not incons:
         return float(coeff)
     mean_incons = sum(incons) / len(incons)
@@ -117,10 +111,11 @@ def adaptive_coefficient(consistent_history, inconsistent_history=None, coeff: f
 
 @dataclass
 class CARBTerms:
-    """Every term of one CARB loss evaluation; ``total`` is what is back-propagated.
+    """Every term of one CARB loss evaluation, before any weighting.
 
     The CE terms are always computed (so warm-up runs can log how consistent teacher and model
-    are); which of them enter ``total`` depends on ``warmup``. Patch terms are 0 without GLV.
+    are); ``warmup_loss`` and ``balanced_loss`` say which of them are back-propagated. Patch terms
+    are 0 without GLV.
     """
 
     global_ce: torch.Tensor  # warm-up: CE(global logits, teacher mask) over all valid pixels
@@ -134,23 +129,21 @@ class CARBTerms:
     patch_consistent_pixels: torch.Tensor
     patch_inconsistent_pixels: torch.Tensor
     consistent_share: torch.Tensor  # consistent / (consistent + inconsistent) pixels, global view
-    coefficient: float  # c, a plain float: the rebalancing is not back-propagated
-    warmup: bool
-    total: torch.Tensor = field(init=False)
 
-    def __post_init__(self) -> None:
-        if self.warmup:
-            self.total = self.global_ce + self.patch_ce
-        else:
-            c = float(self.coefficient)
-            self.total = (
-                self.consistent + c * self.inconsistent + self.patch_consistent + c * self.patch_inconsistent
-            )
+    def cross_entropies(self) -> list[torch.Tensor]:
+        """Every CE term (global, patch, consistent, inconsistent, ...): what a NaN/Inf guard checks."""
+        return [self.global_ce, self.patch_ce, self.consistent, self.inconsistent, self.patch_consistent,
+                self.patch_inconsistent]
 
-    def with_coefficient(self, coefficient: float) -> CARBTerms:
-        """The same terms with another c (e.g. after pushing this step into the queue)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        return CARBTerms(**{**values, "coefficient": float(coefficient)})
+    def warmup_loss(self) -> torch.Tensor:
+        """Warm-up: plain CE on the teacher masks of both views, CE(global) + CE(patch)."""
+        return self.global_ce + self.patch_ce
+
+    def balanced_loss(self, coefficient: float) -> torch.Tensor:
+        """After warm-up: CE_cons + c*CE_incons + CE_patch_cons + c*CE_patch_incons; c is a plain
+        float (the rebalancing is not back-propagated)."""
+        c = float(coefficient)
+        return self.consistent + c * self.inconsistent + self.patch_consistent + c * self.patch_inconsistent
 
 
 def carb_loss(
@@ -159,20 +152,17 @@ def carb_loss(
     patch_logits: torch.Tensor | None,
     teacher_patch: torch.Tensor | None,
     image_labels: torch.Tensor,
-    coefficient: float | None,
-    warmup: bool,
     ignore_index: int = IGNORE_INDEX,
 ) -> CARBTerms:
-    """The CARB objective for one batch.
+    """Every term of the CARB objective for one batch (pure: no state, no weighting).
 
     global_logits (B, C, H, W) with teacher_global (B, H, W); with GLV, patch_logits (B, C, h, w)
     -- the global logits cut out at the local patch -- with teacher_patch (B, h, w), the teacher's
     labels of the zoomed patch brought back to the patch size; both None without GLV.
-    image_labels bool (B, C). ``coefficient`` c (None: 1.0, no rebalancing; ignored in warm-up).
+    image_labels bool (B, C).
 
-    Warm-up: CE(global) + CE(patch). After: CE_cons + c*CE_incons + CE_patch_cons + c*CE_patch_incons,
-    where the regions compare the teacher with the self-prediction restricted by -inf to the
-    image-level classes.
+    The regions compare the teacher with the self-prediction restricted by -inf to the image-level
+    classes; ``CARBTerms.warmup_loss`` / ``balanced_loss(c)`` add the terms up.
     """
     zero = global_logits.new_zeros(())
     zero_count = torch.zeros((), dtype=torch.long, device=global_logits.device)
@@ -211,12 +201,10 @@ def carb_loss(
         patch_consistent_pixels=n_patch_cons,
         patch_inconsistent_pixels=n_patch_incons,
         consistent_share=share,
-        coefficient=1.0 if coefficient is None else float(coefficient),
-        warmup=bool(warmup),
     )
 
 
-# ---------------------------------------------------------------- state: the adaptive-c queue
+# ---------------------------------------------------------------- state: the adaptive-c queue and the objective
 class LossQueue:
     """The last ``size`` (q) global-view CE_cons / CE_incons values, for the adaptive c.
 
@@ -270,3 +258,69 @@ class LossQueue:
         self.size = int(state.get("size", self.size))
         self.consistent = deque((float(v) for v in state["consistent"]), maxlen=self.size)
         self.inconsistent = deque((float(v) for v in state["inconsistent"]), maxlen=self.size)
+
+
+@dataclass
+class CARBLoss:
+    """One step's objective: ``total`` is back-propagated; ``coefficient`` is the c that weighed the
+    inconsistent terms (1.0 in warm-up, where plain CE weighs every pixel alike)."""
+
+    total: torch.Tensor
+    coefficient: float
+    warmup: bool
+    terms: CARBTerms
+
+    def scalars(self) -> dict[str, float]:
+        """Every scalar as a float for the log: total, c, warm-up flag, CE terms, pixel counts, share."""
+        out = {"c": float(self.coefficient), "warmup": float(self.warmup)}
+        for key, value in vars(self.terms).items():
+            out[key] = float(value.detach())
+        out["total"] = float(self.total.detach())
+        return out
+
+
+class CARBObjective:
+    """The CARB objective with its running state: the warm-up rule, the loss queue and c.
+
+    ``warmup_iters`` W: iterations 0..W-1 are plain CE (and every iteration when ``enabled`` is
+    False: no CARB at all). Afterwards c is ``fixed_coefficient`` when given, else the adaptive
+    c = coeff * mean(last q CE_cons) / mean(last q CE_incons), this step included. The state that a
+    resume must restore is the queue (``state_dict`` is the queue's, saved as ``loss_queue``).
+    """
+
+    def __init__(self, warmup_iters: int = 0, fixed_coefficient: float | None = None, coeff: float = 1.0,
+                 queue_size: int = 5, enabled: bool = True):
+        self.warmup_iters = int(warmup_iters)
+        self.fixed_coefficient = None if fixed_coefficient is None else float(fixed_coefficient)
+        self.coeff = float(coeff)
+        self.enabled = bool(enabled)
+        self.queue = LossQueue(queue_size)
+
+    @classmethod
+    def from_config(cls, carb, warmup_iters: int) -> CARBObjective:
+        """From the ``carb`` config section and ``train.warmup_iters``."""
+        return cls(warmup_iters, carb.fixed_coefficient, carb.coeff, carb.queue_size, carb.enabled)
+
+    def in_warmup(self, iteration: int) -> bool:
+        return (not self.enabled) or iteration < self.warmup_iters
+
+    def __call__(self, terms: CARBTerms, iteration: int) -> CARBLoss:
+        """The loss of iteration ``iteration`` from its terms. With the adaptive c this pushes the
+        step's global CE_cons / CE_incons into the queue first (a collective: every process calls it
+        at the same iteration; call it only for a step that is kept)."""
+        if self.in_warmup(iteration):
+            return CARBLoss(terms.warmup_loss(), 1.0, True, terms)
+        if self.fixed_coefficient is not None:
+            c = self.fixed_coefficient
+        else:
+            # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
+            # (averaged over processes) before c is read.
+            self.queue.push(terms.consistent.detach(), terms.inconsistent.detach())
+            c = self.queue.coefficient(self.coeff)
+        return CARBLoss(terms.balanced_loss(c), c, False, terms)
+
+    def state_dict(self) -> dict:
+        return self.queue.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue.load_state_dict(state)

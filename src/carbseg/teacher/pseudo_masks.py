@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from carbseg.data.classes import IGNORE_INDEX
+
 #: CLIP's learned logit scale (100 for the released models): turns cosines into softmax logits.
 CLIP_LOGIT_SCALE = 100.0
 
@@ -47,9 +48,9 @@ def masks_from_scores(scores: torch.Tensor, image_labels: torch.Tensor, size: tu
     masks = restricted.argmax(dim=1)
     if confidence_threshold is not None:
         prob = torch.softmax(restricted * CLIP_LOGIT_SCALE, dim=1).amax(dim=1)
-        masks = masks.masked_fill(prob < confidence_threshold, IGNORE)
+        masks = masks.masked_fill(prob < confidence_threshold, IGNORE_INDEX)
     no_class = ~image_labels.bool().any(dim=1)
-    masks = masks.masked_fill(no_class.view(-1, 1, 1), IGNORE)
+    masks = masks.masked_fill(no_class.view(-1, 1, 1), IGNORE_INDEX)
     if valid is not None:
-        masks = masks.masked_fill(~valid.bool(), IGNORE)
+        masks = masks.masked_fill(~valid.bool(), IGNORE_INDEX)
     return masks

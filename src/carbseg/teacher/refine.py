@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from carbseg.data.classes import IGNORE_INDEX
 from carbseg.errors import UserError
-from carbseg.teacher.pseudo_masks import CLIP_LOGIT_SCALE, IGNORE, restrict_to_image_labels
+from carbseg.teacher.pseudo_masks import CLIP_LOGIT_SCALE, restrict_to_image_labels
 
 #: Affinities below this cosine of keys do not smooth (keeps smoothing within objects).
 KEY_SMOOTHING_MIN_AFFINITY = 0.5
@@ -69,7 +70,7 @@ def dense_crf(image: np.ndarray, mask: np.ndarray, num_classes: int, params: dic
     """Refine a (H, W) label map on its uint8 RGB image; 255 pixels get a uniform unary and may change."""
     dcrf, utils = _import_densecrf()
     h, w = mask.shape
-    present = np.unique(mask[mask != IGNORE])
+    present = np.unique(mask[mask != IGNORE_INDEX])
     if present.size <= 1:
         return mask
     # Work on the present classes only (index 0 = unsure for unary_from_labels).

@@ -36,13 +36,12 @@ import math
 import numpy as np
 import torch
 
-from carbseg.data.classes import ClassSet
+from carbseg.data.classes import IGNORE_INDEX, ClassSet
 from carbseg.data.frames import IDENTITY as IDENTITY_FRAME
 from carbseg.data.frames import FrameMaps, cell_centres_in_frame, view_from_frame
 from carbseg.errors import UserError
 
 log = logging.getLogger(__name__)
-IGNORE = 255
 
 #: Pairs of class *names* that CLIP tends to confuse (symmetric); used when both are in the image.
 SIMILAR_CLASSES: tuple[tuple[str, str], ...] = (
@@ -90,7 +89,7 @@ def cell_majority(gt: torch.Tensor, image_labels: torch.Tensor, num_classes: int
     counts = counts.view(b, gh, gw, num_classes + 1)[..., :num_classes]
     counts = counts.masked_fill(~image_labels.bool().view(b, 1, 1, num_classes), -1)
     best_count, best = counts.max(dim=-1)
-    return best.masked_fill(best_count <= 0, IGNORE)
+    return best.masked_fill(best_count <= 0, IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------- persistent noise
@@ -184,12 +183,12 @@ def add_cell_noise(cells: torch.Tensor, present: torch.Tensor, partners: dict[in
         rows = np.clip(np.floor(vy / patch_size), 0, gh - 1).astype(np.int64)
         cols = np.clip(np.floor(vx / patch_size), 0, gw - 1).astype(np.int64)
         warped = out[np.broadcast_to(rows, (gh, gw)), np.broadcast_to(cols, (gh, gw))]
-        out = np.where((warped != IGNORE) & (out != IGNORE), warped, out)
+        out = np.where((warped != IGNORE_INDEX) & (out != IGNORE_INDEX), warped, out)
 
     # Patch-level random flips towards any present class, per cell of the frame.
     if present_ids:
         iy, ix = np.floor(fy / cell), np.floor(fx / cell)
-        flip = (_uniform(seed, key, _TAG_FLIP, iy, ix, 0) < FLIP_PROB * noise) & (out != IGNORE)
+        flip = (_uniform(seed, key, _TAG_FLIP, iy, ix, 0) < FLIP_PROB * noise) & (out != IGNORE_INDEX)
         choice = (_hash(seed, key, _TAG_FLIP, iy, ix, 1) % np.uint64(len(present_ids))).astype(np.int64)
         out = np.where(flip, np.asarray(present_ids)[choice], out)
     return torch.from_numpy(out).to(cells.device, cells.dtype)
@@ -246,5 +245,5 @@ class SimulatedTeacher:
         ps = self.patch_size
         masks = cells.repeat_interleave(ps, dim=1).repeat_interleave(ps, dim=2)[:, :h, :w]
         if valid is not None:
-            masks = masks.masked_fill(~valid.to(gt.device).bool(), IGNORE)
+            masks = masks.masked_fill(~valid.to(gt.device).bool(), IGNORE_INDEX)
         return masks.long()
