@@ -207,3 +207,19 @@ def test_real_demo_reaches_40_miou_on_held_out_scenes(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "demo" / "report.json").read_text(encoding="utf-8"))
     assert report["miou"] >= 40.0, report["iou"]
+
+
+def test_a_demo_stopped_by_a_signal_says_how_to_resume_in_one_line(monkeypatch, tmp_path, capsys):
+    import signal
+
+    import carbseg.demo
+    from carbseg.cli import main
+    from carbseg.engine.signals import TrainingInterrupted
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(933, tmp_path / "checkpoint_last.pt", signal.SIGTERM)
+
+    monkeypatch.setattr(carbseg.demo, "run_demo", stopped)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SIGTERM after training iteration 933" in err[0] and "rerun the same command" in err[0]

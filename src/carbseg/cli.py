@@ -480,8 +480,17 @@ def _run_demo(args) -> int:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
-    report = run_demo(args.out, QUICK if args.quick else DemoSettings(), progress=not args.no_progress,
-                      announce=lambda line: print(line, flush=True))
+    import signal
+
+    from carbseg.engine.signals import TrainingInterrupted
+
+    try:
+        report = run_demo(args.out, QUICK if args.quick else DemoSettings(), progress=not args.no_progress,
+                          announce=lambda line: print(line, flush=True))
+    except TrainingInterrupted as stop:
+        print(f"carbseg demo: stopped by signal {signal.Signals(stop.signum).name} after training iteration "
+              f"{stop.iteration} (checkpoint written); rerun the same command to resume", file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by a signal"
     print(f"carbseg demo: test mIoU {report['miou']:.1f} (validation {report['val_miou']:.1f}; pseudo-masks of "
           f"the simulated teacher: "
           f"{report['pseudo_mask_miou']:.1f}) in {report['timings_s']['total']:.0f} s; report: {args.out}/report.md")
