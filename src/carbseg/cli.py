@@ -543,7 +543,7 @@ def _add_doctor(sub) -> None:
         "doctor", help="what this environment can do: versions, devices, bf16, weights, extras, data",
         description="One screen about this machine: package versions, CPU threads and native bf16, CUDA GPUs "
                     "and NCCL, CLIP and ResNet weights already cached, optional extras (crf, onnx, video) and "
-                    "shared datasets ($CARBSEG_DATA or ../shared/data). Reads only; always exits 0.")
+                    "shared datasets (the folder $CARBSEG_DATA names). Reads only; always exits 0.")
     p.set_defaults(func=_run_doctor)
 
 

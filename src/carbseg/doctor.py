@@ -99,14 +99,9 @@ def _extras() -> str:
     return ", ".join(f"{extra} {_yes(ok)}" for extra, ok in state.items()) + hint
 
 
-def shared_data_roots(cwd: Path | None = None) -> list[Path]:
-    """Where datasets may wait: $CARBSEG_DATA, and ../shared/data beside the current folder."""
-    cwd = Path.cwd() if cwd is None else cwd
-    roots = []
-    if os.environ.get(DATA_ENV):
-        roots.append(Path(os.environ[DATA_ENV]).expanduser())
-    roots.append(cwd.parent / "shared" / "data")
-    return roots
+def shared_data_roots() -> list[Path]:
+    """Where the user keeps datasets: the folder named by $CARBSEG_DATA (none guessed)."""
+    return [Path(os.environ[DATA_ENV]).expanduser()] if os.environ.get(DATA_ENV) else []
 
 
 def _data() -> list[str]:
