@@ -111,6 +111,17 @@ def _load_matching(
     module.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
+def _dilated_torchvision_resnet(depth: int, output_stride: int) -> nn.Module:
+    """torchvision's ResNet-50/101 (random weights) with the last stages dilated to ``output_stride``."""
+    import torchvision
+
+    dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}
+    if output_stride not in dilate:
+        raise UserError(f"model.output_stride = {output_stride} is not supported by ResNet; choose 8, 16 or 32")
+    build = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
+    return build(weights=None, replace_stride_with_dilation=dilate[output_stride])
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet without pooling/fc; stages 3 and 4 dilated (output stride 8) as in DeepLab.
 
@@ -119,15 +130,7 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, depth: int = 50, output_stride: int = 8):
         super().__init__()
-        import torchvision
-
-        dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}
-        if output_stride not in dilate:
-            raise UserError(
-                f"model.output_stride = {output_stride} is not supported by ResNet; choose 8, 16 or 32"
-            )
-        build = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
-        net = build(weights=None, replace_stride_with_dilation=dilate[output_stride])
+        net = _dilated_torchvision_resnet(depth, output_stride)
         self.depth = depth
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -169,15 +172,7 @@ class ResNetV1cBackbone(nn.Module):
 
     def __init__(self, depth: int = 50, output_stride: int = 8):
         super().__init__()
-        import torchvision
-
-        dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}
-        if output_stride not in dilate:
-            raise UserError(
-                f"model.output_stride = {output_stride} is not supported by ResNet; choose 8, 16 or 32"
-            )
-        build = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
-        net = build(weights=None, replace_stride_with_dilation=dilate[output_stride])
+        net = _dilated_torchvision_resnet(depth, output_stride)
         layers: list[nn.Module] = []
         for cin, cout, stride in ((3, 32, 2), (32, 32, 1), (32, 64, 1)):
             layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
