@@ -191,7 +191,8 @@ def test_validation_in_training_equals_carbseg_evaluate(config_file, scenes, tmp
     assert _train(config_file, scenes, out, "--max-iters", "2", "train.eval_interval=2",
                   "eval.scales=[0.75,1.0]", "eval.flip=true", "eval.batch_size=2") == 0
     assert calls == [(2, [0.75, 1.0], True, False)]  # both val images in one batch, TTA, eval mode
-    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]["val_miou"]
+    last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    logged = last["val_miou"]
     report = tmp_path / "eval.json"
     assert main(["evaluate", "--dataset", "synthetic", "--root", str(scenes), "--split", "val",
                  "--checkpoint", str(out / "model.safetensors"), "--json", str(report), "--no-progress"]) == 0
@@ -199,3 +200,5 @@ def test_validation_in_training_equals_carbseg_evaluate(config_file, scenes, tmp
     evaluated = json.loads(report.read_text())
     assert evaluated["num_images"] == 2 and 0.0 < logged <= 100.0
     assert logged == pytest.approx(evaluated["miou"], abs=1e-9)
+    # Per-class IoU is logged too (GLV's claim is about small classes), equal to carbseg evaluate's.
+    assert {k[len("val_iou."):]: v for k, v in last.items() if k.startswith("val_iou.")} == evaluated["iou"]

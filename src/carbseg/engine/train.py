@@ -318,8 +318,12 @@ class Trainer:
         return totals
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self) -> float | None:
-        """mIoU (percent) on the validation ground truth, sharded over processes.
+    def evaluate(self) -> dict[str, float | None] | None:
+        """Validation scores (percent) on the ground truth, sharded over processes.
+
+        Returns ``{"val_miou": ..., "val_iou.<class>": ...}`` (a class absent from both prediction
+        and ground truth is ``None``): per-class IoU is logged because GLV's claim is about the
+        small classes, which the mean hides.
 
         The evaluation of ``carbseg evaluate --checkpoint`` (``evaluate_checkpoint``: ``eval.mode``,
         ``eval.scales``, ``eval.flip``, ``eval.batch_size``, inference precision), on the first
@@ -341,7 +345,9 @@ class Trainer:
         finally:
             self.model.train()
         confusion.reduce_(self.device)
-        return confusion.report(self.classes.names)["miou"]
+        report = confusion.report(self.classes.names)
+        return {"val_miou": report["miou"],
+                **{f"val_iou.{name}": value for name, value in report["iou"].items()}}
 
     # ---------------------------------------------------------------- logging
     def log_scalars(self, iteration: int, values: dict[str, float]) -> None:
@@ -406,7 +412,7 @@ class Trainer:
                         values["epoch"] = float(self.samples.epoch_of(iteration))
                         values["iters_per_s"] = (done - start) / max(time.perf_counter() - started, 1e-9)
                         if evaluate_now:
-                            values["val_miou"] = self.evaluate()
+                            values.update(self.evaluate() or {"val_miou": None})
                             if values["val_miou"] is not None:
                                 log.info("iteration %d: val mIoU %.1f", done, values["val_miou"])
                         self.log_scalars(done, values)
