@@ -162,3 +162,30 @@ def test_crf_without_the_extra_exits_2_before_writing(folder_data, capsys):
     assert main(_args(tmp, out, "--teacher", "simulated", "--crf")) == 2
     assert "pip install -e '.[crf]' in the carbseg checkout" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow  # three interpreters importing torch and open_clip: ~1 min on a shared 2-core machine
+def test_torchrun_shards_of_the_clip_teacher_equal_one_process(folder_data):
+    # Two ranks under torchrun (gloo) each write their shard of the split; together they must give
+    # exactly the masks of one process (the CLIP teacher is deterministic; the batch differs).
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    tmp, _ = folder_data
+    clip = ["--clip-model", str(tmp / "tiny.json"), "--clip-pretrained", str(tmp / "tiny.bin"),
+            "--cache-dir", str(tmp / "cache"), "--device", "cpu"]
+    single = tmp / "single"
+    assert main(_args(tmp, single, *clip, "--batch-size", "5")) == 0
+    sharded = tmp / "sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "carbseg", *_args(tmp, sharded, *clip, "--batch-size", "2")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Each rank wrote only its own share (3 + 2 of the 5 images), not the whole split.
+    import re
+    assert sorted(int(n) for n in re.findall(r"wrote (\d+), skipped 0", proc.stdout)) == [2, 3], proc.stdout
+    assert sorted(p.name for p in sharded.iterdir()) == [f"img{k}.png" for k in range(5)]
+    for k in range(5):
+        assert np.array_equal(np.asarray(Image.open(sharded / f"img{k}.png")),
+                              np.asarray(Image.open(single / f"img{k}.png"))), f"img{k}"
