@@ -50,7 +50,7 @@ def test_demo_config_loads_and_overrides_apply():
     # Everything else as in the file, section by section (overrides merge, they do not replace a section).
     reference = load_config(PROJECT_ROOT / "configs" / "demo.yaml")
     assert cfg.model == reference.model and cfg.glv == reference.glv and cfg.carb == reference.carb
-    assert cfg.train.warmup_iters == reference.train.warmup_iters and cfg.data.resize == reference.data.resize
+    assert cfg.train.warmup_iters == reference.train.warmup_iters and cfg.data.scale_size == reference.data.scale_size
     assert cfg.teacher.kind == "simulated" and cfg.model.classifier == "learned"
 
 

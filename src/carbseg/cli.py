@@ -190,7 +190,7 @@ def _run_pseudo_masks(args) -> int:
                         dense=args.dense, naclip_sigma=args.naclip_sigma,
                         text_templates=args.templates, scales=scales, key_smoothing=args.key_smoothing,
                         prompt_denoising=args.prompt_denoising, confidence_threshold=args.confidence_threshold,
-                        patch_size=args.patch_size, noise=args.noise, cache_dir=args.cache_dir,
+                        grid_cell=args.patch_size, noise=args.noise, cache_dir=args.cache_dir,
                         proxy_weights=args.proxy_weights)
     # The process group first: it binds this rank to its GPU before the teacher touches CUDA.
     distributed.init_from_env(device.type)

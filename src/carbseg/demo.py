@@ -66,7 +66,7 @@ class DemoSettings:
 #: The smoke-test size (``carbseg demo --quick``): seconds, and a meaningless mIoU.
 QUICK = DemoSettings(
     num_train=6, num_val=3, num_test=3, width=128, height=64, grid_scenes=2,
-    overrides=("data.resize=[128,64]", "data.crop_size=[64,128]", "glv.patch_size=[32,64]",
+    overrides=("data.scale_size=[64,128]", "data.crop_size=[64,128]", "glv.patch_size=[32,64]",
                "eval.crop_size=[64,128]", "eval.stride=[32,64]", "train.max_iters=4", "train.warmup_iters=2",
                "train.eval_interval=2", "train.checkpoint_interval=2", "train.log_interval=1",
                "train.val_max_images=2"),
@@ -274,7 +274,7 @@ def _report_dict(state: _State, cfg: Config, settings: DemoSettings, timings: di
         # How good the supervision was: the teacher's offline pseudo-masks against the GT.
         "pseudo_mask_miou": pseudo["miou"],
         "pseudo_mask_iou": pseudo["iou"],
-        "teacher": {"kind": cfg.teacher.kind, "patch_size": cfg.teacher.patch_size, "noise": cfg.teacher.noise,
+        "teacher": {"kind": cfg.teacher.kind, "grid_cell": cfg.teacher.grid_cell, "noise": cfg.teacher.noise,
                     "note": TEACHER_NOTE},
         "timings_s": timings,
         "first_run_timings_s": {name: done["seconds"] for name, done in state.done.items()},
