@@ -52,7 +52,6 @@ from carbseg.precision import training_autocast_dtype
 
 log = logging.getLogger(__name__)
 
-resolve_device = process_device  # the name the demo imports from here
 
 # ---------------------------------------------------------------- building the pieces
 def _image_labels(cfg: Config, dataset) -> np.ndarray:

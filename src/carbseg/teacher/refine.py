@@ -72,7 +72,9 @@ CRF_PARAMS = {"gt_prob": 0.7, "iterations": 10, "gauss_sxy": 3, "gauss_compat": 
               "bilateral_sxy": 50, "bilateral_srgb": 5, "bilateral_compat": 10}
 
 
-def _import_densecrf():
+def import_densecrf():
+    """The dense-CRF modules of the crf extra (pydensecrf2, or pydensecrf): a UserError that names the
+    extra when neither is installed, so a caller can check before doing any work."""
     for module in ("pydensecrf2.densecrf", "pydensecrf.densecrf"):
         try:
             dcrf = __import__(module, fromlist=["DenseCRF2D"])
@@ -86,7 +88,7 @@ def _import_densecrf():
 
 def dense_crf(image: np.ndarray, mask: np.ndarray, num_classes: int, params: dict = CRF_PARAMS) -> np.ndarray:
     """Refine a (H, W) label map on its uint8 RGB image; 255 pixels get a uniform unary and may change."""
-    dcrf, utils = _import_densecrf()
+    dcrf, utils = import_densecrf()
     h, w = mask.shape
     present = np.unique(mask[mask != IGNORE_INDEX])
     if present.size <= 1:
