@@ -142,8 +142,8 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--crf", action="store_true", help="dense-CRF refinement with the authors' parameters "
                    "(needs the crf extra: pip install -e \".[crf]\" in the carbseg checkout)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="CLIP blocks under bf16 autocast or fp32; auto (default): bf16 where the device has "
-                        "native bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32")
+                   help="CLIP blocks under bf16 autocast or fp32; auto (default): bf16 on GPUs with native "
+                        "bf16 and on CPUs where a short timed probe measured it faster, else fp32")
     p.add_argument("--patch-size", type=int, default=16, help="simulated teacher: grid cell size in pixels")
     p.add_argument("--noise", type=float, default=0.3, help="simulated teacher: noise strength in [0, 1]")
     p.add_argument("--seed", type=int, default=0, help="simulated teacher: noise seed")
