@@ -217,3 +217,25 @@ def test_a_resumed_run_keeps_the_precision_auto_chose_and_stays_bit_exact(probe_
     assert main(["train", "--config", str(config), "--out", str(fresh), "--no-progress"]) == 0
     c = load_file(fresh / "model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_checkpoint_from_before_the_probe_resumes_as_it_started(probe_env, monkeypatch, tmp_path):
+    """A checkpoint without a precision entry was trained with the older auto: fp32 segmenter on a CPU.
+    Resumed where the choice now says bf16, it stays fp32 and equals the run that never stopped."""
+    from carbseg.engine.checkpoint import save_training_state
+
+    scenes = make_scenes(tmp_path / "scenes")
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"max_iters": 4})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    monkeypatch.setenv(precision.ENV_CHOICE, "fp32")
+    assert main(["train", "--config", str(config), "--out", str(straight), "--no-progress"]) == 0
+    assert main(["train", "--config", str(config), "--out", str(resumed), "--max-iters", "2", "--no-progress"]) == 0
+    state = load_training_state(resumed / "checkpoint_last.pt")
+    del state["precision"]
+    save_training_state(resumed / "checkpoint_last.pt", state)
+    assert precision.precision_before_the_probe()["model"] == "fp32"
+    monkeypatch.setenv(precision.ENV_CHOICE, "bf16")
+    assert main(["train", "--config", str(config), "--out", str(resumed), "--resume", "--no-progress"]) == 0
+    assert load_training_state(resumed / "checkpoint_last.pt")["precision"]["model"] == "fp32"
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -351,6 +351,13 @@ def training_precision(amp: str, device: torch.device | str, clip_teacher: bool,
     return {"model": model, "teacher": teacher}
 
 
+def precision_before_the_probe() -> dict:
+    """The ``precision`` entry for a checkpoint written before carbseg recorded one: what ``auto`` did on
+    a CPU then (the segmenter in fp32; the CLIP teacher in bf16 where the CPU flags native bf16), so that
+    such a run, resumed on a CPU, still computes as it started."""
+    return {"device": "cpu", "model": "fp32", "teacher": "bf16" if native_bf16("cpu") else "fp32"}
+
+
 def recorded_precision(choices: dict[str, PrecisionChoice | None], device: torch.device | str) -> dict:
     """The checkpoint entry of :func:`training_precision`'s answer (names only, and the device type)."""
     return {"device": torch.device(device).type,

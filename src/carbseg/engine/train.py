@@ -48,7 +48,12 @@ from carbseg.engine.step import batch_to_device, training_step
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
 from carbseg.io import write_error, write_text_atomic
-from carbseg.precision import PrecisionChoice, recorded_precision, training_precision
+from carbseg.precision import (
+    PrecisionChoice,
+    precision_before_the_probe,
+    recorded_precision,
+    training_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +155,12 @@ class Trainer:
             self._resumed_state = load_training_state(self.run_dir.checkpoint)
         # train.amp = auto (and the CLIP teacher's auto) on a CPU is a timed probe's answer; a resumed
         # run keeps the answer its checkpoint recorded, so it computes as the run that never stopped.
+        saved = None
+        if self._resumed_state is not None:
+            saved = self._resumed_state.get("precision", precision_before_the_probe())
         self.precision = _agreed_precision(training_precision(
             cfg.train.amp, self.device, clip_teacher=not self.single_path and cfg.teacher.kind == "clip",
-            saved=(self._resumed_state or {}).get("precision")), self.device)
+            saved=saved), self.device)
         self.amp = self.precision["model"].autocast_dtype
 
         # Data: the training split with its image-level labels (the only supervision).
