@@ -120,7 +120,7 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
     cfg = load_config(None, [
         f"model.backbone={args.backbone}", f"model.classifier={args.classifier}",
         "model.pretrained=none", f"model.output_stride={stride}",
-        f"teacher.kind={args.teacher}", "teacher.clip_pretrained=none", "teacher.patch_size=16",
+        f"teacher.kind={args.teacher}", "teacher.clip_pretrained=none", "teacher.grid_cell=16",
         f"glv.patch_size=[{args.patch[0]},{args.patch[1]}]", f"glv.scale_offset={args.scale[0]}",
         f"glv.scale_rate={args.scale[1]}",
     ])

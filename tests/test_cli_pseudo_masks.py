@@ -162,3 +162,79 @@ def test_crf_without_the_extra_exits_2_before_writing(folder_data, capsys):
     assert main(_args(tmp, out, "--teacher", "simulated", "--crf")) == 2
     assert "pip install -e '.[crf]' in the carbseg checkout" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow  # three interpreters importing torch and open_clip: ~1 min on a shared 2-core machine
+def test_torchrun_shards_of_the_clip_teacher_equal_one_process(folder_data):
+    # Two ranks under torchrun (gloo) each write their shard of the split; together they must give
+    # exactly the masks of one process (the CLIP teacher is deterministic; the batch differs).
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    tmp, _ = folder_data
+    clip = ["--clip-model", str(tmp / "tiny.json"), "--clip-pretrained", str(tmp / "tiny.bin"),
+            "--cache-dir", str(tmp / "cache"), "--device", "cpu"]
+    single = tmp / "single"
+    assert main(_args(tmp, single, *clip, "--batch-size", "5")) == 0
+    sharded = tmp / "sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "carbseg", *_args(tmp, sharded, *clip, "--batch-size", "2")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Each rank wrote only its own share (3 + 2 of the 5 images), not the whole split.
+    import re
+    assert sorted(int(n) for n in re.findall(r"wrote (\d+), skipped 0", proc.stdout)) == [2, 3], proc.stdout
+    assert sorted(p.name for p in sharded.iterdir()) == [f"img{k}.png" for k in range(5)]
+    for k in range(5):
+        assert np.array_equal(np.asarray(Image.open(sharded / f"img{k}.png")),
+                              np.asarray(Image.open(single / f"img{k}.png"))), f"img{k}"
+
+
+# ---------------------------------------------------------------- teacher settings: KEY=VALUE as in train
+def _teacher(*argv):
+    from carbseg.cli import build_parser, teacher_config_from_args
+
+    args = build_parser().parse_args(["pseudo-masks", "--dataset", "synthetic", "--root", "r", "--split", "val",
+                                      "--labels", "l.json", "--out", "o", *argv])
+    return teacher_config_from_args(args)
+
+
+def test_teacher_settings_are_the_config_section_and_the_flags_are_its_aliases():
+    from carbseg.config import TeacherConfig, load_config
+
+    assert _teacher() == TeacherConfig() == load_config(None).teacher  # one set of defaults, the config's
+    by_keys = _teacher("kind=proxy", "proxy_weights=p.safetensors", "teacher.clip_model=ViT-B-32", "dense=naclip",
+                       "naclip_sigma=3", "text_templates=single", "scales=[0.75,1.5]", "key_smoothing=true",
+                       "prompt_denoising=true", "confidence_threshold=0.4", "grid_cell=8", "noise=0.1",
+                       "cache_dir=c", "clip_pretrained=none")
+    by_flags = _teacher("--teacher", "proxy", "--proxy-weights", "p.safetensors", "--clip-model", "ViT-B-32",
+                        "--dense", "naclip", "--naclip-sigma", "3", "--templates", "single", "--scales", "0.75,1.5",
+                        "--key-smoothing", "--prompt-denoising", "--confidence-threshold", "0.4",
+                        "--patch-size", "8", "--noise", "0.1", "--cache-dir", "c", "--clip-pretrained", "none")
+    assert by_keys == by_flags == TeacherConfig(
+        kind="proxy", proxy_weights="p.safetensors", clip_model="ViT-B-32", clip_pretrained="none", dense="naclip",
+        naclip_sigma=3.0, text_templates="single", scales=[0.75, 1.5], key_smoothing=True, prompt_denoising=True,
+        confidence_threshold=0.4, grid_cell=8, noise=0.1, cache_dir="c")
+    assert _teacher("--grid-cell", "4").grid_cell == 4
+    assert _teacher("--noise", "0.2", "noise=0.5").noise == 0.2  # a flag wins, as in carbseg train
+
+
+def test_teacher_overrides_drive_the_masks_and_old_keys_are_refused(folder_data, capsys):
+    tmp, _ = folder_data
+    assert main(_args(tmp, tmp / "flags", "--teacher", "simulated", "--patch-size", "8", "--noise", "0.3")) == 0
+    assert main(_args(tmp, tmp / "keys", "kind=simulated", "grid_cell=8", "teacher.noise=0.3")) == 0
+    assert main(_args(tmp, tmp / "coarse", "kind=simulated", "grid_cell=32", "teacher.noise=0.3")) == 0
+    for k in range(5):
+        by_flags = np.asarray(Image.open(tmp / "flags" / f"img{k}.png"))
+        assert np.array_equal(by_flags, np.asarray(Image.open(tmp / "keys" / f"img{k}.png")))
+    assert any(not np.array_equal(np.asarray(Image.open(tmp / "flags" / f"img{k}.png")),
+                                  np.asarray(Image.open(tmp / "coarse" / f"img{k}.png"))) for k in range(5))
+    capsys.readouterr()
+    assert main(_args(tmp, tmp / "old", "kind=simulated", "patch_size=8")) == 2
+    assert capsys.readouterr().err == (
+        "carbseg pseudo-masks: error: pseudo-masks teacher settings: teacher.patch_size was renamed "
+        "teacher.grid_cell (same value, no order change); set teacher.grid_cell to 8 instead\n")
+    assert main(_args(tmp, tmp / "bad", "kind=simulated", "train.lr=0.1")) == 2
+    assert "only teacher settings apply here" in capsys.readouterr().err
+    assert not (tmp / "old").exists() and not (tmp / "bad").exists()

@@ -24,9 +24,9 @@ def tiny_config(root: Path, device: str = "cpu", **sections):
     """A training config that runs in a fraction of a second per iteration on CPU."""
     data = {
         "name": "tiny", "seed": 7, "device": device,
-        "data": {"dataset": "synthetic", "root": str(root), "crop_size": [32, 64], "resize": [128, 64],
+        "data": {"dataset": "synthetic", "root": str(root), "crop_size": [32, 64], "scale_size": [64, 128],
                  "ratio_range": [0.75, 1.5], "batch_size": 2, "num_workers": 0},
-        "teacher": {"kind": "simulated", "patch_size": 8, "noise": 0.3},
+        "teacher": {"kind": "simulated", "grid_cell": 8, "noise": 0.3},
         "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
                   "aspp_dilations": [1, 2]},
         "glv": {"patch_size": [16, 32], "scale_offset": 1.0, "scale_rate": 1.0},

@@ -21,10 +21,10 @@ from carbseg.demo import (
     STAGES,
     DemoSettings,
     _inference_text,
-    _read_log,
     demo_config_text,
     load_demo_config,
 )
+from carbseg.engine.run_dir import RunDir, read_log
 from conftest import PROJECT_ROOT
 
 
@@ -50,7 +50,7 @@ def test_demo_config_loads_and_overrides_apply():
     # Everything else as in the file, section by section (overrides merge, they do not replace a section).
     reference = load_config(PROJECT_ROOT / "configs" / "demo.yaml")
     assert cfg.model == reference.model and cfg.glv == reference.glv and cfg.carb == reference.carb
-    assert cfg.train.warmup_iters == reference.train.warmup_iters and cfg.data.resize == reference.data.resize
+    assert cfg.train.warmup_iters == reference.train.warmup_iters and cfg.data.scale_size == reference.data.scale_size
     assert cfg.teacher.kind == "simulated" and cfg.model.classifier == "learned"
 
 
@@ -64,13 +64,34 @@ def test_report_names_the_test_time_augmentation():
 
 
 def test_read_log_keeps_the_last_record_of_an_iteration(tmp_path):
-    # A run resumed from a checkpoint at 20 may log iteration 40 again: the last record wins, sorted.
+    # The library's reader of a run's log.jsonl (the demo's learning curve reads it): a run resumed
+    # from a checkpoint at 20 may log iteration 40 again, the last record wins, sorted; a line torn
+    # by a kill ends the reading.
     lines = [{"iteration": 20, "total": 3.0}, {"iteration": 40, "total": 2.0}, {"iteration": 40, "total": 1.5},
              {"iteration": 30, "total": 2.5}]
-    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
-    assert _read_log(tmp_path / "log.jsonl") == [{"iteration": 20, "total": 3.0}, {"iteration": 30, "total": 2.5},
-                                                 {"iteration": 40, "total": 1.5}]
-    assert _read_log(tmp_path / "missing.jsonl") == []
+    run = RunDir(tmp_path)
+    run.log.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n" + '{"iteration": 50, "to', encoding="utf-8")
+    assert run.log.name == "log.jsonl"
+    assert run.records() == read_log(tmp_path / "log.jsonl") == [
+        {"iteration": 20, "total": 3.0}, {"iteration": 30, "total": 2.5}, {"iteration": 40, "total": 1.5}]
+    assert read_log(tmp_path / "missing.jsonl") == []
+
+
+def test_demo_code_uses_the_library_for_config_log_and_run_files():
+    # The demo has no merge, log parser or run-file names of its own (they live in carbseg.config
+    # and carbseg.engine.run_dir) and imports no private helper of another module.
+    import ast
+    import inspect
+
+    import carbseg.demo
+
+    source = inspect.getsource(carbseg.demo)
+    for name in ("checkpoint_last.pt", "model.safetensors", "log.jsonl", "config.yaml"):
+        assert f'"{name}"' not in source and f"/ '{name}'" not in source, name
+    assert "parse_overrides" not in source and "json.loads(line" not in source
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            assert not [a.name for a in node.names if a.name.startswith("_")], node.module
 
 
 # ---------------------------------------------------------------- the pipeline, minuscule
@@ -128,7 +149,7 @@ def test_quick_demo_report_contract(quick_demo):
     assert report["reused_stages"] == []
     assert report["config"]["train"]["max_iters"] == 4
     # The training really ran GLV + CARB: the log has warm-up steps and CARB steps.
-    records = _read_log(out / "run" / "log.jsonl")
+    records = RunDir(out / "run").records()
     assert [r["warmup"] for r in records] == [1.0, 1.0, 0.0, 0.0]
 
 

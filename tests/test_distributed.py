@@ -28,9 +28,9 @@ def test_two_cpu_processes_train_one_model(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "name": "ddp", "device": "cpu",
-        "data": {"dataset": "synthetic", "root": str(scenes), "crop_size": [32, 64], "resize": [128, 64],
+        "data": {"dataset": "synthetic", "root": str(scenes), "crop_size": [32, 64], "scale_size": [64, 128],
                  "batch_size": 2, "num_workers": 0},
-        "teacher": {"kind": "simulated", "patch_size": 8},
+        "teacher": {"kind": "simulated", "grid_cell": 8},
         "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
                   "aspp_dilations": [1, 2, 3, 4]},
         "glv": {"patch_size": [16, 32]},

@@ -45,9 +45,9 @@ def tiny_train_config(path: Path, root: Path, **sections) -> Path:
     """A tiny CPU training config (simulated teacher, tiny backbone) with ``sections`` merged in."""
     cfg = {
         "name": "tiny", "seed": 7, "device": "cpu",
-        "data": {"dataset": "synthetic", "root": str(root), "crop_size": [32, 64], "resize": [64, 32],
+        "data": {"dataset": "synthetic", "root": str(root), "crop_size": [32, 64], "scale_size": [32, 64],
                  "ratio_range": [1.0, 1.5], "batch_size": 2, "num_workers": 0},
-        "teacher": {"kind": "simulated", "patch_size": 8, "noise": 0.3},
+        "teacher": {"kind": "simulated", "grid_cell": 8, "noise": 0.3},
         "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
                   "aspp_dilations": [1, 2]},
         "glv": {"patch_size": [16, 32]},

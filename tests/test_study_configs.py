@@ -139,3 +139,15 @@ def test_proxy_study_prepare_fits_then_scores_without_the_fit_set(tmp_path, caps
     assert lines[0].startswith("carbseg fit-proxy-teacher") and "--num-images 12" in lines[0]
     evaluations = [line for line in lines if line.startswith("carbseg evaluate")]
     assert len(evaluations) == 2 and all("--exclude-fit-set" in line for line in evaluations)
+
+
+def test_carb_bookkeeping_reads_the_log_once_per_iteration(tmp_path):
+    # Iteration 30 logged twice (a run killed after logging it, resumed from 20): the last record counts.
+    rows = [{"iteration": 10, "c": 1.0, "consistent_share": 0.9, "total": 3.0},
+            {"iteration": 20, "c": 0.5, "consistent_share": 0.8, "total": 2.0},
+            {"iteration": 30, "c": 9.0, "consistent_share": 0.1, "total": 9.0},
+            {"iteration": 30, "c": 0.3, "consistent_share": 0.6, "total": 1.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    got = summarize.carb_bookkeeping(tmp_path, warmup_iters=10)
+    assert got == pytest.approx({"consistent_share": 0.7, "c": 0.4, "final_total": 1.0})
+    assert summarize.carb_bookkeeping(tmp_path / "absent", warmup_iters=10) is None

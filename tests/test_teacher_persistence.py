@@ -63,7 +63,7 @@ def test_augmentation_frame_map_places_every_view_pixel_where_it_came_from(seed)
     rows = np.repeat(np.arange(h, dtype=np.uint8)[:, None], w, axis=1)
     cols = np.repeat(np.arange(w, dtype=np.uint8)[None, :], h, axis=0)
     image = np.zeros((h, w, 3), np.uint8)
-    cfg = DataConfig(resize=[90, 60], ratio_range=[0.7, 1.6], crop_size=[40, 50], cat_max_ratio=1.0,
+    cfg = DataConfig(scale_size=[60, 90], ratio_range=[0.7, 1.6], crop_size=[40, 50], cat_max_ratio=1.0,
                      flip=True, photometric=False)
     augment = TrainAugmentation(cfg)
     _, view_rows, valid, frame = augment.with_frame(image, rows, np.random.default_rng(seed))

@@ -265,7 +265,7 @@ def test_training_with_the_online_proxy_teacher_leaves_its_fit_images_out(folder
     config.write_text(yaml.safe_dump({
         "name": "proxy", "seed": 0, "device": "cpu",
         "data": {"dataset": "folder", "root": str(folder / "data"), "classes": str(folder / "classes.json"),
-                 "crop_size": [32, 64], "resize": [96, 64], "ratio_range": [1.0, 1.0], "batch_size": 2,
+                 "crop_size": [32, 64], "scale_size": [64, 96], "ratio_range": [1.0, 1.0], "batch_size": 2,
                  "num_workers": 0},
         "teacher": {"kind": "proxy", "proxy_weights": str(weights)},
         "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 8,

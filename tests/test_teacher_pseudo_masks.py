@@ -59,6 +59,30 @@ def test_key_smoothing_averages_over_similar_keys_only():
     keys = torch.tensor([[[[1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]]])  # patches 0,1 alike, 2 orthogonal
     out = refine.key_smoothing(scores, keys)
     torch.testing.assert_close(out, torch.tensor([[[[0.5, 0.5, 5.0]]]]))
+    # Built one query row at a time, the answer is the same.
+    torch.testing.assert_close(refine.key_smoothing(scores, keys, block_elements=1), out)
+
+
+def _key_smoothing_whole(scores, keys, min_affinity):
+    """Reference: the whole (B, hw, hw) affinity at once, as MaskCLIP states it."""
+    b, c, h, w = scores.shape
+    k = torch.nn.functional.normalize(keys.double().flatten(2), dim=1)
+    affinity = k.transpose(1, 2) @ k
+    affinity = torch.where(affinity >= min_affinity, affinity, torch.zeros_like(affinity)).clamp_min(0.0)
+    affinity = affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+    return (scores.double().flatten(2) @ affinity.transpose(1, 2)).view(b, c, h, w)
+
+
+@pytest.mark.parametrize("block_elements", [1, 2 * 35 * 3, 1 << 24])
+@pytest.mark.parametrize("min_affinity", [0.5, 0.0, -1.0])
+def test_key_smoothing_in_row_blocks_equals_the_whole_affinity(block_elements, min_affinity):
+    # Blocks of query rows (here 1 row, 3 rows, all 35 rows; a last block shorter than the others)
+    # bound the memory; each row is normalised on its own, so the result must not change.
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 4, 5, 7, generator=gen)
+    keys = torch.randn(2, 6, 5, 7, generator=gen)
+    out = refine.key_smoothing(scores, keys, min_affinity=min_affinity, block_elements=block_elements)
+    torch.testing.assert_close(out.double(), _key_smoothing_whole(scores, keys, min_affinity), atol=1e-5, rtol=1e-5)
 
 
 def test_crf_without_the_extra_says_how_to_install(monkeypatch):

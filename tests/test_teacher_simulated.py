@@ -77,7 +77,7 @@ def test_confusion_table_is_by_class_name():
 
 
 def test_needs_gt_and_valid_parameters():
-    teacher = build_teacher(TeacherConfig(kind="simulated", noise=0.2, patch_size=8), CITYSCAPES, "cpu")
+    teacher = build_teacher(TeacherConfig(kind="simulated", noise=0.2, grid_cell=8), CITYSCAPES, "cpu")
     assert teacher.reads_ground_truth and teacher.patch_size == 8 and teacher.num_classes == 19
     with pytest.raises(UserError, match="reads ground truth"):
         teacher(torch.zeros(1, 3, 8, 8), torch.ones(1, 19, dtype=torch.bool))

@@ -41,9 +41,9 @@ def config_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(yaml.safe_dump({
         "name": "tiny", "seed": 7, "device": "cpu",
-        "data": {"dataset": "synthetic", "crop_size": [32, 64], "resize": [128, 64], "ratio_range": [0.75, 1.5],
+        "data": {"dataset": "synthetic", "crop_size": [32, 64], "scale_size": [64, 128], "ratio_range": [0.75, 1.5],
                  "batch_size": 2, "num_workers": 0},
-        "teacher": {"kind": "simulated", "patch_size": 8, "noise": 0.3},
+        "teacher": {"kind": "simulated", "grid_cell": 8, "noise": 0.3},
         "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
                   "aspp_dilations": [1, 2, 3, 4]},
         "glv": {"patch_size": [16, 32], "scale_offset": 1.0, "scale_rate": 1.0},
@@ -108,6 +108,48 @@ def test_resume_is_bit_identical_and_run_dir_is_complete(config_file, scenes, tm
     # Validation mIoU at the evaluation step and at the end only.
     assert [r["iteration"] for r in records if r.get("val_miou") is not None] == [8]
     assert 0.0 <= records[7]["val_miou"] <= 100.0
+
+
+def _with_old_keys(cfg: dict) -> dict:
+    """A resolved config as carbseg wrote it before the renames: data.resize (w, h), teacher.patch_size."""
+    data = {("resize" if k == "scale_size" else k): (v[::-1] if k == "scale_size" else v)
+            for k, v in cfg["data"].items()}
+    teacher = {("patch_size" if k == "grid_cell" else k): v for k, v in cfg["teacher"].items()}
+    return {**cfg, "data": data, "teacher": teacher}
+
+
+def test_a_run_saved_with_old_keys_resumes_bit_identically(config_file, scenes, tmp_path, caplog):
+    # A run folder started before data.resize / teacher.patch_size were renamed keeps its config.yaml
+    # (data.resize [128, 64] meant (w, h)): resumed with today's config (data.scale_size [64, 128]),
+    # it continues exactly as a run that never stopped, and no config difference is reported.
+    import logging
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from carbseg.engine.checkpoint import META_CONFIG, read_model_metadata
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(config_file, scenes, straight, "--max-iters", "6") == 0
+    assert _train(config_file, scenes, resumed, "--max-iters", "3") == 0
+    saved = yaml.safe_load((resumed / "config.yaml").read_text())
+    old = _with_old_keys(saved)
+    assert old["data"]["resize"] == [128, 64] and old["teacher"]["patch_size"] == 8 and "scale_size" not in old["data"]
+    (resumed / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with caplog.at_level(logging.WARNING, logger="carbseg.engine.run_dir"):
+        assert _train(config_file, scenes, resumed, "--max-iters", "6", "--resume") == 0
+    assert not [r for r in caplog.records if "differs" in r.getMessage()]
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A model.safetensors written before the renames: its embedded config reads as today's.
+    with safe_open(str(straight / "model.safetensors"), framework="pt") as f:
+        metadata = dict(f.metadata())
+    metadata[META_CONFIG] = json.dumps(_with_old_keys(json.loads(metadata[META_CONFIG])))
+    old_model = tmp_path / "old_model.safetensors"
+    save_file(a, str(old_model), metadata=metadata)
+    assert read_model_metadata(old_model) == read_model_metadata(straight / "model.safetensors")
+    assert read_model_metadata(old_model)[0].data.scale_size == [64, 128]
 
 
 def test_fixed_coefficient_and_single_path(config_file, scenes, tmp_path):

@@ -44,9 +44,9 @@ def test_dataset_configs_follow_the_release(name, num_classes, crop, iters, warm
     assert cfg.model.backbone == "resnet50_v1c" and cfg.model.aspp_dilations == [6, 12, 18, 24]
     assert cfg.carb.queue_size == 5 and cfg.carb.coeff == 1.0 and cfg.carb.fixed_coefficient is None
     if name == "camvid_carb":
-        assert cfg.data.resize == [960, 720] and cfg.data.ratio_range == [1.0, 4.0]
+        assert cfg.data.scale_size == [720, 960] and cfg.data.ratio_range == [1.0, 4.0]
     else:
-        assert cfg.data.resize == [2048, 1024] and cfg.data.ratio_range == [0.5, 2.0]
+        assert cfg.data.scale_size == [1024, 2048] and cfg.data.ratio_range == [0.5, 2.0]
 
 
 def test_demo_config_is_small_and_offline():

@@ -13,7 +13,7 @@ def _samples(rank=0, world=1, read_gt=True, **kwargs):
     dataset = SyntheticScenes(4, 48, 96, seed=5)
     labels = np.zeros((4, dataset.classes.num_classes), dtype=bool)
     labels[np.arange(4), np.arange(4)] = True  # row n marks class n: tells which image a sample is
-    cfg = DataConfig(resize=[96, 48], ratio_range=[0.5, 2.0], crop_size=[32, 64])
+    cfg = DataConfig(scale_size=[48, 96], ratio_range=[0.5, 2.0], crop_size=[32, 64])
     return TrainingSamples(dataset, labels, TrainAugmentation(cfg), seed=3, batch_size=2, rank=rank, world=world,
                            read_gt=read_gt, **kwargs)
 

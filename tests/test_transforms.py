@@ -30,28 +30,28 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def test_rescaled_size_keeps_aspect_and_fits_the_scale():
-    assert rescaled_size(360, 480, (960, 720)) == (720, 960)  # CamVid x2: both edges fit exactly
-    assert rescaled_size(1024, 2048, (1024, 512)) == (512, 1024)  # Cityscapes at ratio 0.5
-    assert rescaled_size(100, 100, (300, 200)) == (200, 200)  # short edge limits
+    assert rescaled_size(360, 480, (720, 960)) == (720, 960)  # CamVid x2: both edges fit exactly
+    assert rescaled_size(1024, 2048, (512, 1024)) == (512, 1024)  # Cityscapes at ratio 0.5
+    assert rescaled_size(100, 100, (200, 300)) == (200, 200)  # short edge limits
 
 
 def test_resize_by_ratio_uses_nearest_for_masks():
     mask = blocks_mask(12, 16, 4)
     image = random_image(12, 16)
     rng = np.random.default_rng(0)
-    out_image, out_mask = resize_by_ratio(image, mask, (32, 24), (1.0, 1.0), rng)  # ratio 1: exactly x2
+    out_image, out_mask = resize_by_ratio(image, mask, (24, 32), (1.0, 1.0), rng)  # ratio 1: exactly x2
     assert out_image.shape == (24, 32, 3) and out_mask.shape == (24, 32)
     assert np.array_equal(out_mask, np.kron(mask, np.ones((2, 2), dtype=np.uint8)))
     # A non-integer factor still invents no label values.
-    _, odd = resize_by_ratio(image, mask, (32, 24), (0.7, 0.7), rng)
-    assert odd.shape == rescaled_size(12, 16, (int(32 * 0.7), int(24 * 0.7)))
+    _, odd = resize_by_ratio(image, mask, (24, 32), (0.7, 0.7), rng)
+    assert odd.shape == rescaled_size(12, 16, (int(24 * 0.7), int(32 * 0.7)))
     assert set(np.unique(odd)) <= set(np.unique(mask))
 
 
 def test_resize_ratio_is_drawn_from_the_range():
     image, mask = random_image(10, 20), blocks_mask(10, 20, 5)
     rng = np.random.default_rng(3)
-    widths = [resize_by_ratio(image, mask, (200, 100), (0.5, 2.0), rng)[1].shape[1] for _ in range(50)]
+    widths = [resize_by_ratio(image, mask, (100, 200), (0.5, 2.0), rng)[1].shape[1] for _ in range(50)]
     assert min(widths) >= 100 and max(widths) <= 400 and len(set(widths)) > 10
 
 
@@ -185,7 +185,7 @@ def test_pad_to_fills_ignore_and_marks_padding_invalid():
 
 
 def test_train_augmentation_shapes_labels_and_determinism():
-    cfg = DataConfig(resize=[64, 48], ratio_range=[0.5, 2.0], crop_size=[32, 40], cat_max_ratio=0.75)
+    cfg = DataConfig(scale_size=[48, 64], ratio_range=[0.5, 2.0], crop_size=[32, 40], cat_max_ratio=0.75)
     augment = TrainAugmentation(cfg)
     image, mask = random_image(48, 64), blocks_mask(48, 64, 8)
     mask[:4] = 255
@@ -208,7 +208,7 @@ def test_train_augmentation_shapes_labels_and_determinism():
 
 @pytest.mark.parametrize("flag", ["flip", "photometric"])
 def test_train_augmentation_switches(flag):
-    cfg = DataConfig(resize=[16, 16], ratio_range=[1.0, 1.0], crop_size=[16, 16], cat_max_ratio=1.0)
+    cfg = DataConfig(scale_size=[16, 16], ratio_range=[1.0, 1.0], crop_size=[16, 16], cat_max_ratio=1.0)
     cfg.flip = False
     cfg.photometric = False
     image, mask = random_image(16, 16), blocks_mask(16, 16, 4)

@@ -109,59 +109,98 @@ def _run_convert_wilddash2(args) -> int:
 
 
 # ---------------------------------------------------------------- pseudo-masks
+# The teacher is configured as in `carbseg train`: KEY=VALUE of the config's teacher section. These
+# flags are the same keys by their older names (flag destination -> teacher key); they have no
+# defaults of their own (TeacherConfig's apply) and, given, win over KEY=VALUE.
+TEACHER_FLAGS = {"teacher": "kind", "proxy_weights": "proxy_weights", "clip_model": "clip_model",
+                 "clip_pretrained": "clip_pretrained", "dense": "dense", "naclip_sigma": "naclip_sigma",
+                 "templates": "text_templates", "scales": "scales", "key_smoothing": "key_smoothing",
+                 "prompt_denoising": "prompt_denoising", "confidence_threshold": "confidence_threshold",
+                 "grid_cell": "grid_cell", "noise": "noise", "cache_dir": "cache_dir"}
+
+
 def _add_pseudo_masks(sub) -> None:
+    from carbseg.config import CHOICES, TeacherConfig
+
+    default = TeacherConfig()
     p = sub.add_parser(
         "pseudo-masks", help="teacher pseudo-masks for every image, from image-level labels",
         description="Writes OUT/IMAGE_ID.png (train ids, 255 = ignore) per image; resumable (existing files are "
-                    "skipped), shardable with torchrun. Score the masks with `carbseg evaluate --pred OUT`.")
+                    "skipped), shardable with torchrun. The teacher is set as in carbseg train: KEY=VALUE of the "
+                    "config's teacher section (docs/configuration.md), e.g. kind=simulated grid_cell=8; the "
+                    "flags below are the same keys by other names and win over KEY=VALUE. Score the masks with "
+                    "`carbseg evaluate --pred OUT`.")
     _add_dataset_args(p)
     p.add_argument("--labels", required=True, help="image-level labels JSON (carbseg labels)")
     p.add_argument("--out", required=True, help="output folder; writes OUT/IMAGE_ID.png in train ids")
-    p.add_argument("--teacher", choices=("clip", "simulated", "proxy"), default="clip",
-                   help="clip (default); simulated: a research instrument that READS GROUND TRUTH "
-                        "(16-px patch-grid majority of the GT plus persistent CLIP-like noise); proxy: a research "
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="teacher settings, e.g. kind=proxy proxy_weights=FILE or teacher.noise=0.2 (the "
+                        "teacher. prefix is optional)")
+    p.add_argument("--teacher", choices=CHOICES["teacher.kind"], default=None,
+                   help=f"= kind (default {default.kind}); simulated: a research instrument that READS GROUND "
+                        "TRUTH (patch-grid majority of the GT plus persistent CLIP-like noise); proxy: a research "
                         "instrument that sees the pixels (frozen ImageNet features + a classifier fitted on a few "
                         "labelled images, --proxy-weights)")
     p.add_argument("--proxy-weights", default=None, metavar="FILE",
-                   help="proxy teacher: the safetensors file of carbseg fit-proxy-teacher (its fit images get no mask)")
-    p.add_argument("--clip-model", default="ViT-B-16", help="open_clip ViT name (ViT-B-16, ViT-B-32, ViT-L-14) "
-                   "or a JSON model config file")
-    p.add_argument("--clip-pretrained", default="openai", help="open_clip tag, local weights file (.pt, .bin, "
-                   ".safetensors), or none (random weights: meaningless masks)")
-    p.add_argument("--dense", choices=("maskclip", "sclip", "clearclip", "naclip"), default="maskclip",
-                   help="last-block dense form of the CLIP teacher: maskclip (default, the paper's value path), "
-                        "sclip, clearclip or naclip (training-free attention changes; see docs/teacher.md)")
-    p.add_argument("--naclip-sigma", type=float, default=5.0, help="naclip: neighbourhood width in patches")
-    p.add_argument("--templates", default="ensemble85",
-                   help="prompt templates: ensemble85 (default), single, or a text file (one per line with {})")
-    p.add_argument("--scales", default="1.0", help="comma-separated multi-scale factors, e.g. 0.75,1.0,1.25")
-    p.add_argument("--key-smoothing", action="store_true", help="MaskCLIP key smoothing of the scores")
-    p.add_argument("--prompt-denoising", action="store_true", help="MaskCLIP prompt denoising")
+                   help="= proxy_weights: the safetensors file of carbseg fit-proxy-teacher (its fit images get "
+                        "no mask)")
+    p.add_argument("--clip-model", default=None, help=f"= clip_model (default {default.clip_model}): open_clip "
+                   "ViT name (ViT-B-16, ViT-B-32, ViT-L-14) or a JSON model config file")
+    p.add_argument("--clip-pretrained", default=None, help=f"= clip_pretrained (default {default.clip_pretrained}): "
+                   "open_clip tag, local weights file (.pt, .bin, .safetensors), or none (random weights: "
+                   "meaningless masks)")
+    p.add_argument("--dense", choices=CHOICES["teacher.dense"], default=None,
+                   help=f"= dense (default {default.dense}, the paper's value path): last-block dense form of the "
+                        "CLIP teacher; sclip, clearclip and naclip are training-free attention changes (see "
+                        "docs/teacher.md)")
+    p.add_argument("--naclip-sigma", type=float, default=None, help="= naclip_sigma: naclip's neighbourhood "
+                   "width in patches")
+    p.add_argument("--templates", default=None,
+                   help=f"= text_templates (default {default.text_templates}): ensemble85, single, or a text file "
+                        "(one per line with {{}})")
+    p.add_argument("--scales", default=None, help="= scales, comma-separated: multi-scale factors, e.g. "
+                   "0.75,1.0,1.25")
+    p.add_argument("--key-smoothing", action="store_const", const=True, default=None,
+                   help="= key_smoothing=true: MaskCLIP key smoothing of the scores")
+    p.add_argument("--prompt-denoising", action="store_const", const=True, default=None,
+                   help="= prompt_denoising=true: MaskCLIP prompt denoising")
     p.add_argument("--confidence-threshold", type=float, default=None,
-                   help="pixels whose class probability is below this become 255 (ignore)")
+                   help="= confidence_threshold: pixels whose class probability is below this become 255 (ignore)")
+    p.add_argument("--grid-cell", "--patch-size", dest="grid_cell", type=int, default=None,
+                   help=f"= grid_cell (default {default.grid_cell}): simulated teacher's grid cell side in pixels "
+                        "(--patch-size is its former name)")
+    p.add_argument("--noise", type=float, default=None, help=f"= noise (default {default.noise}): simulated "
+                   "teacher's noise strength in [0, 1]")
+    p.add_argument("--cache-dir", default=None, help="= cache_dir: cache of downloaded weights and text embeddings")
     p.add_argument("--crf", action="store_true", help="dense-CRF refinement with the authors' parameters "
                    "(needs the crf extra: pip install -e \".[crf]\" in the carbseg checkout)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="CLIP blocks under bf16 autocast or fp32; auto (default): bf16 on GPUs with native "
                         "bf16 and on CPUs where a short timed probe measured it faster, else fp32")
-    p.add_argument("--patch-size", type=int, default=16, help="simulated teacher: grid cell size in pixels")
-    p.add_argument("--noise", type=float, default=0.3, help="simulated teacher: noise strength in [0, 1]")
     p.add_argument("--seed", type=int, default=0, help="simulated teacher: noise seed")
     p.add_argument("--batch-size", type=int, default=4, help="images per teacher forward pass (default 4)")
     p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2; 0 loads "
                    "in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--cache-dir", default=None, help="cache of downloaded weights and text embeddings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
                    "a terminal)")
     p.set_defaults(func=_run_pseudo_masks)
+
+
+def teacher_config_from_args(args):
+    """The ``TeacherConfig`` of ``carbseg pseudo-masks``: its KEY=VALUE overrides, then its flags."""
+    from carbseg.config import section_from_overrides
+
+    flags = {key: getattr(args, dest) for dest, key in TEACHER_FLAGS.items() if getattr(args, dest) is not None}
+    if "scales" in flags:
+        flags["scales"] = _parse_scales(flags["scales"], "--scales")
+    return section_from_overrides("teacher", args.overrides, flags, source="pseudo-masks teacher settings")
 
 
 def _run_pseudo_masks(args) -> int:
     import logging
 
     from carbseg import distributed
-    from carbseg.config import TeacherConfig
     from carbseg.data.labels import read_labels_json
     from carbseg.devices import process_device
     from carbseg.io import check_output_dir
@@ -169,7 +208,7 @@ def _run_pseudo_masks(args) -> int:
     from carbseg.teacher.generate import generate_pseudo_masks
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    scales = _parse_scales(args.scales, "--scales")
+    cfg = teacher_config_from_args(args)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = process_device(args.device)  # under torchrun: one GPU per rank
@@ -178,20 +217,14 @@ def _run_pseudo_masks(args) -> int:
     labels = read_labels_json(args.labels, dataset.classes)
     refine = None
     if args.crf:
-        from carbseg.teacher.refine import _import_densecrf, dense_crf
+        from carbseg.teacher.refine import dense_crf, import_densecrf
 
-        _import_densecrf()  # fail before any work if the [crf] extra is missing
+        import_densecrf()  # fail before any work if the [crf] extra is missing
         num_classes = dataset.classes.num_classes
 
         def refine(image, mask):
             return dense_crf(image, mask, num_classes)
 
-    cfg = TeacherConfig(kind=args.teacher, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                        dense=args.dense, naclip_sigma=args.naclip_sigma,
-                        text_templates=args.templates, scales=scales, key_smoothing=args.key_smoothing,
-                        prompt_denoising=args.prompt_denoising, confidence_threshold=args.confidence_threshold,
-                        patch_size=args.patch_size, noise=args.noise, cache_dir=args.cache_dir,
-                        proxy_weights=args.proxy_weights)
     # The process group first: it binds this rank to its GPU before the teacher touches CUDA.
     distributed.init_from_env(device.type)
     try:

@@ -11,6 +11,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,11 @@ class DataConfig:
     val_split: str = "val"
     labels: str | None = None  # image-level labels JSON; None = derive from GT masks at start-up
     pseudo_masks: str | None = None  # single path: folder of offline pseudo-masks instead of the online teacher
-    # Joint augmentations (the authors' pipeline): resize to `resize` (w, h) times a ratio drawn from
-    # `ratio_range`, random crop of `crop_size` (h, w) with at most `cat_max_ratio` of one class,
-    # flip, photometric distortion, pad with ignore.
-    resize: list[int] = field(default_factory=lambda: [2048, 1024])
+    # Joint augmentations (the authors' pipeline): the image is rescaled, aspect kept, to fit into
+    # `scale_size` (h, w) times a ratio drawn from `ratio_range` (mmseg's img_scale, there (w, h)),
+    # random crop of `crop_size` (h, w) with at most `cat_max_ratio` of one class, flip,
+    # photometric distortion, pad with ignore. Every size in the config is (h, w).
+    scale_size: list[int] = field(default_factory=lambda: [1024, 2048])
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])
     cat_max_ratio: float = 0.75
@@ -56,8 +58,9 @@ class TeacherConfig:
     key_smoothing: bool = False
     prompt_denoising: bool = False
     confidence_threshold: float | None = None
-    # Simulated teacher only
-    patch_size: int = 16
+    # Simulated teacher only: the side, in pixels, of the square grid cell whose ground-truth
+    # majority it takes (CLIP ViT-B/16 sees 16-pixel patches)
+    grid_cell: int = 16
     noise: float = 0.3
     # Proxy teacher only: the safetensors file written by `carbseg fit-proxy-teacher`
     proxy_weights: str | None = None
@@ -156,7 +159,64 @@ MINIMUMS = {
     "train.grad_accum": 1,
     "eval.batch_size": 1,
     "carb.queue_size": 1,
+    "teacher.grid_cell": 1,
 }
+
+
+
+
+@dataclass(frozen=True)
+class RenamedKey:
+    """A key of older configs and the key that replaced it; ``swapped``: its (w, h) pair is now (h, w)."""
+
+    new: str
+    swapped: bool
+
+
+# Keys renamed so that names say what they are and every size is (h, w). A config a user writes with
+# an old key is refused (one line naming the new key): silently reading a (w, h) pair as (h, w)
+# would train on transposed images. A run's own saved config is translated (``upgrade_saved_config``).
+RENAMED_KEYS = {
+    "data.resize": RenamedKey("data.scale_size", swapped=True),
+    "teacher.patch_size": RenamedKey("teacher.grid_cell", swapped=False),
+}
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 2
+
+
+def renamed_key_message(old: str, value, source: str) -> str:
+    """The one line that refuses the old key ``old`` (set to ``value``) and says what to write instead."""
+    renamed = RENAMED_KEYS[old]
+    if not renamed.swapped:
+        return (f"{source}: {old} was renamed {renamed.new} (same value, no order change); "
+                f"set {renamed.new} to {value!r} instead")
+    advice = (f"set {renamed.new} to {[value[1], value[0]]!r} instead of {old} {list(value)!r}" if _is_pair(value)
+              else f"set {renamed.new} to [height, width] instead")
+    return f"{source}: {old} (w, h) was renamed {renamed.new}, which is (h, w): {advice}"
+
+
+def upgrade_saved_config(data: dict, source: str = "saved config") -> dict:
+    """A config saved by an older carbseg (a run's ``config.yaml``, a model's embedded config) with its
+    renamed keys under their new names, pairs reordered to (h, w): the exact same settings.
+
+    Only for configs carbseg wrote itself; a config a user writes gets the one-line refusal instead.
+    """
+    if not isinstance(data, dict):
+        return data
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for old, renamed in RENAMED_KEYS.items():
+        section, key = old.split(".")
+        node = out.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        new_key = renamed.new.split(".")[1]
+        if new_key in node:
+            raise UserError(f"{source}: holds both {old} and {renamed.new}; keep only {renamed.new}")
+        value = node.pop(key)
+        node[new_key] = [value[1], value[0]] if renamed.swapped and _is_pair(value) else value
+    return out
 
 
 def _type_name(tp) -> str:
@@ -208,6 +268,8 @@ def _build(cls, data: dict, prefix: str, source: str):
     kwargs = {}
     for key, value in data.items():
         dotted = prefix + str(key)
+        if key not in names and dotted in RENAMED_KEYS:
+            raise UserError(renamed_key_message(dotted, value, source))
         if key not in names:
             raise UserError(f"{source}: unknown key {dotted!r}; valid keys here: {', '.join(names)}")
         tp = hints[key]
@@ -286,25 +348,73 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     return _build(Config, data or {}, "", source)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (safely: no Python objects) and apply ``key=value`` overrides."""
-    data: dict = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found; see configs/ for examples") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found; see configs/ for examples") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def _with_overrides(data, overrides: Sequence[str] | None, source: str) -> Config:
     if overrides:
         if not isinstance(data, dict):  # refused here with the file's name, not as a crash in _merge
             raise UserError(f"{source}: the config must be a mapping of sections, got {data!r}")
-        data = _merge(data, parse_overrides(overrides))
+        data = _merge(data, parse_overrides(list(overrides)))
         source += " (with overrides)"
     return config_from_dict(data, source)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] | None = None) -> Config:
+    """Load a YAML config (safely: no Python objects) and apply ``key=value`` overrides."""
+    if path is None:
+        return _with_overrides({}, overrides, "config")
+    return _with_overrides(_read_yaml(path), overrides, str(path))
+
+
+def config_from_yaml_text(text: str, overrides: Sequence[str] | None = None, source: str = "config") -> Config:
+    """``load_config`` for YAML held as text (e.g. a config shipped inside the package); ``source``
+    names it in errors."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return _with_overrides(data, overrides, source)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A run's own saved ``config.yaml``, also one written before a key was renamed
+    (``upgrade_saved_config``), so that such a run can still be resumed."""
+    return config_from_dict(upgrade_saved_config(_read_yaml(path), str(path)), str(path))
+
+
+def section_from_overrides(section: str, overrides: Sequence[str] = (), values: dict | None = None,
+                           source: str = "overrides"):
+    """One section of the config (e.g. ``teacher`` -> a ``TeacherConfig``) from ``key=value`` overrides
+    of its keys, written with or without the ``section.`` prefix, the section's defaults elsewhere.
+
+    ``values`` (key -> already typed value, e.g. from command-line flags) win over the overrides;
+    both are checked exactly as ``carbseg train`` checks its config.
+    """
+    sections = [name for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp)]
+    prefixed = []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. {section}.KEY=VALUE)")
+        key = item.split("=", 1)[0].strip()
+        head = key.split(".", 1)[0]
+        if head in sections and head != section and "." in key:
+            raise UserError(f"override {item!r}: only {section} settings apply here (e.g. {section}.KEY=VALUE "
+                            "or KEY=VALUE)")
+        prefixed.append(item if key.startswith(section + ".") else f"{section}.{item}")
+    tree = parse_overrides(prefixed)
+    tree.setdefault(section, {})
+    if not isinstance(tree[section], dict):
+        raise UserError(f"{source}: {section} must be a mapping of keys")
+    tree[section].update({key: value for key, value in (values or {}).items()})
+    return getattr(config_from_dict({section: tree[section]}, source), section)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -33,9 +33,9 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from carbseg.config import Config, config_from_dict, config_to_dict, parse_overrides
+from carbseg.config import Config, config_from_yaml_text, config_to_dict
+from carbseg.engine.run_dir import RunDir
 from carbseg.errors import UserError
 from carbseg.io import write_json_atomic, write_text_atomic
 
@@ -66,7 +66,7 @@ class DemoSettings:
 #: The smoke-test size (``carbseg demo --quick``): seconds, and a meaningless mIoU.
 QUICK = DemoSettings(
     num_train=6, num_val=3, num_test=3, width=128, height=64, grid_scenes=2,
-    overrides=("data.resize=[128,64]", "data.crop_size=[64,128]", "glv.patch_size=[32,64]",
+    overrides=("data.scale_size=[64,128]", "data.crop_size=[64,128]", "glv.patch_size=[32,64]",
                "eval.crop_size=[64,128]", "eval.stride=[32,64]", "train.max_iters=4", "train.warmup_iters=2",
                "train.eval_interval=2", "train.checkpoint_interval=2", "train.log_interval=1",
                "train.val_max_images=2"),
@@ -80,15 +80,9 @@ def demo_config_text() -> str:
 
 
 def load_demo_config(overrides: Sequence[str] = ()) -> Config:
-    """The packaged demo config with ``key=value`` overrides applied."""
-    data = yaml.safe_load(demo_config_text()) or {}
-    extra = parse_overrides(list(overrides))
-    for section, values in extra.items():
-        if isinstance(values, dict) and isinstance(data.get(section), dict):
-            data[section] = {**data[section], **values}
-        else:
-            data[section] = values
-    return config_from_dict(data, "carbseg/configs/demo.yaml" + (" (with overrides)" if overrides else ""))
+    """The packaged demo config with ``key=value`` overrides applied (merged and checked as by
+    ``carbseg train``)."""
+    return config_from_yaml_text(demo_config_text(), overrides, "carbseg/configs/demo.yaml")
 
 
 # ---------------------------------------------------------------- stage bookkeeping
@@ -138,7 +132,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
     """
     say = announce or log.info
     out = Path(out_dir)
-    data_root, run_dir = out / "data", out / "run"
+    data_root, run = out / "data", RunDir(out / "run")
     state = _State.open(out, settings)  # refuses a foreign folder before the (slow) imports below
 
     import torch
@@ -146,15 +140,16 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
     from carbseg.data.datasets import build_dataset
     from carbseg.data.labels import compute_image_labels, read_labels_json, write_labels_json
     from carbseg.data.synthetic import generate_synthetic_dataset
+    from carbseg.devices import process_device
     from carbseg.engine.evaluate import evaluate_predictions
-    from carbseg.engine.train import resolve_device, train
+    from carbseg.engine.train import train
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_demo_config([f"data.root={data_root.as_posix()}", f"data.labels={(out / 'labels_train.json').as_posix()}",
                             f"seed={settings.seed}", *settings.overrides])
-    device = resolve_device(cfg.device)
+    device = process_device(cfg.device, option="device =")
     timings: dict[str, float] = {}
     reused: list[str] = []
     started_all, cpu_started = time.perf_counter(), time.process_time()
@@ -212,14 +207,14 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
 
     # 4. Training with GLV + CARB, teacher in the loop. A run killed midway resumes from its last
     #    checkpoint; one killed before its first checkpoint starts again.
-    model_path = run_dir / "model.safetensors"
+    model_path = run.model
     if stage(4, "train", f"training the segmenter with GLV + CARB for {cfg.train.max_iters} iterations "
                          f"(warm-up {cfg.train.warmup_iters}) on {device}"):
         began = time.perf_counter()
-        resume = (run_dir / "checkpoint_last.pt").is_file() and not model_path.is_file()
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # the demo's own run folder: a start without a checkpoint, or a stale model
-        train(cfg, run_dir, resume=resume, progress=progress)
+        resume = run.checkpoint.is_file() and not model_path.is_file()
+        if not resume and run.path.exists():
+            shutil.rmtree(run.path)  # the demo's own run folder: a start without a checkpoint, or a stale model
+        train(cfg, run.path, resume=resume, progress=progress)
         finished("train", began)
         state.forget("evaluate", "report")
 
@@ -243,9 +238,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
 
     # 6. The report: JSON for scripts, Markdown with pictures for people.
     if stage(6, "report", f"writing {out / 'report.md'} and {out / 'report.json'}"):
+        from carbseg.engine.report import plot_learning_curve
+
         began = time.perf_counter()
-        _plot_learning_curve(out / "learning_curve.png", _read_log(run_dir / "log.jsonl"), cfg.train.warmup_iters,
-                             state.done["pseudo_masks"]["miou"])
+        plot_learning_curve(out / "learning_curve.png", run.records(), cfg.train.warmup_iters,
+                            state.done["pseudo_masks"]["miou"], "simulated teacher's pseudo-masks (train)")
         finished("report", began)
     timings["total"] = round(time.perf_counter() - started_all, 2)
     # CPU seconds of this process (all its threads): on a shared machine the wall clock above is
@@ -274,7 +271,7 @@ def _report_dict(state: _State, cfg: Config, settings: DemoSettings, timings: di
         # How good the supervision was: the teacher's offline pseudo-masks against the GT.
         "pseudo_mask_miou": pseudo["miou"],
         "pseudo_mask_iou": pseudo["iou"],
-        "teacher": {"kind": cfg.teacher.kind, "patch_size": cfg.teacher.patch_size, "noise": cfg.teacher.noise,
+        "teacher": {"kind": cfg.teacher.kind, "grid_cell": cfg.teacher.grid_cell, "noise": cfg.teacher.noise,
                     "note": TEACHER_NOTE},
         "timings_s": timings,
         "first_run_timings_s": {name: done["seconds"] for name, done in state.done.items()},
@@ -367,45 +364,3 @@ def _save_scene_grid(path: Path, samples: list, mask_dir: Path, classes) -> None
     grid = make_grid(rows, ["image", "pseudo-mask (simulated teacher)", "prediction", "ground truth"])
     present = present_classes(*masks, classes=classes)
     save_png(path, below(grid, [legend(classes, present, max_height=KEY_HEIGHT)]))
-
-
-def _read_log(path: Path) -> list[dict]:
-    """Records of ``log.jsonl``, one per iteration (a resumed run may have logged a step twice: last wins)."""
-    records: dict[int, dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[int(record["iteration"])] = record
-    return [records[i] for i in sorted(records)]
-
-
-LOSS_TERMS = ("total", "global_ce", "patch_ce", "consistent", "inconsistent", "patch_consistent",
-              "patch_inconsistent")
-
-
-def _plot_learning_curve(path: Path, records: list[dict], warmup_iters: int, pseudo_miou: float | None) -> None:
-    """Loss terms (top) and validation mIoU (bottom) against the iteration, warm-up end marked."""
-    from carbseg.engine.report import _pyplot, _save_figure
-
-    plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for term in LOSS_TERMS:
-        points = [(r["iteration"], r[term]) for r in records if r.get(term) is not None]
-        # Terms that are 0 throughout (e.g. the regions during the warm-up only) would only add clutter.
-        if points and any(v for _, v in points):
-            top.plot(*zip(*points), label=term, linewidth=1.2 if term == "total" else 0.9)
-    top.set_ylabel("loss")
-    top.legend(fontsize=7, ncol=2)
-    val = [(r["iteration"], r["val_miou"]) for r in records if r.get("val_miou") is not None]
-    if val:
-        bottom.plot(*zip(*val), marker="o", label="segmenter, validation mIoU")
-    if pseudo_miou is not None:
-        bottom.axhline(pseudo_miou, color="grey", linestyle=":", label="simulated teacher's pseudo-masks (train)")
-    bottom.set_ylabel("mIoU (%)")
-    bottom.set_xlabel("iteration")
-    bottom.legend(fontsize=7)
-    for ax in (top, bottom):
-        ax.axvline(warmup_iters, color="black", linestyle="--", linewidth=0.8)
-    top.set_title("CARB warm-up ends at the dashed line")
-    _save_figure(fig, path)

@@ -58,10 +58,9 @@ def mean_and_spread(values: list[float]) -> tuple[float, float]:
 
 def carb_bookkeeping(run_dir: Path, warmup_iters: int) -> dict[str, float] | None:
     """Mean consistent share and adaptive c after the warm-up, from log.jsonl."""
-    log = run_dir / "log.jsonl"
-    if not log.is_file():
-        return None
-    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from carbseg.engine.run_dir import RunDir
+
+    rows = RunDir(run_dir).records()  # one record per iteration, also after a resume
     after = [r for r in rows if r.get("iteration", 0) > warmup_iters and "c" in r]
     if not after:
         return None

@@ -22,10 +22,10 @@ from carbseg.data.classes import IGNORE_INDEX
 CROP_TRIES = 10
 
 
-def rescaled_size(height: int, width: int, scale_wh: Sequence[float]) -> tuple[int, int]:
-    """(h, w) of an image rescaled, aspect kept, to fit inside ``scale_wh`` (mmcv's ``imrescale``):
+def rescaled_size(height: int, width: int, scale_hw: Sequence[float]) -> tuple[int, int]:
+    """(h, w) of an image rescaled, aspect kept, to fit inside ``scale_hw`` (mmcv's ``imrescale``):
     the long side fits the long edge of the scale and the short side its short edge."""
-    long_edge, short_edge = max(scale_wh), min(scale_wh)
+    long_edge, short_edge = max(scale_hw), min(scale_hw)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
@@ -42,17 +42,18 @@ def resize_to(image: np.ndarray, mask: np.ndarray | None, size_hw: tuple[int, in
 def resize_by_ratio(
     image: np.ndarray,
     mask: np.ndarray,
-    scale: Sequence[int],
+    scale_hw: Sequence[int],
     ratio_range: Sequence[float],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """mmseg ``Resize(img_scale=scale, ratio_range=..., keep_ratio=True)``.
 
-    ``scale`` is (w, h), e.g. Cityscapes (2048, 1024); a ratio r ~ U[ratio_range) multiplies it and
-    the image is rescaled, aspect kept, to fit into (r*w, r*h).
+    ``scale_hw`` is (h, w), e.g. Cityscapes (1024, 2048) (mmseg writes the same scale as (w, h));
+    a ratio r ~ U[ratio_range) multiplies it and the image is rescaled, aspect kept, to fit into
+    (r*h, r*w).
     """
     ratio = rng.uniform(ratio_range[0], ratio_range[1])
-    target = (int(scale[0] * ratio), int(scale[1] * ratio))
+    target = (int(scale_hw[0] * ratio), int(scale_hw[1] * ratio))
     return resize_to(image, mask, rescaled_size(image.shape[0], image.shape[1], target))
 
 
@@ -192,7 +193,7 @@ class TrainAugmentation:
     """The training pipeline of ``DataConfig``: resize by ratio, crop, flip, photometric, pad."""
 
     def __init__(self, cfg: DataConfig, ignore_index: int = IGNORE_INDEX):
-        self.scale = tuple(cfg.resize)  # (w, h)
+        self.scale_hw = tuple(cfg.scale_size)
         self.ratio_range = tuple(cfg.ratio_range)
         self.crop_hw = tuple(cfg.crop_size)  # (h, w)
         self.cat_max_ratio = cfg.cat_max_ratio
@@ -213,7 +214,7 @@ class TrainAugmentation:
         (``carbseg.data.frames``: y_scale, y_offset, x_scale, x_offset). Same draws as ``__call__``."""
         frame = frames.IDENTITY
         original_hw = image.shape[:2]
-        image, mask = resize_by_ratio(image, mask, self.scale, self.ratio_range, rng)
+        image, mask = resize_by_ratio(image, mask, self.scale_hw, self.ratio_range, rng)
         frame = frames.resized(frame, original_hw, image.shape[:2])
         top, left, h, w = random_crop_window(mask, self.crop_hw, rng, self.cat_max_ratio, self.ignore_index)
         image, mask = image[top : top + h, left : left + w], mask[top : top + h, left : left + w]

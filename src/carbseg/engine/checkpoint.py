@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from carbseg import __version__
-from carbseg.config import Config, config_from_dict, config_to_dict
+from carbseg.config import Config, config_from_dict, config_to_dict, upgrade_saved_config
 from carbseg.data.classes import ClassSet
 from carbseg.errors import UserError
 from carbseg.io import atomic_path
@@ -108,7 +108,9 @@ def read_model_metadata(path: str | os.PathLike) -> tuple[Config, ClassSet]:
             "carbseg.engine.checkpoint.save_model)"
         )
     try:
-        cfg = config_from_dict(json.loads(metadata[META_CONFIG]), source=f"{path} (embedded config)")
+        # A model written before a config key was renamed: its config is read with the new names.
+        source = f"{path} (embedded config)"
+        cfg = config_from_dict(upgrade_saved_config(json.loads(metadata[META_CONFIG]), source), source=source)
         classes = ClassSet.from_dict(json.loads(metadata[META_CLASSES]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: corrupt carbseg metadata ({err}); re-export the checkpoint") from None

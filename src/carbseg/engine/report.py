@@ -81,7 +81,8 @@ def format_markdown(report: dict, classes: ClassSet, pictures: list[str] = (),
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically, then close it."""
     import matplotlib.pyplot as plt
 
     try:
@@ -91,7 +92,8 @@ def _save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: reports are written on servers without a display
@@ -102,7 +104,7 @@ def _pyplot():
 
 def plot_iou_bars(path: Path, report: dict, classes: ClassSet) -> None:
     """Per-class IoU bars in the class colours; classes without an IoU are labelled n/a."""
-    plt = _pyplot()
+    plt = pyplot()
     values = [report["iou"].get(n) for n in classes.names]
     colours = [tuple(v / 255.0 for v in c) for c in classes.palette]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * classes.num_classes + 2), 4.0))
@@ -120,12 +122,12 @@ def plot_iou_bars(path: Path, report: dict, classes: ClassSet) -> None:
     ax.set_ylim(0, 105)
     ax.set_ylabel("IoU (%)")
     ax.set_title(f"{classes.name}: per-class IoU ({report['num_images']} images)")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(path: Path, confusion: ConfusionMatrix, classes: ClassSet) -> None:
     """Row-normalised confusion heat map (each GT class sums to 1; a 'none' column holds misses)."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = confusion.matrix.astype(np.float64)
     columns = list(classes.names)
     if confusion.missed.any():
@@ -142,7 +144,40 @@ def plot_confusion(path: Path, confusion: ConfusionMatrix, classes: ClassSet) ->
     ax.set_ylabel("ground truth")
     ax.set_title("confusion (row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    _save_figure(fig, path)
+    save_figure(fig, path)
+
+
+# The loss terms a training run logs (log.jsonl): the back-propagated total and the CARB
+# objective's cross-entropies (carbseg.losses.carb.CARBTerms).
+LOSS_TERMS = ("total", "global_ce", "patch_ce", "consistent", "inconsistent", "patch_consistent",
+              "patch_inconsistent")
+
+
+def plot_learning_curve(path: Path, records: list[dict], warmup_iters: int, reference_miou: float | None = None,
+                        reference_label: str = "reference") -> None:
+    """Loss terms (top) and validation mIoU (bottom) of a run's log records against the iteration,
+    the end of the CARB warm-up marked; ``reference_miou`` (e.g. the pseudo-masks') as a dotted line."""
+    plt = pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for term in LOSS_TERMS:
+        points = [(r["iteration"], r[term]) for r in records if r.get(term) is not None]
+        # Terms that are 0 throughout (e.g. the regions during the warm-up only) would only add clutter.
+        if points and any(v for _, v in points):
+            top.plot(*zip(*points), label=term, linewidth=1.2 if term == "total" else 0.9)
+    top.set_ylabel("loss")
+    top.legend(fontsize=7, ncol=2)
+    val = [(r["iteration"], r["val_miou"]) for r in records if r.get("val_miou") is not None]
+    if val:
+        bottom.plot(*zip(*val), marker="o", label="segmenter, validation mIoU")
+    if reference_miou is not None:
+        bottom.axhline(reference_miou, color="grey", linestyle=":", label=reference_label)
+    bottom.set_ylabel("mIoU (%)")
+    bottom.set_xlabel("iteration")
+    bottom.legend(fontsize=7)
+    for ax in (top, bottom):
+        ax.axvline(warmup_iters, color="black", linestyle="--", linewidth=0.8)
+    top.set_title("CARB warm-up ends at the dashed line")
+    save_figure(fig, path)
 
 
 def _shrink(picture: np.ndarray, max_width: int) -> np.ndarray:

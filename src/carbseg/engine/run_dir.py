@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from carbseg.config import Config, config_to_dict, load_config
+from carbseg.config import Config, config_to_dict, load_saved_config
 from carbseg.errors import UserError
 from carbseg.io import remove_stale_temporaries, write_text_atomic
 
@@ -75,6 +75,15 @@ class RunDir:
                 kept.append(line + "\n")
         write_text_atomic(self.log, "".join(kept))
 
+    def records(self) -> list[dict]:
+        """The records of ``log.jsonl``, one per logged iteration in ascending order.
+
+        A run resumed from a checkpoint redoes the iterations after it; where an iteration was
+        logged twice (a run killed before ``discard_after`` could drop its lines) the last record
+        wins. A line torn by a kill ends the reading, as in ``discard_after``.
+        """
+        return read_log(self.log)
+
     def holds_no_training(self) -> bool:
         """A folder left by a run that stopped before its first checkpoint: only config.yaml, log.jsonl
         and TensorBoard events, nothing trained to lose, so it may be started again."""
@@ -115,9 +124,26 @@ class RunDir:
                 events.unlink(missing_ok=True)
 
 
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a run's ``log.jsonl`` (``RunDir.records``); an absent file has none."""
+    path = Path(path)
+    records: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line torn by a kill: nothing after it was written either
+            records[int(record["iteration"])] = record
+    return [records[i] for i in sorted(records)]
+
+
 def warn_config_changes(saved: Path, cfg: Config) -> None:
-    """Warn, naming each key, when a resumed run's config differs from the one it was started with."""
-    before = config_to_dict(load_config(saved))
+    """Warn, naming each key, when a resumed run's config differs from the one it was started with
+    (a ``config.yaml`` written before a key was renamed is read with the new name and order)."""
+    before = config_to_dict(load_saved_config(saved))
     after = config_to_dict(cfg)
     changed = [
         f"{section}.{key}" if isinstance(after[section], dict) else section

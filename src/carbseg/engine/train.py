@@ -57,7 +57,6 @@ from carbseg.precision import (
 
 log = logging.getLogger(__name__)
 
-resolve_device = process_device  # the name the demo imports from here
 
 
 def _agreed_precision(choices: dict[str, PrecisionChoice | None],

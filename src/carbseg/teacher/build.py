@@ -26,7 +26,7 @@ def build_teacher(cfg: TeacherConfig, classes: ClassSet, device, precision: str 
     (frozen ImageNet features and a classifier fitted on a few labelled images)."""
     device = torch.device(device)
     if cfg.kind == "simulated":
-        return SimulatedTeacher(classes, patch_size=cfg.patch_size, noise=cfg.noise, seed=seed)
+        return SimulatedTeacher(classes, patch_size=cfg.grid_cell, noise=cfg.noise, seed=seed)
     if cfg.kind not in ("clip", "proxy"):
         raise UserError(f"teacher.kind = {cfg.kind!r} is not valid; choose clip, simulated or proxy")
     if any(s <= 0 for s in cfg.scales):

@@ -24,15 +24,33 @@ KEY_SMOOTHING_MIN_AFFINITY = 0.5
 PROMPT_DENOISING_THRESHOLD = 0.5
 
 
+#: Elements of one block of the affinity (query rows x all keys, per batch); bounds the memory of
+#: key smoothing: 16 M fp32 = 64 MiB, whatever the image size.
+KEY_SMOOTHING_BLOCK_ELEMENTS = 1 << 24
+
+
 def key_smoothing(scores: torch.Tensor, keys: torch.Tensor,
-                  min_affinity: float = KEY_SMOOTHING_MIN_AFFINITY) -> torch.Tensor:
-    """scores (B, C, h, w), keys (B, K, h, w) -> smoothed scores; per image an (hw x hw) affinity."""
+                  min_affinity: float = KEY_SMOOTHING_MIN_AFFINITY,
+                  block_elements: int = KEY_SMOOTHING_BLOCK_ELEMENTS) -> torch.Tensor:
+    """scores (B, C, h, w), keys (B, K, h, w) -> smoothed scores.
+
+    Each patch's scores become the average of all patches' scores weighted by the (thresholded,
+    row-normalised) cosine affinity of their keys. The (hw x hw) affinity is never held whole: it
+    is built a block of query rows at a time (each row is normalised on its own, so blocks are exact),
+    because at 2048x1024 and teacher scale 2 one full fp32 copy is 4.3 GB per image.
+    """
     b, c, h, w = scores.shape
+    hw = h * w
     k = F.normalize(keys.float().flatten(2), dim=1)  # (B, K, hw)
-    affinity = torch.bmm(k.transpose(1, 2), k)  # (B, hw, hw) cosine
-    affinity = affinity.clamp_min(0.0) * (affinity >= min_affinity)
-    affinity = affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-6)
-    smoothed = torch.bmm(scores.float().flatten(2), affinity.transpose(1, 2))
+    values = scores.float().flatten(2)  # (B, C, hw)
+    smoothed = torch.empty_like(values)
+    rows = max(1, block_elements // max(b * hw, 1))
+    for start in range(0, hw, rows):
+        stop = min(start + rows, hw)
+        affinity = torch.bmm(k[:, :, start:stop].transpose(1, 2), k)  # (B, rows, hw) cosine
+        affinity = affinity.mul_(affinity >= min_affinity).clamp_min_(0.0)
+        affinity = affinity.div_(affinity.sum(dim=-1, keepdim=True).clamp_min_(1e-6))
+        smoothed[:, :, start:stop] = torch.bmm(values, affinity.transpose(1, 2))
     return smoothed.view(b, c, h, w)
 
 
@@ -54,7 +72,9 @@ CRF_PARAMS = {"gt_prob": 0.7, "iterations": 10, "gauss_sxy": 3, "gauss_compat": 
               "bilateral_sxy": 50, "bilateral_srgb": 5, "bilateral_compat": 10}
 
 
-def _import_densecrf():
+def import_densecrf():
+    """The dense-CRF modules of the crf extra (pydensecrf2, or pydensecrf): a UserError that names the
+    extra when neither is installed, so a caller can check before doing any work."""
     for module in ("pydensecrf2.densecrf", "pydensecrf.densecrf"):
         try:
             dcrf = __import__(module, fromlist=["DenseCRF2D"])
@@ -68,7 +88,7 @@ def _import_densecrf():
 
 def dense_crf(image: np.ndarray, mask: np.ndarray, num_classes: int, params: dict = CRF_PARAMS) -> np.ndarray:
     """Refine a (H, W) label map on its uint8 RGB image; 255 pixels get a uniform unary and may change."""
-    dcrf, utils = _import_densecrf()
+    dcrf, utils = import_densecrf()
     h, w = mask.shape
     present = np.unique(mask[mask != IGNORE_INDEX])
     if present.size <= 1:

@@ -210,7 +210,7 @@ class SimulatedTeacher:
 
     def __init__(self, classes: ClassSet, patch_size: int = 16, noise: float = 0.3, seed: int = 0):
         if patch_size < 1:
-            raise UserError(f"teacher.patch_size must be >= 1, got {patch_size}")
+            raise UserError(f"teacher.grid_cell (the grid cell side in pixels) must be >= 1, got {patch_size}")
         if not 0.0 <= noise <= 1.0:
             raise UserError(f"teacher.noise must be within [0, 1], got {noise}")
         self.classes = classes
