@@ -8,11 +8,19 @@ uses the Cityscapes eval geometry scaled to the image (crop = half the height an
     python benchmarks/bench_inference.py                      # ResNet-50, 1024x512, CPU
     python benchmarks/bench_inference.py --backbone tiny --height 128 --width 256 --iters 2   # smoke
     python benchmarks/bench_inference.py --full --device cuda  # 2048x1024 on a GPU (bf16 autocast)
+
+Each mode runs at the precision ``auto`` chooses (``carbseg.precision.segmenter_precision``: native
+bf16 on GPUs, fp16 on older ones; on a CPU bf16 only where a timed probe measured it faster) and in
+fp32, interleaved (auto, fp32, auto, fp32, ...), medians: the ratio says whether ``auto`` pays on this
+machine, measured under the same load (where auto is fp32 both rows are the same computation and the
+ratio is noise). The header names the machine (CPU model, the CPU's bf16 flag, torch, threads, load
+average) and what ``auto`` chose and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -20,6 +28,7 @@ import torch
 from carbseg.config import ModelConfig
 from carbseg.engine.inference import predict_slide, predict_tta, predict_whole
 from carbseg.models.segmenter import build_segmenter
+from carbseg.precision import machine_summary, segmenter_precision
 
 NUM_CLASSES = 19
 
@@ -29,16 +38,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_mode(run, images: torch.Tensor, iters: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of ``run(images)``, after ``warmup`` untimed calls."""
+def time_modes(runs: dict, images: torch.Tensor, iters: int, warmup: int, device: torch.device) -> dict:
+    """Median seconds per call of each ``runs[name](images)``, timed in turn, after ``warmup`` rounds."""
     for _ in range(warmup):
-        run(images)
-    _sync(device)
-    start = time.perf_counter()
+        for run in runs.values():
+            run(images)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):
-        run(images)
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+        for name, run in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            run(images)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -65,22 +78,29 @@ def main() -> None:
     crop = (height // 2, width // 2)
     stride = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
     scales = tuple(float(s) for s in args.tta_scales.split(","))
-    runs = {
-        "whole": lambda x: predict_whole(model, x),
-        "slide": lambda x: predict_slide(model, x, crop, stride, NUM_CLASSES),
-        "tta": lambda x: predict_tta(model, x, scales=scales, flip=True),
+    runs = {  # amp None: the precision auto chooses; False: fp32
+        "whole": lambda x, amp: predict_whole(model, x, amp=amp),
+        "slide": lambda x, amp: predict_slide(model, x, crop, stride, NUM_CLASSES, amp=amp),
+        "tta": lambda x, amp: predict_tta(model, x, scales=scales, flip=True, amp=amp),
     }
     details = {"whole": "1 pass", "slide": f"crop {crop[0]}x{crop[1]}, stride {stride[0]}x{stride[1]}",
                "tta": f"scales {','.join(str(s) for s in scales)} x flip"}
 
+    auto = segmenter_precision(device)
+    print(machine_summary(device))
+    print(f"precision auto on {device}: {auto.name} ({auto.reason})")
     print(f"backbone={args.backbone} image={width}x{height} batch={args.batch} device={device} "
-          f"threads={torch.get_num_threads()} iters={args.iters} warmup={args.warmup}")
-    print(f"| {'mode':<6} | {'images/s':>9} | {'ms/image':>9} | details")
-    print(f"|{'-' * 8}|{'-' * 11}|{'-' * 11}|{'-' * 40}")
+          f"threads={torch.get_num_threads()} iters={args.iters} warmup={args.warmup}; auto and fp32 timed in turn")
+    print(f"| {'mode':<6} | {'images/s auto':>13} | {'ms/image auto':>13} | {'ms/image fp32':>13} | "
+          f"{'auto vs fp32':>12} | details")
+    print(f"|{'-' * 8}|{'-' * 15}|{'-' * 15}|{'-' * 15}|{'-' * 14}|{'-' * 40}")
     for mode in args.modes.split(","):
-        seconds = time_mode(runs[mode], images, args.iters, args.warmup, device)
-        per_image = seconds / args.batch
-        print(f"| {mode:<6} | {1.0 / per_image:>9.3f} | {1000 * per_image:>9.1f} | {details[mode]}")
+        run = runs[mode]
+        seconds = time_modes({"auto": lambda x, r=run: r(x, None), "fp32": lambda x, r=run: r(x, False)},
+                             images, args.iters, args.warmup, device)
+        per_image = {k: v / args.batch for k, v in seconds.items()}
+        print(f"| {mode:<6} | {1.0 / per_image['auto']:>13.3f} | {1000 * per_image['auto']:>13.1f} | "
+              f"{1000 * per_image['fp32']:>13.1f} | {per_image['fp32'] / per_image['auto']:>11.2f}x | {details[mode]}")
 
 
 if __name__ == "__main__":

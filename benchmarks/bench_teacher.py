@@ -5,19 +5,28 @@ baseline:      one image at a time, fp32: the full standard forward (``encode_im
                the last block by the value path), scores, upsampling, -inf restriction, argmax.
 baseline-hook: a stronger baseline: the same, but the value path reuses the tokens entering the
                last block, captured by a hook during the standard forward (one trunk).
-carbseg:       ``CLIPTeacher``: batched, the last block's query-key attention never computed,
-               bf16 autocast where the device has native bf16 (``--precision auto``).
+carbseg:       ``CLIPTeacher``: batched, the last block's query-key attention never computed, at the
+               precision ``--precision auto`` chooses (``carbseg.precision.teacher_precision``: bf16
+               on GPUs with native bf16; on a CPU bf16 only where a timed probe of a ViT block
+               measured it >= 1.2x faster than fp32).
+carbseg-fp32:  ``carbseg`` in fp32 whatever ``--precision`` says: the row that shows whether ``auto``
+               pays. Run by default only when ``auto`` (or ``--precision``) gives bf16; otherwise it
+               is the same computation as ``carbseg``.
 carbseg-sclip, carbseg-clearclip, carbseg-naclip: the same teacher with ``teacher.dense`` set to
                the other dense forms of the last block (attention over all tokens comes back; NACLIP
                with sigma 5). Their masks are not MaskCLIP's by design, so their "identical pixels"
                column is left empty (on random weights any agreement would mean nothing).
 
 Each mode runs in its own process so that peak memory (RSS on CPU, allocator peak on GPU) is
-its own. Weights are random (no CLIP weights here), text embeddings random unit vectors: the
+its own. With ``--rounds R`` the modes run in turn R times (baseline, ..., carbseg, baseline, ...) and
+each images/s is the median over its rounds, so every ratio against the baseline compares runs taken
+under the same load. The header names the machine (CPU model, the CPU's bf16 flag, torch, threads,
+load average) and the precision ``auto`` chose and why. Weights are random (no CLIP weights here), text embeddings random unit vectors: the
 speed is that of the real model, and agreement is measured on the same inputs in both modes.
 
     python benchmarks/bench_teacher.py                         # 1024x512, 8 images, batch 4
     python benchmarks/bench_teacher.py --size 512x256 --images 4 --batch 2   # smoke run
+    python benchmarks/bench_teacher.py --size 1024x512 --images 2 --batch 2 --rounds 3   # interleaved rounds
     python benchmarks/bench_teacher.py --modes carbseg,carbseg-naclip        # a subset of the modes
     python benchmarks/bench_teacher.py --interleaved 5 --size 1024x512       # dense variants only
 
@@ -42,7 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODES = ("baseline", "baseline-hook", "carbseg", "carbseg-sclip", "carbseg-clearclip", "carbseg-naclip")
+MODES = ("baseline", "baseline-hook", "carbseg", "carbseg-fp32", "carbseg-sclip", "carbseg-clearclip",
+         "carbseg-naclip")
 
 
 def make_inputs(n: int, height: int, width: int, num_classes: int = 19, seed: int = 0):
@@ -69,8 +79,21 @@ def build(device, variant: str = "maskclip"):
 
 
 def variant_of(mode: str) -> str:
-    """carbseg -> maskclip; carbseg-NAME -> NAME (the ``teacher.dense`` choice)."""
-    return mode.split("-", 1)[1] if mode.startswith("carbseg-") else "maskclip"
+    """carbseg, carbseg-fp32 -> maskclip; carbseg-NAME -> NAME (the ``teacher.dense`` choice)."""
+    return mode.split("-", 1)[1] if mode.startswith("carbseg-") and mode != "carbseg-fp32" else "maskclip"
+
+
+def precision_of(mode: str, used: str) -> str:
+    """The precision a mode runs at: the baselines and carbseg-fp32 in fp32, the others at ``used``."""
+    return used if mode.startswith("carbseg") and mode != "carbseg-fp32" else "fp32"
+
+
+def header(args, choice) -> str:
+    """The machine and the precision choice, printed above every table."""
+    from carbseg.precision import machine_summary
+
+    return (f"{machine_summary(args.device)}\n"
+            f"carbseg precision {args.precision} -> {choice.name} ({choice.reason})")
 
 
 @torch.no_grad()
@@ -117,7 +140,7 @@ def child(args) -> None:
     warm = images[: min(args.batch, args.images)]
     if args.mode.startswith("carbseg"):
         def fn(ims, lbs):
-            return run_fast(dense, text, ims, lbs, device, args.batch, args.precision)
+            return run_fast(dense, text, ims, lbs, device, args.batch, precision_of(args.mode, args.precision))
     else:
         def fn(ims, lbs):
             return run_baseline(dense, text, ims, lbs, device, reuse_trunk=args.mode == "baseline-hook")
@@ -139,10 +162,11 @@ def child(args) -> None:
 
 def interleaved(args) -> None:
     """Median seconds per image of each dense variant, timed in turn over ``args.interleaved`` rounds."""
+    from carbseg.precision import teacher_precision
     from carbseg.teacher.clip_dense import DENSE_VARIANTS
-    from carbseg.teacher.clip_teacher import native_bf16
 
     device = torch.device(args.device)
+    choice = teacher_precision(args.precision, device)
     height, width = _hw(args.size)
     images, labels = make_inputs(args.images, height, width)
     model, dense, text = build(device)
@@ -153,12 +177,13 @@ def interleaved(args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            run_fast(d, text, images, labels, device, args.batch, args.precision)
+            run_fast(d, text, images, labels, device, args.batch, choice.name)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if round_:
                 times[variant].append((time.perf_counter() - start) / args.images)
-    used = args.precision if args.precision != "auto" else ("bf16" if native_bf16(device) else "fp32")
+    used = choice.name
+    print(header(args, choice))
     grid = dense.grid_of(height, width)
     print(f"dense variants, ViT-B/16, {args.size} ({grid[0]}x{grid[1]} patches), {args.images} images, batch "
           f"{args.batch}, device {args.device}, torch threads {torch.get_num_threads()}, precision {used}, "
@@ -185,12 +210,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--modes", default=",".join(MODES),
-                   help="comma-separated modes to run (default: all); baseline is always run as the reference")
+                   help="comma-separated modes to run (default: all; carbseg-fp32 only where carbseg runs bf16); "
+                        "baseline is always run as the reference")
+    p.add_argument("--rounds", type=int, default=1, metavar="R",
+                   help="run the modes in turn R times (each in its own process); images/s is the median")
     p.add_argument("--interleaved", type=int, default=0, metavar="R",
                    help="only compare the dense variants, in one process, over R interleaved rounds")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--masks-out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    parser_default = p.get_default("modes")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode:
@@ -199,34 +228,49 @@ def main() -> None:
     if args.interleaved:
         interleaved(args)
         return
-    modes = ["baseline"] + [m for m in MODES if m != "baseline" and m in args.modes.split(",")]
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         sys.exit(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in modes:
-            masks_file = str(Path(tmp) / f"{mode}.npy")
-            cmd = [sys.executable, __file__, "--mode", mode, "--masks-out", masks_file, "--size", args.size,
-                   "--images", str(args.images), "--batch", str(args.batch), "--precision", args.precision,
-                   "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            if proc.returncode != 0:
-                sys.exit(f"{mode} failed:\n{proc.stderr}")
-            results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[mode]["masks"] = np.load(masks_file)
-    base_ips = results["baseline"]["images_per_s"]
-    from carbseg.teacher.clip_teacher import native_bf16
+    if args.rounds < 1:
+        sys.exit("--rounds must be at least 1")
+    from carbseg.precision import teacher_precision
 
-    used = args.precision if args.precision != "auto" else \
-        ("bf16" if native_bf16(torch.device(args.device)) else "fp32")
+    # Resolved once here (a CPU probe runs at most once); the children are told the answer, so every
+    # carbseg row runs at the precision printed in the header.
+    choice = teacher_precision(args.precision, torch.device(args.device))
+    used = choice.name
+    asked = args.modes.split(",")
+    modes = ["baseline"] + [m for m in MODES if m != "baseline" and m in asked
+                            and (m != "carbseg-fp32" or used != "fp32" or args.modes != parser_default)]
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            for mode in modes:
+                masks_file = str(Path(tmp) / f"{mode}.npy")
+                cmd = [sys.executable, __file__, "--mode", mode, "--masks-out", masks_file, "--size", args.size,
+                       "--images", str(args.images), "--batch", str(args.batch), "--precision", used,
+                       "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                if proc.returncode != 0:
+                    sys.exit(f"{mode} failed:\n{proc.stderr}")
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                if round_ == 0:
+                    result["masks"] = np.load(masks_file)
+                runs[mode].append(result)
+    results = {mode: {"images_per_s": float(np.median([r["images_per_s"] for r in rs])),
+                      "peak_mib": max(r["peak_mib"] for r in rs), "masks": rs[0]["masks"]}
+               for mode, rs in runs.items()}
+    base_ips = results["baseline"]["images_per_s"]
+    print(header(args, choice))
     print(f"CLIP teacher ViT-B/16, {args.size}, {args.images} images, device {args.device}, "
-          f"torch threads {args.threads or torch.get_num_threads()}, carbseg precision {args.precision} -> {used}")
+          f"torch threads {args.threads or torch.get_num_threads()}, carbseg precision {args.precision} -> {used}; "
+          f"{args.rounds} round(s) of the modes in turn, each in its own process: images/s is the median over "
+          "rounds, every ratio is against the baseline of this run")
     print("| mode | dense | batch | precision | images/s | speed-up | identical pixels | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in modes:
         r = results[mode]
-        batch, prec = (args.batch, used) if mode.startswith("carbseg") else (1, "fp32")
+        batch, prec = (args.batch if mode.startswith("carbseg") else 1), precision_of(mode, used)
         variant = variant_of(mode)
         same = "" if variant != "maskclip" else \
             f"{float((results['baseline']['masks'] == r['masks']).mean() * 100):.2f}%"

@@ -8,9 +8,18 @@ without the intermediate synchronisations, and gives the throughput.
 The step is the trainer's own (``carbseg.engine.step.training_step``: teacher views with the GLV
 patch, segmenter forward, CARB objective after warm-up with c = 1), so what is timed is what is trained.
 
-- ``fp32``: the straightforward step: fp32 everywhere (teacher and segmenter), default memory format.
-- ``optimised``: what ``carbseg train`` does: on GPU (or with ``--cpu-amp``) the teacher's blocks and
-  the segmenter under bf16 autocast; channels-last on GPU.
+- ``fp32``: the straightforward step: fp32 everywhere (teacher and segmenter), default memory format,
+  the dilated depthwise convolutions as plain ``nn.Conv2d`` (the step before ``PhaseSplitDepthwiseConv2d``).
+- ``optimised``: what ``carbseg train`` does: the teacher's blocks and the segmenter at the precision
+  ``auto`` chooses (``carbseg.precision``: native bf16 on GPU; on a CPU a timed probe; ``--cpu-amp``
+  forces bf16 on a CPU); channels-last on GPU; dilated depthwise convolutions split into phases on CPU.
+- ``optimised-cl``: ``optimised`` with channels-last on CPU too (a measurement, not what train does).
+- ``optimised-os16``: ``optimised`` at output stride 16 (a config choice: ``model.output_stride=16``,
+  as the CamVid study config; coarser logits, so not the same model).
+
+The variants are timed interleaved (one step of each in turn, ``--steps`` rounds, medians), so on a
+shared machine every ratio compares steps taken under the same load. The header names the CPU, the
+CPU's bf16 flag, the precision each path chose and why, torch, threads and the load average.
 
 CPU, small (default):
     python benchmarks/bench_train_step.py
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import statistics
 import time
@@ -35,7 +45,9 @@ from carbseg.data.classes import CITYSCAPES
 from carbseg.data.synthetic import render_scene
 from carbseg.engine.step import batch_to_device, training_step
 from carbseg.losses.carb import CARBObjective
+from carbseg.models.backbones import PhaseSplitDepthwiseConv2d
 from carbseg.models.segmenter import build_segmenter
+from carbseg.precision import machine_summary, segmenter_precision, teacher_precision
 from carbseg.teacher.build import build_teacher
 
 PARTS = ("teacher_global", "teacher_local", "forward", "loss", "backward", "optimizer")
@@ -56,8 +68,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
-    p.add_argument("--cpu-amp", action="store_true", help="bf16 autocast for the segmenter on CPU too")
-    p.add_argument("--variants", default="fp32,optimised")
+    p.add_argument("--interop-threads", type=int, default=None, help="torch inter-op threads")
+    p.add_argument("--output-stride", type=int, default=8)
+    p.add_argument("--head-channels", type=int, default=None, help="ASPP width (default: the config's)")
+    p.add_argument("--cpu-amp", action="store_true",
+                   help="the optimised variants use bf16 autocast on CPU whatever precision auto chose")
+    p.add_argument("--variants", default="fp32,optimised",
+                   help="comma-separated: fp32, optimised, optimised-cl, optimised-os16 (fp32 is the baseline)")
     return p.parse_args()
 
 
@@ -95,32 +112,44 @@ class Timer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
 
-def run_variant(name: str, args, device: torch.device, cpu_batch: dict) -> dict:
-    optimised = name == "optimised"
+def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
+    """The step function of one variant (its own model, optimizer, teacher and objective) and the
+    precisions it runs at."""
+    optimised = name.startswith("optimised")
+    stride = 16 if name == "optimised-os16" else args.output_stride
     cfg = load_config(None, [
         f"model.backbone={args.backbone}", f"model.classifier={args.classifier}",
-        "model.pretrained=none",
+        "model.pretrained=none", f"model.output_stride={stride}",
         f"teacher.kind={args.teacher}", "teacher.clip_pretrained=none", "teacher.grid_cell=16",
         f"glv.patch_size=[{args.patch[0]},{args.patch[1]}]", f"glv.scale_offset={args.scale[0]}",
         f"glv.scale_rate={args.scale[1]}",
     ])
     if args.backbone == "tiny":
         cfg.model.head_channels, cfg.model.aspp_dilations = 64, [1, 2, 3, 4]
+    if args.head_channels:
+        cfg.model.head_channels = args.head_channels
     torch.manual_seed(0)
-    use_amp = optimised and (device.type == "cuda" or args.cpu_amp)
-    # As carbseg train: bf16 CLIP blocks on GPU or with AMP asked for; fp32 otherwise.
-    teacher = build_teacher(cfg.teacher, CITYSCAPES, device, precision="bf16" if use_amp else "fp32")
+    forced = args.cpu_amp and device.type == "cpu"
+    if optimised:  # as carbseg train: the precision auto chooses (or bf16 with --cpu-amp on a CPU)
+        amp = torch.bfloat16 if forced else segmenter_precision(device).autocast_dtype
+        teacher_prec = "bf16" if forced else "auto"
+    else:
+        amp, teacher_prec = None, "fp32"
+    teacher = build_teacher(cfg.teacher, CITYSCAPES, device, precision=teacher_prec)
     embeddings = None
     if args.classifier == "text":
         embeddings = torch.nn.functional.normalize(torch.randn(CITYSCAPES.num_classes, cfg.model.embed_dim), dim=1)
     model = build_segmenter(cfg.model, CITYSCAPES.num_classes, class_embeddings=embeddings,
                             load_pretrained=False).to(device).train()
-    channels_last = optimised and device.type == "cuda"
+    if not optimised:  # the step before: dilated depthwise convolutions as plain nn.Conv2d
+        for module in model.modules():
+            if isinstance(module, PhaseSplitDepthwiseConv2d):
+                module.__class__ = torch.nn.Conv2d
+    channels_last = optimised and (device.type == "cuda" or name == "optimised-cl")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batch = batch_to_device(cpu_batch, device, channels_last=channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    amp = torch.bfloat16 if use_amp else None
     objective = CARBObjective(warmup_iters=0, fixed_coefficient=1.0)  # CARB after warm-up, c = 1
 
     def step(timer: Timer, generator: torch.Generator) -> None:
@@ -132,25 +161,40 @@ def run_variant(name: str, args, device: torch.device, cpu_batch: dict) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    generator = torch.Generator().manual_seed(0)
+    resolved = getattr(teacher, "resolved_precision", None)
+    precision = {"segmenter": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32"),
+                 "teacher": resolved(device).name if resolved else None}
+    return step, precision
+
+
+def run_interleaved(names: list[str], args, device: torch.device, cpu_batch: dict) -> dict:
+    """Warm-up steps, then ``args.steps`` rounds of one step per variant in turn (parts timed with
+    device synchronisation), then as many rounds of end-to-end steps without it; medians."""
+    built = {name: build_variant(name, args, device, cpu_batch) for name in names}
+    generators = {name: torch.Generator().manual_seed(0) for name in names}
     for _ in range(args.warmup):
-        step(Timer(device, False), generator)
+        for name, (step, _) in built.items():
+            step(Timer(device, False), generators[name])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    parts = Timer(device, True)
+    parts = {name: Timer(device, True) for name in names}
     for _ in range(args.steps):
-        step(parts, generator)
-    step_times = []
+        for name, (step, _) in built.items():
+            step(parts[name], generators[name])
+    step_times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        step(Timer(device, False), generator)
-        sync(device)
-        step_times.append(time.perf_counter() - start)
+        for name, (step, _) in built.items():
+            sync(device)
+            start = time.perf_counter()
+            step(Timer(device, False), generators[name])
+            sync(device)
+            step_times[name].append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"parts": {k: v / args.steps for k, v in parts.times.items()},
-            "step": statistics.median(step_times), "peak_mib": peak}
+    return {name: {"parts": {k: v / args.steps for k, v in parts[name].times.items()},
+                   "step": statistics.median(step_times[name]), "steps": step_times[name], "peak_mib": peak,
+                   "precision": built[name][1]}
+            for name in names}
 
 
 def main() -> None:
@@ -158,28 +202,47 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.interop_threads:
+        torch.set_num_interop_threads(args.interop_threads)
+    names = args.variants.split(",")
+    unknown = set(names) - {"fp32", "optimised", "optimised-cl", "optimised-os16"}
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}")
+    print(machine_summary(device))
+    seg = segmenter_precision(device)
+    line = f"precision auto on {device}: segmenter {seg.name} ({seg.reason})"
+    if args.teacher == "clip":
+        teacher = teacher_precision("auto", device)
+        line += f"; teacher {teacher.name} ({teacher.reason})"
+    print(line)
+    if args.cpu_amp and device.type == "cpu":
+        print("--cpu-amp: the optimised variants use bf16 autocast on CPU whatever auto chose")
     batch = make_batch(args)
-    results = {name: run_variant(name, args, device, batch) for name in args.variants.split(",")}
+    results = run_interleaved(names, args, device, batch)
 
-    print(f"\ndevice {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"threads {torch.get_num_threads()}, backbone {args.backbone}, classifier {args.classifier}, "
-          f"teacher {args.teacher}, batch {args.batch} x {args.height}x{args.width}, patch {args.patch[0]}x"
-          f"{args.patch[1]} zoom [{args.scale[0]}, {args.scale[0] + args.scale[1]}), {args.steps} steps")
-    header = f"| {'variant':<10} | " + " | ".join(f"{p:>14}" for p in PARTS) + \
-        " | sum of parts | step (ms) | images/s | teacher share | peak MiB |"
+    print(f"\ndevice {device}, backbone {args.backbone} (output stride {args.output_stride}), classifier "
+          f"{args.classifier}, teacher {args.teacher}, batch {args.batch} x {args.height}x{args.width}, patch "
+          f"{args.patch[0]}x{args.patch[1]} zoom [{args.scale[0]}, {args.scale[0] + args.scale[1]}), "
+          f"{args.warmup} warm-up + {args.steps} timed rounds, variants interleaved")
+    header = f"| {'variant':<14} | precision | " + " | ".join(f"{p:>14}" for p in PARTS) + \
+        " | sum of parts | step (ms, median) | min-max (ms) | images/s | vs fp32 | teacher share | peak MiB |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    base = results["fp32"]["step"] if "fp32" in results else None
     for name, r in results.items():
         parts = r["parts"]
         total = sum(parts.values())
         teacher_share = (parts["teacher_global"] + parts["teacher_local"]) / total
-        print(f"| {name:<10} | " + " | ".join(f"{1000 * parts[p]:>11.1f} ms" for p in PARTS)
-              + f" | {1000 * total:>9.1f} ms | {1000 * r['step']:>9.1f} | {args.batch / r['step']:>8.2f} |"
-              f" {100 * teacher_share:>12.1f}% | {r['peak_mib']:>8.0f} |")
-    if "fp32" in results and "optimised" in results:
-        print(f"\nthroughput optimised / fp32: {results['fp32']['step'] / results['optimised']['step']:.2f}x")
+        prec = r["precision"]["segmenter"] + (f"/{r['precision']['teacher']}" if r["precision"]["teacher"] else "")
+        ratio = f"{base / r['step']:.2f}x" if base else "-"
+        print(f"| {name:<14} | {prec:>9} | " + " | ".join(f"{1000 * parts[p]:>11.1f} ms" for p in PARTS)
+              + f" | {1000 * total:>9.1f} ms | {1000 * r['step']:>17.1f} | "
+              f"{1000 * min(r['steps']):.0f}-{1000 * max(r['steps']):.0f} | {args.batch / r['step']:>8.2f} | "
+              f"{ratio:>7} | {100 * teacher_share:>12.1f}% | {r['peak_mib']:>8.0f} |")
     if device.type != "cuda":
-        print("(CPU peak memory is the process's maximum resident set, cumulative over both variants)")
+        print("(CPU peak memory is the process's maximum resident set, cumulative over the variants)")
+    if hasattr(os, "getloadavg"):
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

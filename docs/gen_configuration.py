@@ -74,7 +74,7 @@ MEANINGS: dict[str, str] = {
     "train.weight_decay": "SGD weight decay",
     "train.poly_power": "poly schedule power: lr = (lr - min_lr) (1 - i / max_iters)^power + min_lr",
     "train.min_lr": "learning rate at the end of the poly schedule",
-    "train.amp": "`auto` (bf16 autocast on GPUs with native bf16, fp16 + gradient scaler on older GPUs, fp32 on CPU), `bf16`, `fp16` (GPU, with a gradient scaler), `off`",
+    "train.amp": "`auto` (bf16 autocast on GPUs with native bf16, fp16 + gradient scaler on older GPUs; on a CPU bf16 only where a timed probe measured it faster, see docs/training.md), `bf16`, `fp16` (GPU, with a gradient scaler), `off`",
     "train.grad_accum": "micro-batches per optimizer step (on one GPU, 2 gives the release's effective batch of 8)",
     "train.eval_interval": "validation mIoU every this many iterations and at the end; 0 = never",
     "train.checkpoint_interval": "`checkpoint_last.pt` every this many iterations (and on SIGTERM/SIGINT and at the end)",

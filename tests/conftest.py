@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# On a CPU, precision "auto" is a timed probe's answer (carbseg.precision.cpu_choice): the suite pins
+# it to fp32 so that its exact-value checks hold on every machine (CPU processes the tests start
+# inherit this), and keeps any probe answer out of the user's cache. tests/test_precision.py unsets
+# both to test the probe itself.
+os.environ["CARBSEG_CPU_PRECISION"] = "fp32"
+os.environ["CARBSEG_PRECISION_CACHE"] = os.path.join(tempfile.gettempdir(),
+                                                     f"carbseg-tests-{os.getpid()}-precision.json")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

@@ -367,8 +367,8 @@ def test_train_states_device_precision_threads_and_the_resumed_iteration(scenes,
     with caplog.at_level("INFO", logger="carbseg.engine.train"):
         assert main(["train", "--config", str(config), "--out", str(out), "--max-iters", "2", "--no-progress"]) == 0
     threads = torch.get_num_threads()
-    assert (f"training on cpu with {threads} CPU threads, 1 process; precision: model fp32; "
-            "from iteration 0 to 2") in caplog.messages
+    assert (f"training on cpu with {threads} CPU threads, 1 process; precision: model fp32 "
+            "(CARBSEG_CPU_PRECISION=fp32); from iteration 0 to 2") in caplog.messages
     val = [m for m in caplog.messages if m.startswith("iteration 2: val mIoU ")]
     logged = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["val_miou"]
     assert val == [f"iteration 2: val mIoU {logged:.1f}"]  # one decimal, as the evaluate table
@@ -376,8 +376,9 @@ def test_train_states_device_precision_threads_and_the_resumed_iteration(scenes,
     with caplog.at_level("INFO", logger="carbseg.engine.train"):
         assert main(["train", "--config", str(config), "--out", str(out), "--max-iters", "4", "--resume",
                      "--no-progress", "--device", "cpu", "--workers", "0"]) == 0
-    assert (f"training on cpu with {threads} CPU threads, 1 process; precision: model fp32; "
-            f"resumed at iteration 2 from {out / 'checkpoint_last.pt'} to 4") in caplog.messages
+    assert (f"training on cpu with {threads} CPU threads, 1 process; precision: model fp32 (train.amp = auto, as "
+            f"chosen when this run started); resumed at iteration 2 from {out / 'checkpoint_last.pt'} to 4"
+            ) in caplog.messages
 
 
 def test_device_and_workers_flags_of_train_are_the_config_keys(scenes, tmp_path):

@@ -175,8 +175,8 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--crf", action="store_true", help="dense-CRF refinement with the authors' parameters "
                    "(needs the crf extra: pip install -e \".[crf]\" in the carbseg checkout)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="CLIP blocks under bf16 autocast or fp32; auto (default): bf16 where the device has "
-                        "native bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32")
+                   help="CLIP blocks under bf16 autocast or fp32; auto (default): bf16 on GPUs with native "
+                        "bf16 and on CPUs where a short timed probe measured it faster, else fp32")
     p.add_argument("--seed", type=int, default=0, help="simulated teacher: noise seed")
     p.add_argument("--batch-size", type=int, default=4, help="images per teacher forward pass (default 4)")
     p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2; 0 loads "

@@ -107,7 +107,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     min_lr: float = 1e-4
-    amp: str = "auto"  # auto (bf16 on Ampere+ GPUs, fp16 on older ones, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on Ampere+ GPUs, fp16 on older ones, CPU: a timed probe) | bf16 | fp16 | off
     grad_accum: int = 1
     eval_interval: int = 2000
     checkpoint_interval: int = 1000

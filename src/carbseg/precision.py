@@ -6,13 +6,26 @@ and CPUs with AVX512-BF16 / AMX. Elsewhere it is emulated -- on a V100, T4 or RT
 *accepts* bf16 (``torch.cuda.is_bf16_supported()`` is True there, by emulation) but convolutions
 run several times slower than in fp32 -- so on those GPUs the mixed precision of choice is fp16
 (with a GradScaler when training), and the CLIP teacher stays in fp32.
+
+On a CPU the flags are not trusted at all: ``auto`` is the answer of a short timed fp32-vs-bf16 probe
+of the operations that matter for each workload (:func:`cpu_choice`), cached per machine; a training
+run records it in its checkpoint, so ``--resume`` keeps it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 AMPERE = (8, 0)
 
@@ -54,29 +67,298 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def training_autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The segmenter's autocast in training for ``train.amp``. ``auto``: bf16 autocast on GPUs where
     bf16 is native (Ampere and newer), fp16 with the GradScaler on older ones (V100, T4, RTX 20xx
-    emulate bf16, several times slower), nothing on CPU (it is slower there on most machines)."""
-    from carbseg.errors import UserError
-
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return fast_autocast_dtype(device)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
-        return torch.float16
-    return torch.bfloat16
+    emulate bf16, several times slower); on a CPU what the timed probe measured faster (fp32 unless
+    bf16 is). The trainer itself uses :func:`training_precision`, which also keeps a resumed run's choice."""
+    return training_precision(amp, device, clip_teacher=False)["model"].autocast_dtype
 
 
 def inference_autocast_dtype(device: torch.device, amp: bool | torch.dtype | None = None) -> torch.dtype | None:
     """The autocast of inference: ``None`` (default) is the device's fast precision on CUDA (bf16 from
-    Ampere on, fp16 on older GPUs where bf16 is emulated) and nothing on CPU (CPU bf16 is slow);
+    Ampere on, fp16 on older GPUs where bf16 is emulated) and on a CPU the timed probe's answer
+    (:func:`segmenter_precision`: no autocast unless bf16 measured faster);
     ``True`` the fast precision (bf16 on a CPU); ``False`` none; a dtype exactly that dtype (the
     trainer's validation passes train.amp's, so fp16 stays fp16)."""
     if isinstance(amp, torch.dtype):
         return amp
     if amp is None:
-        return fast_autocast_dtype(device) if device.type == "cuda" else None
+        return segmenter_precision(device).autocast_dtype
     if amp:
         return fast_autocast_dtype(device) or torch.bfloat16
     return None
+
+
+# ---------------------------------------------------------------- CPUs: measured, not assumed
+# A CPU's flags do not say whether bf16 pays: on AVX2-only CPUs it is emulated (several times slower),
+# and with AVX512-BF16/AMX the teacher's matrix products may be ~2x faster while the segmenter's
+# depthwise backward is slower (issue 12 measured 0.76x for a whole EfficientNet-Lite0 step). So on a
+# CPU ``auto`` times the operations that matter for each workload, once per machine, and keeps bf16
+# only where it is clearly faster.
+
+WORKLOADS = ("teacher", "segmenter")
+MARGIN = 1.2  # bf16 must take at most 1 / MARGIN of fp32's time to be chosen (noise and rounding cost)
+PROBE_VERSION = 1  # bump when a probe changes: older cached answers are then measured again
+ENV_CHOICE = "CARBSEG_CPU_PRECISION"  # fp32 | bf16: skip the probe and use this on the CPU
+ENV_CACHE = "CARBSEG_PRECISION_CACHE"  # where the probe's answers are kept (a JSON file)
+
+# One probe per (workload, machine key, cache file) and process: the answer is read (or measured)
+# once, not at every inference call. Tests reset it.
+_memo: dict[tuple[str, str, str], PrecisionChoice] = {}
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision one workload runs at on this machine, and why (said in logs and benchmarks)."""
+
+    name: str  # "fp32" | "bf16" | "fp16"
+    reason: str
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_key() -> str:
+    """What a probe's answer depends on: the CPU, the torch build (its oneDNN) and the thread count."""
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | probe {PROBE_VERSION}"
+
+
+def machine_summary(device: torch.device | str = "cpu") -> str:
+    """One line naming what a benchmark row was measured on: CPU model and cores, the CPU's native
+    bf16 flag (the flag only: the probe decides), the GPU if any, torch, threads and the load average."""
+    device = torch.device(device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"CPU {cpu_model()} ({os.cpu_count()} logical cores), native CPU bf16 flag {native_bf16('cpu')}{gpu}; "
+            f"torch {torch.__version__}; threads {torch.get_num_threads()} intra-op / "
+            f"{torch.get_num_interop_threads()} inter-op; load average {load:.1f}")
+
+
+def cache_path() -> Path:
+    """``$CARBSEG_PRECISION_CACHE``, else ``cpu_precision.json`` in the user cache folder
+    (``$XDG_CACHE_HOME/carbseg``, default ``~/.cache/carbseg``)."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "carbseg" / "cpu_precision.json"
+
+
+def _teacher_probe() -> Callable[[torch.dtype | None], None]:
+    """One ViT-B/16 block's work (attention over 64 tokens, 12 heads, and the 768-3072-768 MLP), as
+    the CLIP teacher runs it: no gradient, bf16 under autocast (~20 ms in fp32 on 2 idle cores)."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 64, 768, generator=gen)
+    qkv_w, out_w, fc1_w, fc2_w = (torch.randn(shape, generator=gen) * 0.02
+                                  for shape in ((3 * 768, 768), (768, 768), (3072, 768), (768, 3072)))
+
+    def run(dtype: torch.dtype | None) -> None:
+        with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+            h = F.layer_norm(x0, (768,))
+            q, k, v = F.linear(h, qkv_w).view(1, 64, 3, 12, 64).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 64, 768)
+            x = x0 + F.linear(a, out_w)
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (768,)), fc1_w)), fc2_w)
+            float(x.float().sum())
+
+    return run
+
+
+def _segmenter_probe() -> Callable[[torch.dtype | None], None]:
+    """A dense 3x3 convolution and one MBConv block as in EfficientNet-Lite0 (1x1 expand, 3x3
+    depthwise, 1x1 project, BN, ReLU6), forward and backward on a (1, 32, 24, 32) map, as the trainer
+    runs it (the depthwise backward is where CPU bf16 can lose; a few ms in fp32 on 2 idle cores)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 32, 24, 32, generator=gen)
+    weights = [torch.randn(shape, generator=gen).mul_(0.1).requires_grad_()
+               for shape in ((32, 32, 3, 3), (96, 32, 1, 1), (96, 1, 3, 3), (32, 96, 1, 1))]
+
+    def run(dtype: torch.dtype | None) -> None:
+        dense, expand, depthwise, project = weights
+        with autocast(torch.device("cpu"), dtype):
+            h = F.relu6(F.batch_norm(F.conv2d(x, dense, padding=1), None, None, training=True))
+            h = F.relu6(F.batch_norm(F.conv2d(h, expand), None, None, training=True))
+            h = F.relu6(F.batch_norm(F.conv2d(h, depthwise, padding=1, groups=96), None, None, training=True))
+            out = F.conv2d(h, project) + x
+        out.float().square().mean().backward()
+        for w in weights:
+            w.grad = None
+
+    return run
+
+
+# Each builds its inputs once and returns the timed call.
+PROBES: dict[str, Callable[[], Callable[[torch.dtype | None], None]]] = {
+    "teacher": _teacher_probe, "segmenter": _segmenter_probe}
+
+
+def measure(workload: str, rounds: int = 3) -> dict[str, float]:
+    """Median seconds of the workload's probe in fp32 and under bf16 autocast, timed in turn
+    (fp32, bf16, fp32, bf16, ...) after an untimed fp32 call, so both see the same load.
+
+    bf16's first call is timed: when even it takes over 3x fp32's time the answer is clear (AVX2-only
+    CPUs emulate bf16; the segmenter probe runs 5-10x slower there) and nothing more is run; else it
+    was bf16's warm-up and the rounds follow."""
+    probe = PROBES[workload]()
+    probe(None)
+
+    def timed(dtype: torch.dtype | None) -> float:
+        start = time.perf_counter()
+        probe(dtype)
+        return time.perf_counter() - start
+
+    fp32, first_bf16 = timed(None), timed(torch.bfloat16)
+    if first_bf16 > 3 * fp32:
+        return {"fp32": fp32, "bf16": first_bf16}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(rounds):
+        times["fp32"].append(timed(None))
+        times["bf16"].append(timed(torch.bfloat16))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def decide(timings: dict[str, float], margin: float = MARGIN) -> str:
+    """bf16 only where the probe measured it at least ``margin`` times faster than fp32."""
+    return "bf16" if timings["fp32"] >= margin * timings["bf16"] else "fp32"
+
+
+def _read_cache(path: Path) -> dict:
+    """The cache's content; a missing, unreadable or malformed file is an empty cache (measured again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _valid_timings(entry) -> bool:
+    return (isinstance(entry, dict) and {"fp32", "bf16"} <= set(entry)
+            and all(isinstance(entry[k], (int, float)) and entry[k] > 0 for k in ("fp32", "bf16")))
+
+
+def _write_cache(path: Path, key: str, workload: str, timings: dict[str, float]) -> None:
+    """Best effort: a read-only home only means the probe runs again in the next process."""
+    from carbseg.io import write_json_atomic
+
+    data = _read_cache(path)
+    if not isinstance(data.get(key), dict):
+        data[key] = {}
+    data[key][workload] = {k: round(v, 6) for k, v in timings.items()}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+
+
+def cpu_choice(workload: str, measure_fn: Callable[[str], dict[str, float]] | None = None) -> PrecisionChoice:
+    """fp32 or bf16 for ``workload`` (``teacher`` or ``segmenter``) on this CPU.
+
+    ``$CARBSEG_CPU_PRECISION`` (fp32 | bf16) decides if set; else the answer cached for this machine
+    (:func:`machine_key`) in :func:`cache_path`; else the probe is run (well under a second) and its
+    timings cached. ``measure_fn`` replaces :func:`measure` (tests fake both answers with it).
+    """
+    from carbseg.errors import UserError
+
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}")
+    forced = os.environ.get(ENV_CHOICE, "").strip().lower()
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise UserError(f"{ENV_CHOICE}={forced!r} is not valid; set it to fp32 or bf16, or unset it")
+        return PrecisionChoice(forced, f"{ENV_CHOICE}={forced}")
+    path, key = cache_path(), machine_key()
+    memo_key = (workload, key, str(path))
+    if measure_fn is None and memo_key in _memo:
+        return _memo[memo_key]
+    entry = _read_cache(path).get(key)
+    timings = entry.get(workload) if isinstance(entry, dict) else None
+    source = f"cached probe ({path})"
+    if not _valid_timings(timings):
+        timings = (measure_fn or measure)(workload)
+        _write_cache(path, key, workload, timings)
+        source = "probe"
+    name = decide(timings)
+    ratio = timings["fp32"] / max(timings["bf16"], 1e-12)
+    choice = PrecisionChoice(name, f"{source}: bf16 autocast {ratio:.2f}x fp32's speed on the {workload} "
+                                   f"probe (bf16 needs >= {MARGIN:.1f}x)")
+    if measure_fn is None:
+        _memo[memo_key] = choice
+    return choice
+
+
+def teacher_precision(precision: str, device: torch.device | str) -> PrecisionChoice:
+    """The CLIP teacher's precision for ``precision`` (auto | bf16 | fp32) on ``device``: auto is bf16
+    on GPUs with native bf16 (fp32 on older ones) and the probe's answer on a CPU."""
+    device = torch.device(device)
+    if precision != "auto":
+        return PrecisionChoice(precision, "asked for")
+    if device.type == "cpu":
+        return cpu_choice("teacher")
+    if native_bf16(device):
+        return PrecisionChoice("bf16", "native bf16 on this GPU")
+    return PrecisionChoice("fp32", "no native bf16 on this device")
+
+
+def segmenter_precision(device: torch.device | str) -> PrecisionChoice:
+    """The segmenter's automatic precision (training's ``auto`` and inference's default) on
+    ``device``: bf16 where native and fp16 on older CUDA GPUs; on a CPU the probe's answer."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cpu_choice("segmenter")
+    dtype = fast_autocast_dtype(device)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    why = {"bf16": "native bf16 on this GPU", "fp16": "bf16 is emulated on this GPU"}.get(name, "no autocast")
+    return PrecisionChoice(name, why)
+
+
+def training_precision(amp: str, device: torch.device | str, clip_teacher: bool,
+                       saved: dict | None = None) -> dict[str, PrecisionChoice | None]:
+    """What a training run computes in: ``{"model": ..., "teacher": ... or None}``.
+
+    ``amp`` is ``train.amp`` (auto | bf16 | fp16 | off); the teacher (only a CLIP teacher has a
+    precision) is always ``auto``, its own, never ``train.amp``. ``saved`` is the ``precision`` entry
+    of the checkpoint being resumed (:func:`recorded_precision` wrote it): on a CPU, what ``auto`` chose
+    when the run started is kept, so a resumed run computes exactly as the one that never stopped even if
+    this machine's probe now answers otherwise. A choice recorded on a GPU is not carried over (there
+    ``auto`` follows the GPU, which a resume may change), nor one recorded on a GPU into a CPU run.
+    """
+    from carbseg.errors import UserError
+
+    device = torch.device(device)
+    if not (isinstance(saved, dict) and device.type == "cpu" and saved.get("device") == "cpu"):
+        saved = {}
+    saved = {k: v for k, v in saved.items() if k in ("model", "teacher") and v in ("fp32", "bf16")}
+    if amp == "off":
+        model = PrecisionChoice("fp32", "train.amp = off")
+    elif amp == "auto" and saved.get("model"):
+        model = PrecisionChoice(saved["model"], "train.amp = auto, as chosen when this run started")
+    elif amp == "auto":
+        model = segmenter_precision(device)
+    elif amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU")
+    else:
+        model = PrecisionChoice(amp, f"train.amp = {amp}")
+    teacher = None
+    if clip_teacher:
+        teacher = (PrecisionChoice(saved["teacher"], "auto, as chosen when this run started")
+                   if saved.get("teacher") else teacher_precision("auto", device))
+    return {"model": model, "teacher": teacher}
+
+
+def precision_before_the_probe() -> dict:
+    """The ``precision`` entry for a checkpoint written before carbseg recorded one: what ``auto`` did on
+    a CPU then (the segmenter in fp32; the CLIP teacher in bf16 where the CPU flags native bf16), so that
+    such a run, resumed on a CPU, still computes as it started."""
+    return {"device": "cpu", "model": "fp32", "teacher": "bf16" if native_bf16("cpu") else "fp32"}
+
+
+def recorded_precision(choices: dict[str, PrecisionChoice | None], device: torch.device | str) -> dict:
+    """The checkpoint entry of :func:`training_precision`'s answer (names only, and the device type)."""
+    return {"device": torch.device(device).type,
+            **{k: (v.name if v is not None else None) for k, v in choices.items()}}

@@ -4,7 +4,8 @@
 The ``predict*`` functions take images as float tensors (B, 3, H, W) in 0..255 (the segmenter applies
 its own normalisation) and return float32 logits (B, C, H, W) at the input size. They run under
 ``torch.inference_mode`` and the autocast that ``carbseg.precision.inference_autocast_dtype`` chooses:
-by default bf16 on GPUs from Ampere on, fp16 on older ones, none on a CPU.
+by default bf16 on GPUs from Ampere on, fp16 on older ones, and on a CPU bf16 only where a short timed
+probe measured it faster than fp32 (``carbseg.precision.segmenter_precision``), else none.
 
 ``evaluate_checkpoint`` is the one evaluation of a model against ground truth: ``carbseg evaluate
 --checkpoint`` and the trainer's validation both call it, with the model's ``eval`` config section.

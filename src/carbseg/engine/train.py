@@ -48,9 +48,27 @@ from carbseg.engine.step import batch_to_device, training_step
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
 from carbseg.io import write_error, write_text_atomic
-from carbseg.precision import training_autocast_dtype
+from carbseg.precision import (
+    PrecisionChoice,
+    precision_before_the_probe,
+    recorded_precision,
+    training_precision,
+)
 
 log = logging.getLogger(__name__)
+
+
+
+def _agreed_precision(choices: dict[str, PrecisionChoice | None],
+                      device: torch.device) -> dict[str, PrecisionChoice | None]:
+    """Rank 0's precision choices on every process: each CPU process probes on its own, and processes
+    that trained one model at different precisions would not compute one run (on GPUs the choice
+    follows the device's capability, the same on every rank)."""
+    if not dist.is_distributed() or device.type != "cpu":
+        return choices
+    shared = [choices]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 # ---------------------------------------------------------------- building the pieces
@@ -128,8 +146,21 @@ class Trainer:
         self.is_main = dist.is_main_process()
         resume = self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
         dist.barrier(self.device)
-        self.amp = training_autocast_dtype(cfg.train.amp, self.device)
         self.single_path = bool(cfg.data.pseudo_masks)
+        self._resumed_state = None  # read once: its precision entry now, the rest by load_state()
+        if resume:
+            from carbseg.engine.checkpoint import load_training_state
+
+            self._resumed_state = load_training_state(self.run_dir.checkpoint)
+        # train.amp = auto (and the CLIP teacher's auto) on a CPU is a timed probe's answer; a resumed
+        # run keeps the answer its checkpoint recorded, so it computes as the run that never stopped.
+        saved = None
+        if self._resumed_state is not None:
+            saved = self._resumed_state.get("precision", precision_before_the_probe())
+        self.precision = _agreed_precision(training_precision(
+            cfg.train.amp, self.device, clip_teacher=not self.single_path and cfg.teacher.kind == "clip",
+            saved=saved), self.device)
+        self.amp = self.precision["model"].autocast_dtype
 
         # Data: the training split with its image-level labels (the only supervision).
         self.train_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
@@ -145,10 +176,11 @@ class Trainer:
             from carbseg.teacher.build import build_teacher
 
             # The teacher's precision is its own, as in `carbseg pseudo-masks` (default auto: bf16
-            # CLIP blocks where bf16 is native, fp32 elsewhere), never train.amp's: the online
-            # masks then equal the offline ones whatever train.amp is.
-            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, precision="auto",
-                                         seed=cfg.seed)
+            # CLIP blocks on GPUs with native bf16 and on CPUs where the probe measured bf16 faster,
+            # fp32 elsewhere), never train.amp's: the online masks then equal the offline ones.
+            teacher_choice = self.precision["teacher"]
+            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, seed=cfg.seed,
+                                         precision=teacher_choice.name if teacher_choice else "auto")
         read_gt = bool(self.teacher is not None and self.teacher.reads_ground_truth)
         if read_gt:
             log.warning("teacher.kind = simulated reads ground truth: a research instrument, not weak supervision")
@@ -209,15 +241,16 @@ class Trainer:
         self.writer = None
 
     def setup_line(self, stop: int) -> str:
-        """What this run uses, said once at the start: device, precision, threads, processes, and
-        where the iterations start (a resumed run names the checkpoint's iteration)."""
+        """What this run uses, said once at the start: device, precision and why, threads, processes,
+        and where the iterations start (a resumed run names the checkpoint's iteration)."""
         model = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(self.amp, "fp32")
-        teacher = getattr(self.teacher, "precision", None)
-        teacher_part = f", teacher {teacher}" if teacher is not None else ""
+        teacher = self.precision["teacher"]
+        teacher_part = f", teacher {teacher.name}" if teacher is not None else ""
+        why = f" ({self.precision['model'].reason}" + (f"; teacher: {teacher.reason}" if teacher else "") + ")"
         where = (f"resumed at iteration {self.iteration} from {self.run_dir.checkpoint}" if self.iteration
                  else "from iteration 0")
         return (f"training on {self.device} with {torch.get_num_threads()} CPU threads, "
-                f"{self.world} process{'es' if self.world > 1 else ''}; precision: model {model}{teacher_part}; "
+                f"{self.world} process{'es' if self.world > 1 else ''}; precision: model {model}{teacher_part}{why}; "
                 f"{where} to {stop}")
 
     # ---------------------------------------------------------------- state
@@ -233,13 +266,17 @@ class Trainer:
             # rank), so it is not needed, and restoring it would tie a resume to the number of GPUs.
             "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
             "config": dump_config(self.cfg),
+            # What train.amp = auto and the teacher's auto chose (a CPU probe's answer): kept on --resume.
+            "precision": recorded_precision(self.precision, self.device),
         }
         return state
 
     def load_state(self) -> None:
         from carbseg.engine.checkpoint import load_training_state
 
-        state = load_training_state(self.run_dir.checkpoint)
+        state, self._resumed_state = self._resumed_state, None
+        if state is None:
+            state = load_training_state(self.run_dir.checkpoint)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from carbseg.precision import native_bf16
+from carbseg.precision import PrecisionChoice, native_bf16, teacher_precision
 from carbseg.teacher.clip_dense import DenseCLIP
 from carbseg.teacher.pseudo_masks import cosine_scores, masks_from_scores
 from carbseg.teacher.refine import key_smoothing, prompt_denoising
@@ -24,8 +24,9 @@ class CLIPTeacher:
     """Implements ``carbseg.teacher.base.Teacher`` with a frozen CLIP image tower.
 
     precision: ``bf16`` runs the transformer blocks under bf16 autocast (scores and the argmax
-    stay in fp32); ``auto`` (default) does so only where bf16 is native to the device (see
-    :func:`native_bf16`), else runs fp32.
+    stay in fp32); ``auto`` (default) does so only where bf16 is fast: on GPUs with native bf16
+    (:func:`native_bf16`), on a CPU where the timed probe of :func:`carbseg.precision.cpu_choice`
+    measured it faster than fp32; else runs fp32.
     scales: multi-scale averaging -- the view is resized by each factor, scored, and the scores
     (upsampled back to the view) are averaged before the restriction and the argmax.
     """
@@ -45,9 +46,17 @@ class CLIPTeacher:
         self.use_prompt_denoising = use_prompt_denoising
         self.confidence_threshold = confidence_threshold
         self.precision = precision
+        self._resolved: dict[str, PrecisionChoice] = {}
+
+    def resolved_precision(self, device: torch.device | str) -> PrecisionChoice:
+        """What ``precision`` means on ``device`` (``auto`` resolved once per device), and why."""
+        device = torch.device(device)
+        if str(device) not in self._resolved:
+            self._resolved[str(device)] = teacher_precision(self.precision, device)
+        return self._resolved[str(device)]
 
     def _autocast(self, device: torch.device):
-        if self.precision == "bf16" or (self.precision == "auto" and native_bf16(device)):
+        if self.resolved_precision(device).name == "bf16":
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
