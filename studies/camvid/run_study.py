@@ -133,6 +133,45 @@ class Study:
             self.run(["carbseg", "evaluate", "--dataset", "camvid", "--root", self.root, "--split", split,
                       "--pred", _rel(out), "--json", _rel(report)], done=report)
 
+    def shared_warmup_of(self, variant: str) -> tuple[str, dict] | None:
+        """The shared warm-up group ``variant`` branches from, if any (``shared_warmup`` in the study file)."""
+        for name, group in (self.study.get("shared_warmup") or {}).items():
+            if variant in group["branches"]:
+                return name, group
+        return None
+
+    def train_warmup_branch(self, variant: str, seed: int, out: Path) -> None:
+        """Start ``out`` from the group's shared warm-up instead of from scratch.
+
+        Variants that differ only in what happens after ``train.warmup_iters`` (GLV alone and GLV +
+        CARB: CARB is plain CE during its warm-up and pushes nothing into its queue) take identical
+        steps until then, so one run to the end of the warm-up, copied and resumed with each variant's
+        own overrides, gives bit-for-bit the runs trained from scratch (tests/test_study_configs.py)
+        and saves a third of each run but one.
+        """
+        name, group = self.shared_warmup_of(variant)
+        warmup = self.run_dir(name, seed)
+        cfg_overrides = self.overrides(group["variant"], seed)
+        stop = _warmup_iters(self.study["base"], cfg_overrides)
+        cmd = ["carbseg", "train", "--config", _rel(self.study["base"]), *cfg_overrides,
+               "--out", _rel(warmup), "--max-iters", str(stop)]
+        if not (warmup / "model.safetensors").is_file():
+            if (warmup / "checkpoint_last.pt").is_file():
+                cmd.append("--resume")
+            elif warmup.is_dir() and not self.dry_run:
+                shutil.rmtree(warmup)
+        self.run(cmd, done=warmup / "model.safetensors")
+        print(f"# branch {_rel(out)} from the shared warm-up {_rel(warmup)} (iteration {stop})", flush=True)
+        if not self.dry_run:
+            if out.is_dir():
+                shutil.rmtree(out)
+            staging = out.with_name(out.name + ".copying")
+            shutil.rmtree(staging, ignore_errors=True)
+            # The warm-up's model file is not this run's result: leave it behind, so the branch
+            # counts as unfinished until it has trained to its own end.
+            shutil.copytree(warmup, staging, ignore=shutil.ignore_patterns("model.safetensors", "val.json"))
+            staging.rename(out)
+
     def train(self) -> None:
         for seed in self.seeds:
             for variant in self.variants:
@@ -140,14 +179,23 @@ class Study:
                 cmd = ["carbseg", "train", "--config", _rel(self.study["base"]), *self.overrides(variant, seed),
                        "--out", _rel(out)]
                 if not (out / "model.safetensors").is_file():
-                    if (out / "checkpoint_last.pt").is_file():
-                        cmd.append("--resume")  # an interrupted run continues where it stopped
+                    if not (out / "checkpoint_last.pt").is_file() and self.shared_warmup_of(variant):
+                        self.train_warmup_branch(variant, seed, out)
+                    if (out / "checkpoint_last.pt").is_file() or (self.dry_run and self.shared_warmup_of(variant)):
+                        cmd.append("--resume")  # an interrupted run (or a branch) continues where it stopped
                     elif out.is_dir() and not self.dry_run:
                         shutil.rmtree(out)  # stopped before its first checkpoint: nothing to keep
                 self.run(cmd, done=out / "model.safetensors")
                 self.run(["carbseg", "evaluate", "--dataset", "camvid", "--root", self.root, "--split", "val",
                           "--checkpoint", _rel(out / "model.safetensors"), "--device", "cpu",
                           "--json", _rel(out / "val.json")], done=out / "val.json")
+
+
+def _warmup_iters(base: str, overrides: list[str]) -> int:
+    """``train.warmup_iters`` of the base config under ``overrides`` (read the way carbseg train reads it)."""
+    from carbseg.config import load_config
+
+    return int(load_config(base, overrides).train.warmup_iters)
 
 
 def write_gt_train_ids(root: str, out: Path) -> int:
