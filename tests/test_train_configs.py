@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,51 @@ def test_demo_config_is_small_and_offline():
     cfg = load_config(CONFIGS / "demo.yaml")
     assert cfg.data.dataset == "synthetic" and cfg.teacher.kind == "simulated"
     assert cfg.model.backbone == "small" and cfg.model.pretrained == "none"
+
+
+def test_camvid_cpu_config_is_the_method_at_a_cpu_size():
+    cfg = load_config(CONFIGS / "camvid_cpu.yaml")
+    assert cfg.data.dataset == "camvid" and cfg.data.crop_size == [240, 320] and cfg.data.num_workers == 0
+    assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.output_stride == 16
+    assert cfg.glv.enabled and cfg.carb.enabled and cfg.carb.coeff == 1.0
+    assert 3 * cfg.train.warmup_iters == cfg.train.max_iters  # ~1/3, as the release's CamVid 4k of 12k
+    # Evaluated at the scale it trains at (native frames x ratio 1), as the release's protocol does.
+    assert cfg.eval.scales == [1.0] and cfg.data.scale_size == [360, 480]
+
+
+def _commands_in_header(path: Path) -> list[list[str]]:
+    """The shell commands written in a config's comment header (continuation lines joined)."""
+    lines, commands, current = path.read_text().splitlines(), [], ""
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        if text.startswith("carbseg ") or current:
+            current += " " + text.rstrip("\\").strip()
+            if not text.endswith("\\"):
+                commands.append(current.split())
+                current = ""
+    return commands
+
+
+@pytest.mark.slow  # fits a proxy teacher and trains two real-image iterations: ~1 min on 2 cores
+def test_camvid_cpu_offline_commands_of_its_header_run(camvid_root, tmp_path, monkeypatch):
+    # The offline recipe in configs/camvid_cpu.yaml's header, run as written (fewer fit images and
+    # iterations): the proxy teacher stands in for CLIP, the classifier is learned.
+    from carbseg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    commands = _commands_in_header(CONFIGS / "camvid_cpu.yaml")
+    fit = next(c for c in commands if c[1] == "fit-proxy-teacher")
+    train = [c for c in commands if c[1] == "train" and "teacher.kind=proxy" in c][0]
+    fit = [str(camvid_root) if a == "DATA/camvid" else a for a in fit]
+    fit[fit.index("--num-images") + 1] = "2"
+    assert main([*fit[1:], "--no-progress"]) == 0
+    train = [str(CONFIGS / "camvid_cpu.yaml") if a == "configs/camvid_cpu.yaml" else a for a in train]
+    train = [f"data.root={camvid_root}" if a == "data.root=DATA/camvid" else a for a in train]
+    out = train.index("--out")
+    args = [*train[1:out], "train.eval_interval=0", *train[out:], "--max-iters", "2", "--no-progress"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "camvid_cpu" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [2] and records[-1]["c"] == 1.0  # in the warm-up
+    assert (tmp_path / "runs" / "camvid_cpu" / "model.safetensors").is_file()
