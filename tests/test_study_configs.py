@@ -207,3 +207,18 @@ def test_shared_warmup_branches_equal_runs_trained_from_scratch(tmp_path, capsys
     assert carb_log[2]["c"] == 1.0 and all(r["c"] != 1.0 for r in carb_log[3:])
     models = [(tmp_path / f"straight_{v}" / "model.safetensors").read_bytes() for v in variants]
     assert models[0] != models[1]
+
+
+def test_validation_curves_read_per_class_iou_from_the_log(tmp_path):
+    run = tmp_path / "runs" / "gt_seed0"
+    run.mkdir(parents=True)
+    small = {"pole": 9.9, "signsymbol": 10.0, "pedestrian": 30.0, "bicyclist": 12.5}
+    records = [{"iteration": 1, "total": 2.0},  # not a validation point
+               {"iteration": 2, "val_miou": 40.0, **{f"val_iou.{c}": v for c, v in small.items()}},
+               {"iteration": 3, "val_miou": 41.0, **{f"val_iou.{c}": v + 0.1 for c, v in small.items()}}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = summarize.validation_curves(tmp_path, ["gt", "absent"], [0])
+    assert list(curves) == ["gt_seed0"] and [r["iteration"] for r in curves["gt_seed0"]] == [2, 3]
+    rows = summarize.curves_table(curves).splitlines()[2:]
+    assert rows == ["| gt_seed0 | 2 | 40.0 | 9.9 | 10.0 | 30.0 | 12.5 | no |",  # pole 9.9 < 10
+                    "| gt_seed0 | 3 | 41.0 | 10.0 | 10.1 | 30.1 | 12.6 | yes |"]

@@ -161,6 +161,59 @@ def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list
     return written
 
 
+def validation_curves(work: Path, variants: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """run name -> the in-training validation records (``val_miou`` and ``val_iou.<class>`` of log.jsonl)."""
+    from carbseg.engine.run_dir import read_log
+
+    curves = {}
+    for variant in variants:
+        for seed in seeds:
+            rows = [r for r in read_log(work / "runs" / f"{variant}_seed{seed}" / "log.jsonl")
+                    if r.get("val_miou") is not None and any(k.startswith("val_iou.") for k in r)]
+            if rows:
+                curves[f"{variant}_seed{seed}"] = rows
+    return curves
+
+
+def curves_table(curves: dict[str, list[dict]]) -> str:
+    """Markdown: per run and validation point, mIoU and the small classes' IoU (the schedule search)."""
+    lines = ["| run | iteration | val mIoU | " + " | ".join(f"**{c}**" for c in SMALL_CLASSES) + " | all four >= 10 |",
+             "|---|---|---|" + "---|" * (len(SMALL_CLASSES) + 1)]
+    for run, rows in curves.items():
+        for r in rows:
+            small = [r.get(f"val_iou.{c}") for c in SMALL_CLASSES]
+            ok = all(v is not None and v >= 10.0 for v in small)
+            lines.append(f"| {run} | {r['iteration']} | {r['val_miou']:.1f} | "
+                         + " | ".join(_fmt(v) for v in small) + f" | {'yes' if ok else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, list[dict]], out_dir: Path) -> Path:
+    """One panel per small class (and mIoU): validation IoU against iterations, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = ["val_miou", *(f"val_iou.{c}" for c in SMALL_CLASSES)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(13, 2.8), dpi=100, sharex=True)
+    for ax, key in zip(axes, keys):
+        for run, rows in curves.items():
+            ax.plot([r["iteration"] for r in rows], [r.get(key) or 0.0 for r in rows], marker=".", label=run)
+        if key != "val_miou":
+            ax.axhline(10.0, color="grey", lw=0.8, ls="--")
+        ax.set_title("mIoU" if key == "val_miou" else key[len("val_iou."):], fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+    axes[0].set_ylabel("CamVid val IoU (%)")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    path = out_dir / "validation_curves.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def summarize(study, docs_dir: Path) -> str:
     """Print the tables and CARB bookkeeping; write the plots to ``docs_dir``."""
     import yaml
@@ -176,7 +229,12 @@ def summarize(study, docs_dir: Path) -> str:
                 extra.append(f"- {variant} seed {seed}: consistent share {stats['consistent_share']:.3f}, "
                              f"mean c {stats['c']:.3f}")
     text += "\n" + "\n".join(extra)
+    curves = validation_curves(study.work, study.variants, study.seeds)
+    if curves:
+        text += "\n\nValidation during training (log.jsonl):\n\n" + curves_table(curves)
     print(text)
+    if curves:
+        print(f"wrote {plot_curves(curves, docs_dir)}")
     if results:
         for path in plot(results, study.work, docs_dir):
             print(f"wrote {path}")
