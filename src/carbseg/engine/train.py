@@ -58,7 +58,6 @@ from carbseg.precision import (
 log = logging.getLogger(__name__)
 
 
-
 def _agreed_precision(choices: dict[str, PrecisionChoice | None],
                       device: torch.device) -> dict[str, PrecisionChoice | None]:
     """Rank 0's precision choices on every process: each CPU process probes on its own, and processes
