@@ -166,6 +166,7 @@ def test_shared_warmup_branches_equal_runs_trained_from_scratch(tmp_path, capsys
 
     scenes = tmp_path / "scenes"
     generate_synthetic_dataset(scenes, "train", 6, 64, 128, seed=1, progress=False)
+    generate_synthetic_dataset(scenes, "val", 2, 64, 128, seed=1, progress=False)
     base = tmp_path / "tiny.yaml"
     base.write_text(yaml.safe_dump({
         "name": "tiny", "seed": 7, "device": "cpu",
@@ -175,7 +176,9 @@ def test_shared_warmup_branches_equal_runs_trained_from_scratch(tmp_path, capsys
         "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
                   "aspp_dilations": [1, 2, 3, 4]},
         "glv": {"enabled": True, "patch_size": [16, 32], "scale_offset": 1.0, "scale_rate": 1.0},
-        "train": {"max_iters": 7, "warmup_iters": 3, "eval_interval": 0, "log_interval": 1,
+        # Validation every 2 iterations: the warm-up run also validates where it stops (3), which the
+        # straight runs do not; validation must not change what training does.
+        "train": {"max_iters": 7, "warmup_iters": 3, "eval_interval": 2, "log_interval": 1,
                   "checkpoint_interval": 100},
     }))
     variants = {"glv": ["carb.enabled=false"], "glv_carb": ["carb.enabled=true"]}
