@@ -225,3 +225,23 @@ def test_validation_curves_read_per_class_iou_from_the_log(tmp_path):
     rows = summarize.curves_table(curves).splitlines()[2:]
     assert rows == ["| gt_seed0 | 2 | 40.0 | 9.9 | 10.0 | 30.0 | 12.5 | no |",  # pole 9.9 < 10
                     "| gt_seed0 | 3 | 41.0 | 10.0 | 10.1 | 30.1 | 12.6 | yes |"]
+
+
+def test_carb_runs_are_found_by_their_own_config_and_plotted(tmp_path):
+    # The warm-up differs between studies (and follow-ups): it is read from each run's config.yaml.
+    from carbseg.config import dump_config, load_config
+
+    base = STUDY_DIR / "base.yaml"
+    for name, overrides in {"carb": ["carb.enabled=true", "train.warmup_iters=40"],
+                            "plain": ["carb.enabled=false", "train.warmup_iters=40"]}.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(dump_config(load_config(base, overrides)))
+        rows = [{"iteration": i, "c": 1.0 if i <= 40 else 0.1, "consistent_share": 0.7} for i in (20, 40, 60)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert summarize.carb_warmup(tmp_path / "carb") == 40
+    assert summarize.carb_warmup(tmp_path / "plain") is None and summarize.carb_warmup(tmp_path / "none") is None
+    assert summarize.carb_bookkeeping(tmp_path / "carb", 40) == pytest.approx(
+        {"consistent_share": 0.7, "c": 0.1, "final_total": float("nan")}, nan_ok=True)
+    path = summarize.plot_carb({"carb_seed0": (tmp_path / "carb", 40)}, tmp_path / "plots")
+    assert path.name == "carb_over_training.png" and path.stat().st_size > 1000

@@ -71,6 +71,48 @@ def carb_bookkeeping(run_dir: Path, warmup_iters: int) -> dict[str, float] | Non
     }
 
 
+def carb_warmup(run_dir: Path) -> int | None:
+    """``train.warmup_iters`` of a run that trained with CARB (from its own config.yaml), else None."""
+    from carbseg.engine.run_dir import load_saved_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = load_saved_config(path)
+    return int(cfg.train.warmup_iters) if cfg.carb.enabled else None
+
+
+def plot_carb(runs: dict[str, tuple[Path, int]], out_dir: Path) -> Path:
+    """CARB over training: the adaptive c and the consistent share of pixels, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from carbseg.engine.run_dir import read_log
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, (ax_c, ax_share) = plt.subplots(1, 2, figsize=(9, 3), dpi=100)
+    for name, (run, warmup) in runs.items():
+        rows = [r for r in read_log(run / "log.jsonl") if "c" in r]
+        its = [r["iteration"] for r in rows]
+        ax_c.plot(its, [r["c"] for r in rows], label=name)
+        ax_share.plot(its, [r.get("consistent_share") for r in rows], label=name)
+        for ax in (ax_c, ax_share):
+            ax.axvline(warmup, color="grey", lw=0.8, ls="--")
+    ax_c.set_yscale("log")
+    ax_c.set_title("adaptive c (1 during the warm-up; dashed: its end)", fontsize=9)
+    ax_share.set_title("consistent share of pixels (teacher = model)", fontsize=9)
+    for ax in (ax_c, ax_share):
+        ax.set_xlabel("iteration", fontsize=8)
+    ax_c.legend(fontsize=6)
+    fig.tight_layout()
+    path = out_dir / "carb_over_training.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
@@ -216,18 +258,20 @@ def plot_curves(curves: dict[str, list[dict]], out_dir: Path) -> Path:
 
 def summarize(study, docs_dir: Path) -> str:
     """Print the tables and CARB bookkeeping; write the plots to ``docs_dir``."""
-    import yaml
 
     results = collect(study.work, study.variants, study.seeds)
     text = markdown_tables(study.work, results, study.seeds)
-    warmup = yaml.safe_load(Path(study.study["base"]).read_text(encoding="utf-8"))["train"]["warmup_iters"]
     extra = ["", "CARB bookkeeping after the warm-up (log.jsonl):"]
+    carb_runs = {}
     for variant in study.variants:
         for seed in study.seeds:
-            stats = carb_bookkeeping(study.run_dir(variant, seed), warmup)
-            if stats and variant == "glv_carb":
+            run = study.run_dir(variant, seed)
+            warmup = carb_warmup(run)
+            stats = None if warmup is None else carb_bookkeeping(run, warmup)
+            if stats:
+                carb_runs[f"{variant}_seed{seed}"] = (run, warmup)
                 extra.append(f"- {variant} seed {seed}: consistent share {stats['consistent_share']:.3f}, "
-                             f"mean c {stats['c']:.3f}")
+                             f"mean c {stats['c']:.3f} (after the warm-up of {warmup} iterations)")
     text += "\n" + "\n".join(extra)
     curves = validation_curves(study.work, study.variants, study.seeds)
     if curves:
@@ -235,6 +279,8 @@ def summarize(study, docs_dir: Path) -> str:
     print(text)
     if curves:
         print(f"wrote {plot_curves(curves, docs_dir)}")
+    if carb_runs:
+        print(f"wrote {plot_carb(carb_runs, docs_dir)}")
     if results:
         for path in plot(results, study.work, docs_dir):
             print(f"wrote {path}")
