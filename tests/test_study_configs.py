@@ -109,7 +109,8 @@ def test_summary_tables_mean_spread_and_small_classes(tmp_path):
     assert list(results) == ["glv"] and sorted(results["glv"]) == [0, 1]
     assert summarize.mean_and_spread([40.0, 43.0]) == (41.5, 3.0)
     text = summarize.markdown_tables(tmp_path, results, [0, 1])
-    assert "| + GLV | 40.0 | 43.0 | **41.5** | 3.0 |" in text
+    # sample standard deviation of 40 and 43: sqrt(((1.5)^2 * 2) / 1) = 2.12
+    assert "| + GLV | 40.0 | 43.0 | **41.5** | 2.1 | 3.0 |" in text
     # small classes pole (2.5), signsymbol (6.5), pedestrian (9.5), bicyclist (10.5): mean 7.25
     assert "| **2.5** |" in text and text.rstrip().endswith("| **7.2** |")
 

@@ -118,17 +118,18 @@ def _fmt(value: float | None) -> str:
 
 
 def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list[int]) -> str:
-    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean mIoU | spread (max-min) |",
-             "|---|" + "---|" * len(seeds) + "---|---|"]
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean mIoU | std | spread (max-min) |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|"]
     teacher = {cell: _read_json(work / f"teacher_val_cell{cell}.json") for cell in (16, 8)}
     if teacher[16]:
         lines.append(f"| teacher masks alone (simulated, 16-px grid) | {teacher[16]['miou']:.1f} (deterministic) |"
-                     + " |" * (len(seeds) - 1) + f" {teacher[16]['miou']:.1f} | – |")
+                     + " |" * (len(seeds) - 1) + f" {teacher[16]['miou']:.1f} | – | – |")
     for variant, runs in results.items():
         values = [runs[s]["miou"] for s in seeds if s in runs]
         mean, spread = mean_and_spread(values)
         cells = " | ".join(_fmt(runs[s]["miou"]) if s in runs else "–" for s in seeds)
-        lines.append(f"| {LABELS.get(variant, variant)} | {cells} | **{mean:.1f}** | {spread:.1f} |")
+        std = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "–"  # sample std over seeds
+        lines.append(f"| {LABELS.get(variant, variant)} | {cells} | **{mean:.1f}** | {std} | {spread:.1f} |")
     lines += ["", "| variant | " + " | ".join(f"**{c}**" if c in SMALL_CLASSES else c for c in CLASS_NAMES)
               + " | small-class mean |",
               "|---|" + "---|" * (len(CLASS_NAMES) + 1)]
@@ -136,6 +137,11 @@ def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list
     for cell in (16, 8):
         if teacher[cell]:
             rows.append((f"teacher, {cell}-px grid (val)", teacher[cell]["iou"]))
+    # The proxy teacher's pseudo-masks (run_study.py prepare), scored without its fit images.
+    for split in ("train", "val"):
+        proxy = _read_json(work / f"proxy_{split}.json")
+        if proxy:
+            rows.append((f"proxy teacher's masks ({split}, {proxy['num_images']} images)", proxy["iou"]))
     for variant, runs in results.items():
         per_class = {c: statistics.fmean(r["iou"][c] for r in runs.values() if r["iou"].get(c) is not None)
                      for c in CLASS_NAMES}
