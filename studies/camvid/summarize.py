@@ -84,10 +84,9 @@ def carb_warmup(run_dir: Path) -> int | None:
 
 def plot_carb(runs: dict[str, tuple[Path, int]], out_dir: Path) -> Path:
     """CARB over training: the adaptive c and the consistent share of pixels, one line per run."""
-    import matplotlib
+    from carbseg.engine.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from carbseg.engine.run_dir import read_log
 
@@ -108,8 +107,7 @@ def plot_carb(runs: dict[str, tuple[Path, int]], out_dir: Path) -> Path:
     ax_c.legend(fontsize=6)
     fig.tight_layout()
     path = out_dir / "carb_over_training.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -155,10 +153,9 @@ def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list
 
 
 def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list[Path]:
-    import matplotlib
+    from carbseg.engine.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -185,8 +182,7 @@ def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list
     ax.set_title("CamVid val, simulated teacher (research instrument); bars = seed min..max", fontsize=8)
     fig.tight_layout()
     path = out_dir / "miou.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     written.append(path)
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
@@ -203,8 +199,7 @@ def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / "small_classes.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     written.append(path)
     return written
 
@@ -238,10 +233,9 @@ def curves_table(curves: dict[str, list[dict]]) -> str:
 
 def plot_curves(curves: dict[str, list[dict]], out_dir: Path) -> Path:
     """One panel per small class (and mIoU): validation IoU against iterations, one line per run."""
-    import matplotlib
+    from carbseg.engine.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = ["val_miou", *(f"val_iou.{c}" for c in SMALL_CLASSES)]
@@ -257,8 +251,7 @@ def plot_curves(curves: dict[str, list[dict]], out_dir: Path) -> Path:
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     path = out_dir / "validation_curves.png"
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
