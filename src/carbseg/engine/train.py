@@ -29,6 +29,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,6 +102,48 @@ def _without_proxy_fit_set(dataset, proxy_weights: str):
     return reduced
 
 
+class TrainingInputs(NamedTuple):
+    """What one process trains on: the training split, the online teacher (None in the single path)
+    and the sample stream (augmented views with their image-level labels, keyed by iteration)."""
+
+    train_set: object
+    teacher: object | None
+    samples: TrainingSamples
+
+
+def build_training_inputs(cfg: Config, device: torch.device, teacher_precision: str = "auto",
+                          rank: int = 0, world: int = 1) -> TrainingInputs:
+    """The training split with its image-level labels (the only supervision), the teacher and the
+    sample stream, exactly as ``carbseg train`` builds them (``studies/camvid/diagnose.py`` replays a
+    run's own batches through this)."""
+    from carbseg.data.datasets import build_dataset
+    from carbseg.data.transforms import TrainAugmentation
+
+    train_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split, classes_file=cfg.data.classes)
+    if cfg.teacher.kind == "proxy" and cfg.teacher.proxy_weights:
+        train_set = _without_proxy_fit_set(train_set, cfg.teacher.proxy_weights)
+    image_labels = _image_labels(cfg, train_set)
+
+    # Teacher: online in the dual path; none in the single path (pseudo-masks come from disk).
+    teacher = None
+    if not cfg.data.pseudo_masks:
+        from carbseg.teacher.build import build_teacher
+
+        # The teacher's precision is its own, as in `carbseg pseudo-masks` (default auto: bf16 CLIP
+        # blocks on GPUs with native bf16 and on CPUs where the probe measured bf16 faster, fp32
+        # elsewhere), never train.amp's: the online masks then equal the offline ones.
+        teacher = build_teacher(cfg.teacher, train_set.classes, device, seed=cfg.seed, precision=teacher_precision)
+    read_gt = bool(teacher is not None and teacher.reads_ground_truth)
+    if read_gt:
+        log.warning("teacher.kind = simulated reads ground truth: a research instrument, not weak supervision")
+    samples = TrainingSamples(
+        train_set, image_labels, TrainAugmentation(cfg.data), seed=cfg.seed,
+        batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum, rank=rank, world=world,
+        read_gt=read_gt, pseudo_masks=cfg.data.pseudo_masks,
+    )
+    return TrainingInputs(train_set, teacher, samples)
+
+
 def build_model(cfg: Config, classes: ClassSet, device: torch.device, load_pretrained: bool = True,
                 class_embeddings: torch.Tensor | None = None):
     """The segmenter; with the text classifier, the frozen CLIP class embeddings (given, e.g. the
@@ -133,7 +176,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True):
         from carbseg.data.datasets import build_dataset
-        from carbseg.data.transforms import TrainAugmentation
         from carbseg.losses.carb import CARBObjective
 
         self.cfg = cfg
@@ -161,33 +203,12 @@ class Trainer:
             saved=saved), self.device)
         self.amp = self.precision["model"].autocast_dtype
 
-        # Data: the training split with its image-level labels (the only supervision).
-        self.train_set = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
-                                       classes_file=cfg.data.classes)
-        if cfg.teacher.kind == "proxy" and cfg.teacher.proxy_weights:
-            self.train_set = _without_proxy_fit_set(self.train_set, cfg.teacher.proxy_weights)
+        # Data, teacher and the training sample stream: the same pieces the study diagnostics rebuild.
+        teacher_choice = self.precision["teacher"]
+        inputs = build_training_inputs(cfg, self.device, teacher_choice.name if teacher_choice else "auto",
+                                       rank=self.rank, world=self.world)
+        self.train_set, self.teacher, self.samples = inputs.train_set, inputs.teacher, inputs.samples
         self.classes = self.train_set.classes
-        image_labels = _image_labels(cfg, self.train_set)
-
-        # Teacher: online in the dual path; none in the single path (pseudo-masks come from disk).
-        self.teacher = None
-        if not self.single_path:
-            from carbseg.teacher.build import build_teacher
-
-            # The teacher's precision is its own, as in `carbseg pseudo-masks` (default auto: bf16
-            # CLIP blocks on GPUs with native bf16 and on CPUs where the probe measured bf16 faster,
-            # fp32 elsewhere), never train.amp's: the online masks then equal the offline ones.
-            teacher_choice = self.precision["teacher"]
-            self.teacher = build_teacher(cfg.teacher, self.classes, self.device, seed=cfg.seed,
-                                         precision=teacher_choice.name if teacher_choice else "auto")
-        read_gt = bool(self.teacher is not None and self.teacher.reads_ground_truth)
-        if read_gt:
-            log.warning("teacher.kind = simulated reads ground truth: a research instrument, not weak supervision")
-        self.samples = TrainingSamples(
-            self.train_set, image_labels, TrainAugmentation(cfg.data), seed=cfg.seed,
-            batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum, rank=self.rank, world=self.world,
-            read_gt=read_gt, pseudo_masks=cfg.data.pseudo_masks,
-        )
 
         # Model: the same initial weights on every rank (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
