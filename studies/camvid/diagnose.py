@@ -1,17 +1,31 @@
-"""Diagnostics of the CamVid study: how good are the labels GLV and CARB actually work with?
+"""Diagnostics of the CamVid studies: how good are the labels GLV and CARB actually work with?
 
-1. Teacher labels *in the training geometry* (no model): the simulated teacher's global-view labels
-   and its GLV local-patch labels (zoomed by s, resized back), both scored against the ground truth
-   of the patch window, for the first ``--batches`` training batches of the study's base config.
-2. With ``--checkpoint``: the CARB split of a trained model on the same views -- the share of
-   consistent pixels (teacher == restricted argmax of the model) and the teacher's accuracy inside
-   the consistent and the inconsistent region. CARB only helps when the inconsistent region holds
-   the teacher's errors.
+It replays a run's own training batches (the trainer's data stream, augmentation, GLV patch draws
+and teacher, rebuilt from the study file for one variant and seed) and scores them against the
+ground truth, which the trainer never shows a teacher that sees only pixels:
 
-The simulated teacher READS GROUND TRUTH: a research instrument, not weak supervision.
+1. Teacher labels *in the training geometry* (no model): the global-view labels and the GLV
+   local-patch labels (zoomed by s, resized back), both scored against the ground truth of the
+   patch window.
+2. With ``--checkpoint`` (one or more trained models, e.g. the end of CARB's warm-up and the end of
+   training): CARB's split on the same views, for the global view and for the GLV patch -- the share
+   of consistent pixels (teacher == the model's label-restricted argmax), the teacher's precision
+   inside the consistent and the inconsistent region, how many of the teacher's errors the
+   inconsistent region holds, and per ground-truth class how many *correct* teacher labels fall in
+   the inconsistent region (the supervision CARB scales down by c). CARB can only help when the
+   inconsistent region holds the teacher's errors rather than its correct labels of what the model
+   has not learned yet.
 
-    python studies/camvid/diagnose.py --root ../shared/data/camvid --batches 40 --json runs/diag.json \
-        [--checkpoint runs/study_camvid/runs/glv_carb_seed0/model.safetensors]
+Both teachers of the studies are research instruments (the simulated one reads the ground truth;
+the proxy one is fitted on a few images' ground truth), not weak supervision.
+
+    # the simulated-teacher study (study.yaml, base config)
+    python studies/camvid/diagnose.py --root ../shared/data/camvid --batches 40 --json runs/diag.json
+    # the proxy-teacher study: one variant's own batches, two checkpoints
+    python studies/camvid/diagnose.py --study studies/camvid/proxy_study.yaml --work runs/study_proxy \\
+        --root ../shared/data/camvid --variant proxy_glv_carb --seed 0 --batches 30 \\
+        --checkpoint runs/study_proxy/runs/glv_warmup_seed0/model.safetensors \\
+        --checkpoint runs/study_proxy/runs/proxy_glv_carb_seed0/model.safetensors --json runs/diag_carb.json
 """
 
 from __future__ import annotations
@@ -26,9 +40,13 @@ import torch
 
 from carbseg.config import load_config
 from carbseg.data.classes import IGNORE_INDEX
+from carbseg.errors import UserError
 from carbseg.metrics import ConfusionMatrix, iou_from_counts
 
 STUDY_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(STUDY_DIR))
+
+from run_study import STUDY_FILE, Study, load_study  # noqa: E402 -- the study runner next to this file
 
 
 def _iou_report(confusion: ConfusionMatrix, names: list[str]) -> dict:
@@ -36,84 +54,158 @@ def _iou_report(confusion: ConfusionMatrix, names: list[str]) -> dict:
     return {"miou": float(np.nanmean(iou)), "iou": {n: float(v) for n, v in zip(names, iou)}}
 
 
-def diagnose(root: str, batches: int, checkpoint: str | None, seed: int = 0) -> dict:
-    from carbseg.data.datasets import build_dataset
-    from carbseg.data.labels import compute_image_labels, labels_to_multi_hot
-    from carbseg.data.transforms import TrainAugmentation
+class SplitCounts:
+    """CARB's region split of one view, counted against the ground truth, overall and per GT class."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        # [class, region (0 consistent, 1 inconsistent), teacher right (0/1)] pixel counts
+        self.counts = np.zeros((num_classes, 2, 2), dtype=np.int64)
+
+    def update(self, teacher: torch.Tensor, prediction: torch.Tensor, gt: torch.Tensor) -> None:
+        from carbseg.losses.carb import region_masks
+
+        consistent, inconsistent = region_masks(teacher, prediction)
+        scored = (gt != IGNORE_INDEX) & (consistent | inconsistent)
+        cls = gt[scored].long()
+        region = inconsistent[scored].long()
+        right = (teacher[scored] == gt[scored]).long()
+        flat = (cls * 2 + region) * 2 + right
+        self.counts += np.bincount(flat.numpy(), minlength=self.num_classes * 4).reshape(self.num_classes, 2, 2)
+
+    def report(self, names: list[str]) -> dict:
+        c = self.counts
+        total = c.sum()
+        consistent, inconsistent = c[:, 0].sum(), c[:, 1].sum()
+        right_cons, right_incons = c[:, 0, 1].sum(), c[:, 1, 1].sum()
+        wrong = total - right_cons - right_incons
+
+        def share(num, den):
+            return float(num / den) if den else None
+
+        per_class = {}
+        for k, name in enumerate(names):
+            pixels = c[k].sum()
+            if pixels == 0:
+                continue
+            per_class[name] = {
+                "pixels": int(pixels),
+                "inconsistent_share": share(c[k, 1].sum(), pixels),
+                "teacher_right": share(c[k, :, 1].sum(), pixels),
+                # of the teacher's correct labels of this class, the share CARB scales down by c
+                "right_labels_in_inconsistent": share(c[k, 1, 1], c[k, :, 1].sum()),
+                # of the teacher's errors on this class, the share CARB scales down by c
+                "errors_in_inconsistent": share(c[k, 1, 0], c[k, :, 0].sum()),
+            }
+        return {
+            "pixels": int(total),
+            "consistent_share": share(consistent, total),
+            "teacher_precision_consistent": share(right_cons, consistent),
+            "teacher_precision_inconsistent": share(right_incons, inconsistent),
+            "teacher_errors_in_inconsistent": share(c[:, 1, 0].sum(), wrong),
+            "right_labels_in_inconsistent": share(right_incons, right_cons + right_incons),
+            "per_class": per_class,
+        }
+
+
+def study_config(study_file: Path, root: str, work: str, variant: str | None, seed: int):
+    """The training config of ``variant`` at ``seed`` exactly as the study runner passes it to
+    ``carbseg train`` (no variant: the base config with the study's common overrides)."""
+    study = load_study(study_file)
+    runner = Study(root, work, [seed], [variant] if variant else None, dry_run=True, study=study)
+    overrides = runner.overrides(variant, seed)
+    return load_config(study["base"], overrides)
+
+
+def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) -> dict:
+    from tqdm import tqdm
+
     from carbseg.data.views import cut_out
+    from carbseg.engine.checkpoint import load_model
     from carbseg.engine.seeds import derive_seed
     from carbseg.engine.step import batch_to_device, segmenter_logits, teacher_views
+    from carbseg.engine.train import build_training_inputs
     from carbseg.engine.train_data import BatchKey, TrainingSamples, collate
-    from carbseg.losses.carb import region_masks, restricted_argmax
-    from carbseg.teacher.build import build_teacher
+    from carbseg.losses.carb import restricted_argmax
 
-    cfg = load_config(STUDY_DIR / "base.yaml", [f"data.root={root}", f"seed={seed}"])
-    dataset = build_dataset("camvid", root, "train")
-    names = list(dataset.classes.names)
-    num_classes = dataset.classes.num_classes
-    labels = compute_image_labels(dataset)
-    multi_hot = labels_to_multi_hot([labels[i] for i in dataset.ids], num_classes).numpy()
-    samples = TrainingSamples(dataset, multi_hot, TrainAugmentation(cfg.data), seed=seed,
-                              batch_size=cfg.data.batch_size, read_gt=True)
-    teacher = build_teacher(cfg.teacher, dataset.classes, torch.device("cpu"), seed=seed)
-    model = None
-    if checkpoint:
-        from carbseg.engine.checkpoint import load_model
-
-        model = load_model(checkpoint, device="cpu").model.eval()
+    if cfg.data.pseudo_masks:
+        raise UserError("this variant trains on fixed pseudo-masks (the single path): there is no online "
+                        "teacher to diagnose; choose a dual-path variant (--variant)")
+    device = torch.device("cpu")
+    inputs = build_training_inputs(cfg, device, teacher_precision="fp32")
+    samples, teacher = inputs.samples, inputs.teacher
+    # A teacher that sees only pixels trains on all-ignore masks; the ground truth comes from a
+    # second stream over the same keys (same seed, so the same views -- checked image by image).
+    gt_samples = samples if samples.read_gt else TrainingSamples(
+        samples.dataset, samples.image_labels, samples.augmentation, seed=samples.seed,
+        batch_size=samples.batch_size, grad_accum=samples.grad_accum, read_gt=True)
+    names = list(inputs.train_set.classes.names)
+    num_classes = len(names)
+    models = {path: load_model(path, device="cpu").model.eval() for path in checkpoints}
 
     conf = {k: ConfusionMatrix(num_classes) for k in ("global_view", "global_in_patch", "glv_patch",
                                                       "glv_patch_s_below_1", "glv_patch_s_from_1")}
-    split = {"consistent": 0, "inconsistent": 0, "teacher_right_consistent": 0, "teacher_right_inconsistent": 0}
-    for iteration in range(batches):
+    splits = {path: {"global": SplitCounts(num_classes), "patch": SplitCounts(num_classes)} for path in models}
+    for iteration in tqdm(range(batches), desc="batches", disable=not progress):
         # The trainer's own batch, generator and teacher views (iteration, micro-step 0, rank 0).
-        batch = batch_to_device(collate([samples[BatchKey(iteration, 0, slot)] for slot in range(cfg.data.batch_size)]),
-                                torch.device("cpu"))
-        generator = torch.Generator().manual_seed(derive_seed(seed, iteration, 0, 0, 1))
-        global_labels, patch, patch_labels = teacher_views(teacher, batch, cfg, generator, single_path=False)
-        gt = batch["masks"].masked_fill(~batch["valid"], IGNORE_INDEX)
-        gt_patch = cut_out(gt, patch)
+        keys = [BatchKey(iteration, 0, slot) for slot in range(samples.batch_size)]
+        batch = batch_to_device(collate([samples[k] for k in keys]), device)
+        gt_batch = batch if gt_samples is samples else batch_to_device(collate([gt_samples[k] for k in keys]), device)
+        if not torch.equal(gt_batch["images"], batch["images"]):
+            # data.cat_max_ratio < 1 redraws a crop by its mask, which is all-ignore for such a teacher.
+            raise UserError("the ground-truth stream drew other views than the training stream: with "
+                            f"data.cat_max_ratio = {cfg.data.cat_max_ratio} the crop depends on the mask; "
+                            "these diagnostics need data.cat_max_ratio = 1 for a teacher that sees only pixels")
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, 0, 0, 1))
+        with torch.inference_mode():
+            global_labels, patch, patch_labels = teacher_views(teacher, batch, cfg, generator, single_path=False)
+        gt = gt_batch["masks"].masked_fill(~gt_batch["valid"], IGNORE_INDEX)
         conf["global_view"].update(global_labels.numpy(), gt.numpy())
-        conf["global_in_patch"].update(cut_out(global_labels, patch).numpy(), gt_patch.numpy())
-        conf["glv_patch"].update(patch_labels.numpy(), gt_patch.numpy())
-        conf["glv_patch_s_below_1" if patch.scale < 1 else "glv_patch_s_from_1"].update(
-            patch_labels.numpy(), gt_patch.numpy())
-        if model is not None:
+        gt_patch = None
+        if patch is not None:
+            gt_patch = cut_out(gt, patch)
+            conf["global_in_patch"].update(cut_out(global_labels, patch).numpy(), gt_patch.numpy())
+            conf["glv_patch"].update(patch_labels.numpy(), gt_patch.numpy())
+            conf["glv_patch_s_below_1" if patch.scale < 1 else "glv_patch_s_from_1"].update(
+                patch_labels.numpy(), gt_patch.numpy())
+        for path, model in models.items():
             with torch.inference_mode():
-                logits, _ = segmenter_logits(model, batch["images"], None)
+                logits, patch_logits = segmenter_logits(model, batch["images"], patch)
             # CARB's own split (teacher vs restricted self-prediction), scored where GT exists.
-            consistent, inconsistent = region_masks(global_labels, restricted_argmax(logits, batch["image_labels"]))
-            consistent, inconsistent = consistent & (gt != IGNORE_INDEX), inconsistent & (gt != IGNORE_INDEX)
-            right = global_labels == gt
-            split["consistent"] += int(consistent.sum())
-            split["inconsistent"] += int(inconsistent.sum())
-            split["teacher_right_consistent"] += int((right & consistent).sum())
-            split["teacher_right_inconsistent"] += int((right & inconsistent).sum())
-    result = {name: _iou_report(c, names) for name, c in conf.items()}
-    if model is not None:
-        total = split["consistent"] + split["inconsistent"]
-        wrong = total - split["teacher_right_consistent"] - split["teacher_right_inconsistent"]
-        result["carb_split"] = {
-            "consistent_share": split["consistent"] / total,
-            "teacher_accuracy_consistent": split["teacher_right_consistent"] / max(split["consistent"], 1),
-            "teacher_accuracy_inconsistent": split["teacher_right_inconsistent"] / max(split["inconsistent"], 1),
-            "teacher_errors_in_inconsistent": (split["inconsistent"] - split["teacher_right_inconsistent"])
-            / max(wrong, 1),
-            "checkpoint": Path(checkpoint).parent.name,
-        }
+            splits[path]["global"].update(global_labels, restricted_argmax(logits, batch["image_labels"]), gt)
+            if patch is not None:
+                splits[path]["patch"].update(patch_labels, restricted_argmax(patch_logits, batch["image_labels"]),
+                                             gt_patch)
+    result = {name: _iou_report(c, names) for name, c in conf.items() if c.matrix.sum() > 0}
+    result["carb_split"] = {
+        path: {view: s.report(names) for view, s in views.items() if s.counts.sum() > 0}
+        for path, views in splits.items()
+    }
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default=str(STUDY_FILE), help="the study file (default: the simulated-teacher study)")
     parser.add_argument("--root", default="../shared/data/camvid")
-    parser.add_argument("--batches", type=int, default=40, help="training batches (of the base config) to look at")
-    parser.add_argument("--checkpoint", default=None, help="a trained model.safetensors: CARB split statistics")
+    parser.add_argument("--work", default="runs/study_camvid", help="the study's work folder (proxy weights)")
+    parser.add_argument("--variant", default=None, help="replay this variant's batches (default: the base config)")
+    parser.add_argument("--batches", type=int, default=40, help="training batches to look at (iterations 0..N-1)")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="a trained model.safetensors: CARB split statistics (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    result = diagnose(args.root, args.batches, args.checkpoint, args.seed)
+    try:
+        cfg = study_config(Path(args.study), args.root, args.work, args.variant, args.seed)
+        result = diagnose(cfg, args.batches, args.checkpoint, progress=not args.no_progress)
+    except UserError as err:
+        print(f"diagnose: {err}", file=sys.stderr)
+        return 2
+    result["setup"] = {"study": Path(args.study).name, "variant": args.variant, "seed": args.seed,
+                       "batches": args.batches}
     text = json.dumps(result, indent=1)
     if args.json:
         from carbseg.io import write_text_atomic

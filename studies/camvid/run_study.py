@@ -78,10 +78,12 @@ class Study:
     def run_dir(self, variant: str, seed: int) -> Path:
         return self.work / "runs" / f"{variant}_seed{seed}"
 
-    def overrides(self, variant: str, seed: int) -> list[str]:
+    def overrides(self, variant: str | None, seed: int) -> list[str]:
+        """``carbseg train``'s overrides of the base config for ``variant`` (None: the common ones only)."""
         places = {"gt_masks": _rel(self.gt_masks), "teacher_masks": _rel(self.work / "teacher_train_cell16"),
                   "proxy_weights": _rel(self.proxy_weights), "proxy_masks": _rel(self.proxy_masks)}
-        values = [o.format(**places) for o in [*self.study.get("common", []), *self.all_variants[variant]]]
+        own = self.all_variants[variant] if variant is not None else []
+        values = [o.format(**places) for o in [*self.study.get("common", []), *own]]
         return [f"data.root={self.root}", *values, f"seed={seed}"]
 
     # ------------------------------------------------------------------ steps

@@ -1,0 +1,142 @@
+"""studies/camvid/diagnose.py: CARB's region split counted against the ground truth, on a run's own batches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+STUDY_DIR = Path(__file__).resolve().parents[1] / "studies" / "camvid"
+
+
+def _diagnose_module():
+    spec = importlib.util.spec_from_file_location("camvid_study_diagnose", STUDY_DIR / "diagnose.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+diagnose = _diagnose_module()
+
+
+def test_split_counts_by_hand():
+    # pixel:      0    1    2    3    4    5
+    teacher = torch.tensor([[0, 1, 1, 255, 1, 0]])
+    model = torch.tensor([[0, 1, 0, 0, 0, 0]])
+    gt = torch.tensor([[0, 1, 0, 1, 1, 255]])
+    # 0: consistent, teacher right (class 0)     1: consistent, right (class 1)
+    # 2: inconsistent, teacher wrong (class 0)   3: teacher ignores it: in no region
+    # 4: inconsistent, teacher right (class 1): a correct label CARB scales down
+    # 5: no ground truth: not scored
+    counts = diagnose.SplitCounts(2)
+    counts.update(teacher, model, gt)
+    report = counts.report(["a", "b"])
+    assert report["pixels"] == 4
+    assert report["consistent_share"] == 0.5
+    assert report["teacher_precision_consistent"] == 1.0
+    assert report["teacher_precision_inconsistent"] == 0.5
+    assert report["teacher_errors_in_inconsistent"] == 1.0
+    assert report["right_labels_in_inconsistent"] == pytest.approx(1 / 3)
+    assert report["per_class"]["a"] == {"pixels": 2, "inconsistent_share": 0.5, "teacher_right": 0.5,
+                                        "right_labels_in_inconsistent": 0.0, "errors_in_inconsistent": 1.0}
+    assert report["per_class"]["b"] == {"pixels": 2, "inconsistent_share": 0.5, "teacher_right": 1.0,
+                                        "right_labels_in_inconsistent": 0.5, "errors_in_inconsistent": None}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> dict:
+    """A tiny open_clip ViT with random weights: a teacher that sees only pixels (never the GT)."""
+    import open_clip
+
+    from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    torch.save(open_clip.model.CLIP(**TINY_VIT_CONFIG).state_dict(), folder / "tiny.bin")
+    write_tiny_config(folder / "tiny.json")
+    return {"kind": "clip", "clip_model": str(folder / "tiny.json"), "clip_pretrained": str(folder / "tiny.bin"),
+            "grid_cell": 16}
+
+
+def test_split_of_a_run_equals_a_direct_count_on_its_batches(tmp_path, tiny_clip):
+    # A study whose teacher sees only pixels: the diagnostics must take the ground truth from a
+    # second stream over the same views, and count exactly what CARB's own split gives.
+    from carbseg.cli import main
+    from carbseg.data.classes import IGNORE_INDEX
+    from carbseg.data.synthetic import generate_synthetic_dataset
+    from carbseg.engine.checkpoint import load_model
+    from carbseg.engine.seeds import derive_seed
+    from carbseg.engine.step import batch_to_device, segmenter_logits, teacher_views
+    from carbseg.engine.train import build_training_inputs
+    from carbseg.engine.train_data import BatchKey, TrainingSamples, collate
+    from carbseg.losses.carb import region_masks, restricted_argmax
+
+    scenes = tmp_path / "scenes"
+    generate_synthetic_dataset(scenes, "train", 6, 64, 128, seed=1, progress=False)
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 0, "device": "cpu",
+        "data": {"dataset": "synthetic", "crop_size": [64, 96], "scale_size": [64, 128], "batch_size": 2,
+                 "num_workers": 0, "cat_max_ratio": 1.0},
+        "teacher": tiny_clip,
+        "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
+                  "aspp_dilations": [1, 2, 3, 4]},
+        "glv": {"enabled": True, "patch_size": [32, 48], "scale_offset": 1.0, "scale_rate": 1.0},
+        "train": {"max_iters": 2, "warmup_iters": 1, "eval_interval": 0, "checkpoint_interval": 100},
+    }))
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({"base": base.name, "seeds": [0], "common": [],
+                                          "variants": {"glv_carb": ["carb.enabled=true"]}}))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(base), "--out", str(run), "--no-progress", f"data.root={scenes}",
+                 "carb.enabled=true"]) == 0
+    checkpoint = str(run / "model.safetensors")
+    out = tmp_path / "diag.json"
+    assert diagnose.main(["--study", str(study_file), "--root", str(scenes), "--work", str(tmp_path),
+                          "--variant", "glv_carb", "--batches", "2", "--checkpoint", checkpoint,
+                          "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+
+    # The reference: the trainer's batches, the GT read directly, CARB's regions counted by hand.
+    cfg = diagnose.study_config(study_file, str(scenes), str(tmp_path), "glv_carb", 0)
+    inputs = build_training_inputs(cfg, torch.device("cpu"), teacher_precision="fp32")
+    assert not inputs.samples.read_gt  # the CLIP teacher never reads the ground truth
+    gt_stream = TrainingSamples(inputs.samples.dataset, inputs.samples.image_labels, inputs.samples.augmentation,
+                                seed=0, batch_size=2, read_gt=True)
+    model = load_model(checkpoint).model.eval()
+    consistent = scored = right_consistent = 0
+    for iteration in range(2):
+        keys = [BatchKey(iteration, 0, slot) for slot in range(2)]
+        batch = batch_to_device(collate([inputs.samples[k] for k in keys]), torch.device("cpu"))
+        gt_batch = collate([gt_stream[k] for k in keys])
+        gt = gt_batch["masks"].masked_fill(~gt_batch["valid"], IGNORE_INDEX)
+        generator = torch.Generator().manual_seed(derive_seed(0, iteration, 0, 0, 1))
+        with torch.inference_mode():
+            labels, patch, _ = teacher_views(inputs.teacher, batch, cfg, generator, single_path=False)
+            logits, _ = segmenter_logits(model, batch["images"], patch)
+        cons, incons = region_masks(labels, restricted_argmax(logits, batch["image_labels"]))
+        has_gt = gt != IGNORE_INDEX
+        consistent += int((cons & has_gt).sum())
+        scored += int(((cons | incons) & has_gt).sum())
+        right_consistent += int((cons & has_gt & (labels == gt)).sum())
+    split = result["carb_split"][checkpoint]["global"]
+    assert scored > 0 and split["pixels"] == scored
+    assert split["consistent_share"] == pytest.approx(consistent / scored)
+    assert split["teacher_precision_consistent"] == pytest.approx(right_consistent / max(consistent, 1))
+    assert sum(c["pixels"] for c in split["per_class"].values()) == scored
+    assert "patch" in result["carb_split"][checkpoint] and "glv_patch" in result
+    assert result["setup"] == {"study": "study.yaml", "variant": "glv_carb", "seed": 0, "batches": 2}
+
+
+def test_single_path_variant_has_no_teacher_to_diagnose(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"dataset": "synthetic", "pseudo_masks": str(tmp_path)}}))
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({"base": base.name, "seeds": [0], "variants": {"single": []}}))
+    assert diagnose.main(["--study", str(study_file), "--root", str(tmp_path), "--variant", "single",
+                          "--no-progress"]) == 2
+    assert "single path" in capsys.readouterr().err
