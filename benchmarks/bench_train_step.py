@@ -56,7 +56,7 @@ PARTS = ("teacher_global", "teacher_local", "forward", "loss", "backward", "opti
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backbone", default="tiny", choices=("tiny", "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0"))
+    p.add_argument("--backbone", default="tiny", choices=("tiny", "small", "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0"))
     p.add_argument("--classifier", default="learned", choices=("learned", "text"))
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=256)
@@ -124,7 +124,7 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
         f"glv.patch_size=[{args.patch[0]},{args.patch[1]}]", f"glv.scale_offset={args.scale[0]}",
         f"glv.scale_rate={args.scale[1]}",
     ])
-    if args.backbone == "tiny":
+    if args.backbone in ("tiny", "small"):  # the demo's head (configs/demo.yaml)
         cfg.model.head_channels, cfg.model.aspp_dilations = 64, [1, 2, 3, 4]
     if args.head_channels:
         cfg.model.head_channels = args.head_channels

@@ -129,6 +129,10 @@ def test_split_of_a_run_equals_a_direct_count_on_its_batches(tmp_path, tiny_clip
     assert split["teacher_precision_consistent"] == pytest.approx(right_consistent / max(consistent, 1))
     assert sum(c["pixels"] for c in split["per_class"].values()) == scored
     assert "patch" in result["carb_split"][checkpoint] and "glv_patch" in result
+    # zoom s ~ U[1, 2): the patch labels are also scored in the bins [1, 1.5) and [1.5, 2) only
+    bins = {k.removeprefix("glv_patch_s_") for k in result if k.startswith("glv_patch_s_")}
+    assert bins and bins <= {"1_1.5", "1.5_2"}
+    assert {f"global_in_patch_s_{b}" for b in bins} <= set(result)
     assert result["setup"] == {"study": "study.yaml", "variant": "glv_carb", "seed": 0, "batches": 2}
 
 
@@ -140,3 +144,26 @@ def test_single_path_variant_has_no_teacher_to_diagnose(tmp_path, capsys):
     assert diagnose.main(["--study", str(study_file), "--root", str(tmp_path), "--variant", "single",
                           "--no-progress"]) == 2
     assert "single path" in capsys.readouterr().err
+
+
+def test_summary_reads_the_diagnostics(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(STUDY_DIR))
+    from summarize import diagnostics_tables
+
+    iou = {"sky": 90.0, "pole": 5.0, "signsymbol": 10.0, "pedestrian": 20.0, "bicyclist": None}
+    split = {"pixels": 10, "consistent_share": 0.75, "teacher_precision_consistent": 0.9,
+             "teacher_precision_inconsistent": 0.25, "teacher_errors_in_inconsistent": 0.6,
+             "right_labels_in_inconsistent": 0.1,
+             "per_class": {"pedestrian": {"right_labels_in_inconsistent": 0.5}}}
+    (tmp_path / "diag_x.json").write_text(json.dumps({
+        "setup": {"variant": "proxy_glv", "seed": 1, "batches": 3},
+        "global_in_patch": {"miou": 40.0, "iou": iou}, "glv_patch_s_1.5_2": {"miou": 30.0, "iou": iou},
+        "global_in_patch_s_1.5_2": {"miou": 35.0, "iou": iou},
+        "carb_split": {"runs/warmup_seed1/model.safetensors": {"global": split}}}))
+    text = diagnostics_tables(tmp_path)
+    assert "| global view, inside the GLV patch window | 40.0 | 5.0 | 10.0 | 20.0 | – | 11.7 |" in text
+    assert "| zoom s in [1.5, 2): GLV patch | 30.0 |" in text
+    assert "| zoom s in [1.5, 2): global view in the window | 35.0 |" in text
+    assert "| warmup_seed1 | global | 75.0 | 90.0 | 25.0 | 60.0 | 10.0 | – | – | 50.0 | – |" in text

@@ -6,7 +6,8 @@ ground truth, which the trainer never shows a teacher that sees only pixels:
 
 1. Teacher labels *in the training geometry* (no model): the global-view labels and the GLV
    local-patch labels (zoomed by s, resized back), both scored against the ground truth of the
-   patch window.
+   patch window, overall and by zoom (bins of 0.5): GLV can only help where the teacher labels the
+   zoomed patch better than it labels the same window in the global view.
 2. With ``--checkpoint`` (one or more trained models, e.g. the end of CARB's warm-up and the end of
    training): CARB's split on the same views, for the global view and for the GLV patch -- the share
    of consistent pixels (teacher == the model's label-restricted argmax), the teacher's precision
@@ -143,8 +144,7 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
     num_classes = len(names)
     models = {path: load_model(path, device="cpu").model.eval() for path in checkpoints}
 
-    conf = {k: ConfusionMatrix(num_classes) for k in ("global_view", "global_in_patch", "glv_patch",
-                                                      "glv_patch_s_below_1", "glv_patch_s_from_1")}
+    conf = {k: ConfusionMatrix(num_classes) for k in ("global_view", "global_in_patch", "glv_patch")}
     splits = {path: {"global": SplitCounts(num_classes), "patch": SplitCounts(num_classes)} for path in models}
     for iteration in tqdm(range(batches), desc="batches", disable=not progress):
         # The trainer's own batch, generator and teacher views (iteration, micro-step 0, rank 0).
@@ -166,8 +166,13 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
             gt_patch = cut_out(gt, patch)
             conf["global_in_patch"].update(cut_out(global_labels, patch).numpy(), gt_patch.numpy())
             conf["glv_patch"].update(patch_labels.numpy(), gt_patch.numpy())
-            conf["glv_patch_s_below_1" if patch.scale < 1 else "glv_patch_s_from_1"].update(
-                patch_labels.numpy(), gt_patch.numpy())
+            # By zoom, in bins of 0.5: does a larger s give the teacher better or worse labels?
+            low = np.floor(patch.scale * 2) / 2
+            for key in (f"glv_patch_s_{low:g}_{low + 0.5:g}", f"global_in_patch_s_{low:g}_{low + 0.5:g}"):
+                conf.setdefault(key, ConfusionMatrix(num_classes))
+            conf[f"glv_patch_s_{low:g}_{low + 0.5:g}"].update(patch_labels.numpy(), gt_patch.numpy())
+            conf[f"global_in_patch_s_{low:g}_{low + 0.5:g}"].update(cut_out(global_labels, patch).numpy(),
+                                                                    gt_patch.numpy())
         for path, model in models.items():
             with torch.inference_mode():
                 logits, patch_logits = segmenter_logits(model, batch["images"], patch)

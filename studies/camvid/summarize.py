@@ -1,8 +1,9 @@
 """Tables and plots of the CamVid study from the runner's work folder (docs/study_camvid.md).
 
 Reads ``WORK/runs/<variant>_seed<s>/val.json`` (carbseg evaluate --json), ``log.jsonl`` (CARB
-bookkeeping) and the simulated teacher's reports ``WORK/teacher_<split>_cell<n>.json``; prints the
-markdown tables and writes small PNG plots. Missing runs are shown as missing, never invented.
+bookkeeping), the simulated teacher's reports ``WORK/teacher_<split>_cell<n>.json`` and the
+diagnostics ``WORK/diag_<name>.json`` (studies/camvid/diagnose.py); prints the markdown tables and
+writes small PNG plots. Missing runs are shown as missing, never invented.
 """
 
 from __future__ import annotations
@@ -152,6 +153,55 @@ def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list
     return "\n".join(lines)
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def diagnostics_tables(work: Path) -> str:
+    """The diagnostics (``WORK/diag_*.json``): teacher labels in the training geometry, and CARB's
+    region split of each checkpoint on the same views, scored against the ground truth."""
+    lines: list[str] = []
+    for path in sorted(work.glob("diag_*.json")):
+        diag = _read_json(path)
+        if not diag or "setup" not in diag:
+            continue
+        setup = diag["setup"]
+        lines += ["", f"{path.name}: variant {setup['variant']}, seed {setup['seed']}, its first {setup['batches']} "
+                  "training batches, scored against the ground truth of the same views", "",
+                  "| teacher labels | mIoU | " + " | ".join(SMALL_CLASSES) + " | small-class mean |",
+                  "|---|" + "---|" * (len(SMALL_CLASSES) + 2)]
+        views = {"global_view": "global view", "global_in_patch": "global view, inside the GLV patch window",
+                 "glv_patch": "GLV patch (zoomed, resized back)"}
+        for key in sorted(k for k in diag if k.startswith("glv_patch_s_")):
+            low, high = key.removeprefix("glv_patch_s_").split("_")
+            views[key.replace("glv_patch", "global_in_patch")] = f"zoom s in [{low}, {high}): global view in the window"
+            views[key] = f"zoom s in [{low}, {high}): GLV patch"
+        for key, name in views.items():
+            if key in diag:
+                iou = diag[key]["iou"]
+                small = [iou[c] for c in SMALL_CLASSES if iou.get(c) is not None]
+                lines.append(f"| {name} | {diag[key]['miou']:.1f} | "
+                             + " | ".join(_fmt(iou.get(c)) for c in SMALL_CLASSES)
+                             + f" | {_fmt(statistics.fmean(small) if small else None)} |")
+        if diag.get("carb_split"):
+            lines += ["", "| model | view | consistent share | teacher precision: consistent | inconsistent "
+                      "| teacher errors in the inconsistent region | correct labels in the inconsistent region | "
+                      + " | ".join(f"{c}: correct labels in inconsistent" for c in SMALL_CLASSES) + " |",
+                      "|---|---|---|---|---|---|---|" + "---|" * len(SMALL_CLASSES)]
+            for checkpoint, split in diag["carb_split"].items():
+                for view, r in split.items():
+                    per_class = r["per_class"]
+                    lines.append(
+                        f"| {Path(checkpoint).parent.name} | {view} | {_pct(r['consistent_share'])} | "
+                        f"{_pct(r['teacher_precision_consistent'])} | {_pct(r['teacher_precision_inconsistent'])} | "
+                        f"{_pct(r['teacher_errors_in_inconsistent'])} | {_pct(r['right_labels_in_inconsistent'])} | "
+                        + " | ".join(_pct(per_class.get(c, {}).get("right_labels_in_inconsistent"))
+                                     for c in SMALL_CLASSES) + " |")
+    if lines:
+        lines.insert(0, "Diagnostics (studies/camvid/diagnose.py; shares in %):")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list[Path]:
     from carbseg.engine.report import pyplot, save_figure
 
@@ -272,6 +322,9 @@ def summarize(study, docs_dir: Path) -> str:
                 extra.append(f"- {variant} seed {seed}: consistent share {stats['consistent_share']:.3f}, "
                              f"mean c {stats['c']:.3f} (after the warm-up of {warmup} iterations)")
     text += "\n" + "\n".join(extra)
+    diagnostics = diagnostics_tables(study.work)
+    if diagnostics:
+        text += "\n\n" + diagnostics
     curves = validation_curves(study.work, study.variants, study.seeds)
     if curves:
         text += "\n\nValidation during training (log.jsonl):\n\n" + curves_table(curves)
