@@ -172,7 +172,8 @@ def diagnostics_tables(work: Path) -> str:
                   "|---|" + "---|" * (len(SMALL_CLASSES) + 2)]
         views = {"global_view": "global view", "global_in_patch": "global view, inside the GLV patch window",
                  "glv_patch": "GLV patch (zoomed, resized back)"}
-        for key in sorted(k for k in diag if k.startswith("glv_patch_s_")):
+        zoom_bins = [k for k in diag if k.startswith("glv_patch_s_")]
+        for key in sorted(zoom_bins, key=lambda k: float(k.removeprefix("glv_patch_s_").split("_")[0])):
             low, high = key.removeprefix("glv_patch_s_").split("_")
             views[key.replace("glv_patch", "global_in_patch")] = f"zoom s in [{low}, {high}): global view in the window"
             views[key] = f"zoom s in [{low}, {high}): GLV patch"
