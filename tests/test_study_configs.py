@@ -246,3 +246,25 @@ def test_carb_runs_are_found_by_their_own_config_and_plotted(tmp_path):
         {"consistent_share": 0.7, "c": 0.1, "final_total": float("nan")}, nan_ok=True)
     path = summarize.plot_carb({"carb_seed0": (tmp_path / "carb", 40)}, tmp_path / "plots")
     assert path.name == "carb_over_training.png" and path.stat().st_size > 1000
+
+
+def test_wall_time_sums_the_sessions_of_a_run_from_tensorboard_event_times(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "runs" / "proxy_glv_seed0"
+    # Session 1: steps 10..50 every 2 s per step (the first log interval, 20 s, is counted at the
+    # session's pace); session 2 resumed at 40: steps 50..70 at 3 s per step. File names start
+    # with the creation time, so a later session sorts after an earlier one.
+    for name, steps, pace, start in (("events.out.tfevents.1000.a", range(10, 60, 10), 2.0, 1000.0),
+                                     ("events.out.tfevents.2000.a", range(50, 80, 10), 3.0, 2000.0)):
+        writer = SummaryWriter(str(tmp_path / "tmp" / name))
+        for step in steps:
+            writer.add_scalar("total", 1.0, step, walltime=start + pace * step)
+        writer.close()
+        (run / "tb").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tmp" / name).glob("events*").__next__().rename(run / "tb" / name)
+    seconds, steps, sessions = summarize.training_wall_time(run)
+    assert (steps, sessions) == (70, 2)
+    assert seconds == pytest.approx((80 + 20) + (60 + 30))
+    table = summarize.wall_time_table(tmp_path, ["proxy_glv"], [0, 1])
+    assert "| proxy_glv_seed0 | 70 | 0 h 03 min | 2 | 0.368 |" in table and "seed1" not in table

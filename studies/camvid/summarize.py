@@ -153,6 +153,42 @@ def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list
     return "\n".join(lines)
 
 
+def training_wall_time(run_dir: Path) -> tuple[float, int, int] | None:
+    """(seconds, iterations, sessions): the wall time a run spent training, validation included,
+    summed over its sessions -- one TensorBoard event file per start or resume, read for the wall
+    time of each logged step; a branch's copy of its shared warm-up's file counts that warm-up.
+    The first log interval of a session is counted at that session's mean pace. Steps redone after
+    a resume are counted again: this is what the run cost, not an ideal uninterrupted run."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    seconds, last_step, sessions = 0.0, 0, 0
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*")):  # names start with a timestamp
+        times: dict[int, float] = {}
+        for event in EventFileLoader(str(path)).Load():
+            if event.summary.value:
+                times.setdefault(event.step, event.wall_time)
+        if len(times) < 2:
+            continue
+        steps = sorted(times)
+        span = times[steps[-1]] - times[steps[0]]
+        seconds += span + span / (steps[-1] - steps[0]) * (steps[1] - steps[0])
+        last_step, sessions = steps[-1], sessions + 1
+    return (seconds, last_step, sessions) if sessions else None
+
+
+def wall_time_table(work: Path, variants: list[str], seeds: list[int]) -> str:
+    lines = ["| run | iterations | wall time | sessions | iterations/s |", "|---|---|---|---|---|"]
+    for variant in variants:
+        for seed in seeds:
+            run = work / "runs" / f"{variant}_seed{seed}"
+            timing = training_wall_time(run) if (run / "tb").is_dir() else None
+            if timing:
+                seconds, steps, sessions = timing
+                lines.append(f"| {variant}_seed{seed} | {steps} | {int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min "
+                             f"| {sessions} | {steps / seconds:.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -323,6 +359,9 @@ def summarize(study, docs_dir: Path) -> str:
                 extra.append(f"- {variant} seed {seed}: consistent share {stats['consistent_share']:.3f}, "
                              f"mean c {stats['c']:.3f} (after the warm-up of {warmup} iterations)")
     text += "\n" + "\n".join(extra)
+    timing = wall_time_table(study.work, study.variants, study.seeds)
+    if timing:
+        text += "\n\nWall time of each run (TensorBoard event times; a branch includes its shared warm-up):\n\n" + timing
     diagnostics = diagnostics_tables(study.work)
     if diagnostics:
         text += "\n\n" + diagnostics
