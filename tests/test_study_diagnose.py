@@ -169,3 +169,16 @@ def test_summary_reads_the_diagnostics(tmp_path):
     assert "| zoom s in [1.5, 2): global view in the window | 35.0 |" in text
     assert text.index("zoom s in [1, 1.5)") < text.index("zoom s in [1.5, 2)")  # numeric order of the bins
     assert "| warmup_seed1 | global | 75.0 | 90.0 | 25.0 | 60.0 | 10.0 | – | – | 50.0 | – |" in text
+
+
+def test_what_if_overrides_apply_on_top_of_the_variant(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"dataset": "synthetic"}, "glv": {"patch_size": [64, 32]}}))
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({"base": base.name, "seeds": [0], "common": ["glv.scale_rate=1.5"],
+                                          "variants": {"glv": ["glv.patch_size=[32,16]"]}}))
+    cfg = diagnose.study_config(study_file, "scenes", str(tmp_path), "glv", 4)
+    assert (list(cfg.glv.patch_size), cfg.glv.scale_rate, cfg.seed, cfg.data.root) == ([32, 16], 1.5, 4, "scenes")
+    cfg = diagnose.study_config(study_file, "scenes", str(tmp_path), "glv", 4, ["glv.patch_size=[48,24]"])
+    assert list(cfg.glv.patch_size) == [48, 24]
+    assert list(diagnose.study_config(study_file, "scenes", str(tmp_path), None, 0).glv.patch_size) == [64, 32]

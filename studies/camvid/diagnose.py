@@ -109,13 +109,15 @@ class SplitCounts:
         }
 
 
-def study_config(study_file: Path, root: str, work: str, variant: str | None, seed: int):
+def study_config(study_file: Path, root: str, work: str, variant: str | None, seed: int,
+                 extra: list[str] | None = None):
     """The training config of ``variant`` at ``seed`` exactly as the study runner passes it to
-    ``carbseg train`` (no variant: the base config with the study's common overrides)."""
+    ``carbseg train`` (no variant: the base config with the study's common overrides), then ``extra``
+    KEY=VALUE overrides (a what-if: e.g. another GLV patch size)."""
     study = load_study(study_file)
     runner = Study(root, work, [seed], [variant] if variant else None, dry_run=True, study=study)
     overrides = runner.overrides(variant, seed)
-    return load_config(study["base"], overrides)
+    return load_config(study["base"], [*overrides, *(extra or [])])
 
 
 def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) -> dict:
@@ -199,18 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a trained model.safetensors: CARB split statistics (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override on top of the variant's (a what-if, e.g. glv.patch_size=[240,160])")
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        cfg = study_config(Path(args.study), args.root, args.work, args.variant, args.seed)
+        cfg = study_config(Path(args.study), args.root, args.work, args.variant, args.seed, args.set)
         result = diagnose(cfg, args.batches, args.checkpoint, progress=not args.no_progress)
     except UserError as err:
         print(f"diagnose: {err}", file=sys.stderr)
         return 2
     result["setup"] = {"study": Path(args.study).name, "variant": args.variant, "seed": args.seed,
-                       "batches": args.batches}
+                       "batches": args.batches, **({"overrides": args.set} if args.set else {})}
     text = json.dumps(result, indent=1)
     if args.json:
         from carbseg.io import write_text_atomic

@@ -202,8 +202,9 @@ def diagnostics_tables(work: Path) -> str:
         if not diag or "setup" not in diag:
             continue
         setup = diag["setup"]
-        lines += ["", f"{path.name}: variant {setup['variant']}, seed {setup['seed']}, its first {setup['batches']} "
-                  "training batches, scored against the ground truth of the same views", "",
+        what_if = f" with {' '.join(setup['overrides'])}" if setup.get("overrides") else ""
+        lines += ["", f"{path.name}: variant {setup['variant']}{what_if}, seed {setup['seed']}, its first "
+                  f"{setup['batches']} training batches, scored against the ground truth of the same views", "",
                   "| teacher labels | mIoU | " + " | ".join(SMALL_CLASSES) + " | small-class mean |",
                   "|---|" + "---|" * (len(SMALL_CLASSES) + 2)]
         views = {"global_view": "global view", "global_in_patch": "global view, inside the GLV patch window",
