@@ -113,6 +113,9 @@ def test_summary_tables_mean_spread_and_small_classes(tmp_path):
     assert "| + GLV | 40.0 | 43.0 | **41.5** | 2.1 | 3.0 |" in text
     # small classes pole (2.5), signsymbol (6.5), pedestrian (9.5), bicyclist (10.5): mean 7.25
     assert "| **2.5** |" in text and text.rstrip().endswith("| **7.2** |")
+    # one seed: a mean, but no standard deviation and no spread
+    one = summarize.markdown_tables(tmp_path, {"glv": {0: results["glv"][0]}}, [0, 1])
+    assert "| + GLV | 40.0 | – | **40.0** | – | – |" in one
 
 
 @pytest.mark.parametrize(

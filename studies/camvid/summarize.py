@@ -127,8 +127,10 @@ def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list
         values = [runs[s]["miou"] for s in seeds if s in runs]
         mean, spread = mean_and_spread(values)
         cells = " | ".join(_fmt(runs[s]["miou"]) if s in runs else "–" for s in seeds)
-        std = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "–"  # sample std over seeds
-        lines.append(f"| {LABELS.get(variant, variant)} | {cells} | **{mean:.1f}** | {std} | {spread:.1f} |")
+        # Sample std and spread over seeds; a single seed has neither (a dash, not a 0).
+        std = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "–"
+        spread_text = f"{spread:.1f}" if len(values) > 1 else "–"
+        lines.append(f"| {LABELS.get(variant, variant)} | {cells} | **{mean:.1f}** | {std} | {spread_text} |")
     lines += ["", "| variant | " + " | ".join(f"**{c}**" if c in SMALL_CLASSES else c for c in CLASS_NAMES)
               + " | small-class mean |",
               "|---|" + "---|" * (len(CLASS_NAMES) + 1)]
