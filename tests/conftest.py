@@ -57,3 +57,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> dict:
+    """A tiny open_clip ViT with random weights, as ``teacher.*`` settings (a teacher that sees only
+    pixels; its masks mean nothing)."""
+    import open_clip
+    import torch
+
+    from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
+
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    torch.save(open_clip.model.CLIP(**TINY_VIT_CONFIG).state_dict(), folder / "tiny.bin")
+    write_tiny_config(folder / "tiny.json")
+    return {"kind": "clip", "clip_model": str(folder / "tiny.json"), "clip_pretrained": str(folder / "tiny.bin"),
+            "text_templates": "single", "cache_dir": str(folder / "cache")}

@@ -75,20 +75,6 @@ def test_channels_last_gives_the_same_logits():
     assert torch.allclose(plain, last, atol=1e-3, rtol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> dict:
-    import open_clip
-
-    from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
-
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    torch.save(open_clip.model.CLIP(**TINY_VIT_CONFIG).state_dict(), folder / "tiny.bin")
-    write_tiny_config(folder / "tiny.json")
-    return {"kind": "clip", "clip_model": str(folder / "tiny.json"), "clip_pretrained": str(folder / "tiny.bin"),
-            "text_templates": "single", "cache_dir": str(folder / "cache")}
-
-
 def test_teacher_bf16_path_on_cuda(tiny_clip):
     from carbseg.teacher.build import build_teacher
 

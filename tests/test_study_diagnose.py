@@ -47,21 +47,6 @@ def test_split_counts_by_hand():
                                         "right_labels_in_inconsistent": 0.5, "errors_in_inconsistent": None}
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> dict:
-    """A tiny open_clip ViT with random weights: a teacher that sees only pixels (never the GT)."""
-    import open_clip
-
-    from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
-    torch.save(open_clip.model.CLIP(**TINY_VIT_CONFIG).state_dict(), folder / "tiny.bin")
-    write_tiny_config(folder / "tiny.json")
-    return {"kind": "clip", "clip_model": str(folder / "tiny.json"), "clip_pretrained": str(folder / "tiny.bin"),
-            "grid_cell": 16}
-
-
 def test_split_of_a_run_equals_a_direct_count_on_its_batches(tmp_path, tiny_clip):
     # A study whose teacher sees only pixels: the diagnostics must take the ground truth from a
     # second stream over the same views, and count exactly what CARB's own split gives.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +18,6 @@ from carbseg.data.synthetic import generate_synthetic_dataset
 from carbseg.engine import step as step_module
 from carbseg.engine.train import train
 from carbseg.teacher.build import build_teacher
-from carbseg.teacher.tiny import TINY_VIT_CONFIG, write_tiny_config
 from test_cuda_paths import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,17 +28,6 @@ def scenes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
     generate_synthetic_dataset(root, "train", 4, 64, 128, seed=3, progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> dict:
-    """A tiny open_clip ViT with random weights, as ``teacher.*`` settings."""
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    torch.save(open_clip.model.CLIP(**TINY_VIT_CONFIG).state_dict(), folder / "tiny.bin")
-    write_tiny_config(folder / "tiny.json")
-    return {"kind": "clip", "clip_model": str(folder / "tiny.json"), "clip_pretrained": str(folder / "tiny.bin"),
-            "text_templates": "single", "cache_dir": str(folder / "cache")}
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
