@@ -122,7 +122,8 @@ def test_summary_tables_mean_spread_and_small_classes(tmp_path):
     ("variant", "glv", "carb", "single_path"),
     [("gt_upper_bound", False, False, "gt_train_ids"), ("proxy_ce", False, False, None),
      ("proxy_glv", True, False, None), ("proxy_glv_carb", True, True, None),
-     ("proxy_single_ce", False, False, "proxy_train"), ("proxy_single_carb", False, True, "proxy_train")],
+     ("proxy_single_ce", False, False, "proxy_train"), ("proxy_single_carb", False, True, "proxy_train"),
+     ("proxy_glv_patch_large", True, False, None), ("proxy_carb", False, True, None)],
 )
 def test_proxy_study_variants_use_the_proxy_teacher_and_a_third_warmup(tmp_path, variant, glv, carb, single_path):
     study = run_study.Study("data/camvid", str(tmp_path), seeds=[2], variants=[variant], dry_run=True,
@@ -134,6 +135,7 @@ def test_proxy_study_variants_use_the_proxy_teacher_and_a_third_warmup(tmp_path,
     assert cfg.train.warmup_iters * 3 == cfg.train.max_iters and cfg.carb.coeff == 1.0
     if glv:
         assert (cfg.glv.scale_offset, cfg.glv.scale_rate) == (1.0, 2.0)
+    assert list(cfg.glv.patch_size) == ([240, 160] if variant == "proxy_glv_patch_large" else [170, 85])
 
 
 def test_proxy_study_prepare_fits_then_scores_without_the_fit_set(tmp_path, capsys):

@@ -29,6 +29,8 @@ LABELS = {
     "proxy_glv_carb_warmup_half": "follow-up: proxy, + GLV + CARB, warm-up 1/2",
     "proxy_single_ce": "follow-up: proxy, fixed masks, CE",
     "proxy_single_carb": "follow-up: proxy, fixed masks, CARB",
+    "proxy_glv_patch_large": "follow-up: proxy, + GLV with a 240x160 patch",
+    "proxy_carb": "follow-up: proxy, + CARB without GLV",
 }
 SHORT = {  # bar-plot tick labels
     "global_ce": "global\nCE only", "glv": "+ GLV", "glv_carb": "+ GLV\n+ CARB", "gt_upper_bound": "GT upper\nbound",
