@@ -135,6 +135,8 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
         raise UserError("this variant trains on fixed pseudo-masks (the single path): there is no online "
                         "teacher to diagnose; choose a dual-path variant (--variant)")
     device = torch.device("cpu")
+    # fp32 teacher: what every study run used (the probe chose fp32 on its CPU); a bf16 teacher would
+    # label a few pixels differently from the run being replayed.
     inputs = build_training_inputs(cfg, device, teacher_precision="fp32")
     samples, teacher = inputs.samples, inputs.teacher
     # A teacher that sees only pixels trains on all-ignore masks; the ground truth comes from a
@@ -158,6 +160,9 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
             raise UserError("the ground-truth stream drew other views than the training stream: with "
                             f"data.cat_max_ratio = {cfg.data.cat_max_ratio} the crop depends on the mask; "
                             "these diagnostics need data.cat_max_ratio = 1 for a teacher that sees only pixels")
+        # As the trainer: the global generators reseeded per iteration (a stochastic teacher draws
+        # from them), the patch drawn from its own generator.
+        torch.manual_seed(derive_seed(cfg.seed, iteration, 0, 0))
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, 0, 0, 1))
         with torch.inference_mode():
             global_labels, patch, patch_labels = teacher_views(teacher, batch, cfg, generator, single_path=False)
