@@ -273,3 +273,11 @@ def test_wall_time_sums_the_sessions_of_a_run_from_tensorboard_event_times(tmp_p
     assert seconds == pytest.approx((80 + 20) + (60 + 30))
     table = summarize.wall_time_table(tmp_path, ["proxy_glv"], [0, 1])
     assert "| proxy_glv_seed0 | 70 | 0 h 03 min | 2 | 0.368 |" in table and "seed1" not in table
+
+
+def test_the_teacher_alone_is_the_proxy_in_a_proxy_study_and_the_simulated_one_otherwise(tmp_path):
+    assert summarize.teacher_alone_on_val(tmp_path) == ("simulated teacher", None)
+    (tmp_path / "teacher_val_cell16.json").write_text(json.dumps({"miou": 46.5}))
+    assert summarize.teacher_alone_on_val(tmp_path) == ("simulated teacher", {"miou": 46.5})
+    (tmp_path / "proxy_val.json").write_text(json.dumps({"miou": 46.0}))
+    assert summarize.teacher_alone_on_val(tmp_path) == ("proxy teacher", {"miou": 46.0})

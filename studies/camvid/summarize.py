@@ -36,6 +36,7 @@ SHORT = {  # bar-plot tick labels
     "global_ce": "global\nCE only", "glv": "+ GLV", "glv_carb": "+ GLV\n+ CARB", "gt_upper_bound": "GT upper\nbound",
     "single_ce": "fixed masks\nCE (f-up)", "single_carb": "fixed masks\nCARB (f-up)",
     "glv_carb_warmup110": "+GLV+CARB\nwarm-up 110\n(f-up)",
+    "proxy_ce": "global\nCE only", "proxy_glv": "+ GLV", "proxy_glv_carb": "+ GLV\n+ CARB",
 }
 
 
@@ -244,6 +245,15 @@ def diagnostics_tables(work: Path) -> str:
     return "\n".join(lines)
 
 
+def teacher_alone_on_val(work: Path) -> tuple[str, dict | None]:
+    """(which teacher, its pseudo-masks' val report): the proxy teacher's when the work folder has
+    one (proxy_study.yaml), else the simulated teacher's 16-px grid (study.yaml)."""
+    proxy = _read_json(work / "proxy_val.json")
+    if proxy:
+        return "proxy teacher", proxy
+    return "simulated teacher", _read_json(work / "teacher_val_cell16.json")
+
+
 def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list[Path]:
     from carbseg.engine.report import pyplot, save_figure
 
@@ -251,7 +261,7 @@ def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    teacher = _read_json(work / "teacher_val_cell16.json")
+    teacher_name, teacher = teacher_alone_on_val(work)
     names, means, lows, highs = [], [], [], []
     if teacher:
         names.append("teacher\nalone")
@@ -271,7 +281,7 @@ def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list
         ax.text(i, m + 1, f"{m:.1f}", ha="center", fontsize=8)
     ax.set_xticks(range(len(names)), names, fontsize=7)
     ax.set_ylabel("val mIoU (%)")
-    ax.set_title("CamVid val, simulated teacher (research instrument); bars = seed min..max", fontsize=8)
+    ax.set_title(f"CamVid val, {teacher_name} (research instrument); bars = seed min..max", fontsize=8)
     fig.tight_layout()
     path = out_dir / "miou.png"
     save_figure(fig, path)
