@@ -170,16 +170,15 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
         conf["global_view"].update(global_labels.numpy(), gt.numpy())
         gt_patch = None
         if patch is not None:
-            gt_patch = cut_out(gt, patch)
-            conf["global_in_patch"].update(cut_out(global_labels, patch).numpy(), gt_patch.numpy())
+            gt_patch, window_labels = cut_out(gt, patch), cut_out(global_labels, patch)
+            conf["global_in_patch"].update(window_labels.numpy(), gt_patch.numpy())
             conf["glv_patch"].update(patch_labels.numpy(), gt_patch.numpy())
             # By zoom, in bins of 0.5: does a larger s give the teacher better or worse labels?
             low = np.floor(patch.scale * 2) / 2
-            for key in (f"glv_patch_s_{low:g}_{low + 0.5:g}", f"global_in_patch_s_{low:g}_{low + 0.5:g}"):
-                conf.setdefault(key, ConfusionMatrix(num_classes))
-            conf[f"glv_patch_s_{low:g}_{low + 0.5:g}"].update(patch_labels.numpy(), gt_patch.numpy())
-            conf[f"global_in_patch_s_{low:g}_{low + 0.5:g}"].update(cut_out(global_labels, patch).numpy(),
-                                                                    gt_patch.numpy())
+            zoom_bin = f"s_{low:g}_{low + 0.5:g}"
+            for key, labels in ((f"glv_patch_{zoom_bin}", patch_labels),
+                                (f"global_in_patch_{zoom_bin}", window_labels)):
+                conf.setdefault(key, ConfusionMatrix(num_classes)).update(labels.numpy(), gt_patch.numpy())
         for path, model in models.items():
             with torch.inference_mode():
                 logits, patch_logits = segmenter_logits(model, batch["images"], patch)
