@@ -9,10 +9,13 @@ The step is the trainer's own (``carbseg.engine.step.training_step``: teacher vi
 patch, segmenter forward, CARB objective after warm-up with c = 1), so what is timed is what is trained.
 
 - ``fp32``: the straightforward step: fp32 everywhere (teacher and segmenter), default memory format,
-  the dilated depthwise convolutions as plain ``nn.Conv2d`` (the step before ``PhaseSplitDepthwiseConv2d``).
+  every dilated convolution a plain ``nn.Conv2d`` (the step before ``carbseg.models.dilated``).
 - ``optimised``: what ``carbseg train`` does: the teacher's blocks and the segmenter at the precision
   ``auto`` chooses (``carbseg.precision``: native bf16 on GPU; on a CPU a timed probe; ``--cpu-amp``
-  forces bf16 on a CPU); channels-last on GPU; dilated depthwise convolutions split into phases on CPU.
+  forces bf16 on a CPU); channels-last on GPU; on a CPU the dilated convolutions of ``carbseg.models.dilated``
+  (depthwise ones split into channels-last phases, the ASPP's skipping their zero-padding products).
+- ``optimised-dense-aspp``: ``optimised`` with the ASPP branches as dense convolutions (the optimised
+  step skips their zero-padding products on CPU: ``carbseg.models.dilated.PaddingSkippingConv2d``).
 - ``optimised-cl``: ``optimised`` with channels-last on CPU too (a measurement, not what train does).
 - ``optimised-os16``: ``optimised`` at output stride 16 (a config choice: ``model.output_stride=16``,
   as the CamVid study config; coarser logits, so not the same model).
@@ -45,7 +48,7 @@ from carbseg.data.classes import CITYSCAPES
 from carbseg.data.synthetic import render_scene
 from carbseg.engine.step import batch_to_device, training_step
 from carbseg.losses.carb import CARBObjective
-from carbseg.models.backbones import PhaseSplitDepthwiseConv2d
+from carbseg.models.dilated import PaddingSkippingConv2d, PhaseSplitDepthwiseConv2d
 from carbseg.models.segmenter import build_segmenter
 from carbseg.precision import machine_summary, segmenter_precision, teacher_precision
 from carbseg.teacher.build import build_teacher
@@ -74,7 +77,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu-amp", action="store_true",
                    help="the optimised variants use bf16 autocast on CPU whatever precision auto chose")
     p.add_argument("--variants", default="fp32,optimised",
-                   help="comma-separated: fp32, optimised, optimised-cl, optimised-os16 (fp32 is the baseline)")
+                   help="comma-separated: fp32, optimised, optimised-dense-aspp, optimised-cl, optimised-os16 "
+                        "(fp32 is the baseline)")
     return p.parse_args()
 
 
@@ -141,10 +145,12 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
         embeddings = torch.nn.functional.normalize(torch.randn(CITYSCAPES.num_classes, cfg.model.embed_dim), dim=1)
     model = build_segmenter(cfg.model, CITYSCAPES.num_classes, class_embeddings=embeddings,
                             load_pretrained=False).to(device).train()
-    if not optimised:  # the step before: dilated depthwise convolutions as plain nn.Conv2d
-        for module in model.modules():
-            if isinstance(module, PhaseSplitDepthwiseConv2d):
-                module.__class__ = torch.nn.Conv2d
+    for module in model.modules():
+        # fp32: the step before (every dilated convolution a plain nn.Conv2d); optimised-dense-aspp: the
+        # ASPP branches dense, to measure what skipping their padding products gives.
+        if ((not optimised and isinstance(module, (PhaseSplitDepthwiseConv2d, PaddingSkippingConv2d)))
+                or (name == "optimised-dense-aspp" and isinstance(module, PaddingSkippingConv2d))):
+            module.__class__ = torch.nn.Conv2d
     channels_last = optimised and (device.type == "cuda" or name == "optimised-cl")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -205,7 +211,7 @@ def main() -> None:
     if args.interop_threads:
         torch.set_num_interop_threads(args.interop_threads)
     names = args.variants.split(",")
-    unknown = set(names) - {"fp32", "optimised", "optimised-cl", "optimised-os16"}
+    unknown = set(names) - {"fp32", "optimised", "optimised-dense-aspp", "optimised-cl", "optimised-os16"}
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}")
     print(machine_summary(device))

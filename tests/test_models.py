@@ -272,40 +272,9 @@ def test_pretrained_efficientnet_lite0_recognises_a_street_scene(lite0_weights, 
     assert not torch.allclose(logits, random_logits)
 
 
-# ---------------------------------------------------------------- dilated depthwise convolutions on CPU
-@pytest.mark.parametrize("kernel, dilation, size", [(3, 2, (12, 16)), (5, 4, (15, 22)), (5, 2, (7, 9)), (3, 4, (3, 5))])
-def test_phase_split_depthwise_equals_the_dilated_convolution(kernel, dilation, size):
-    """Space to batch: the d x d phases convolved undilated and interleaved back are the dilated
-    convolution, sizes not divisible by d included; gradients equal up to the order of sums."""
-    from carbseg.models.backbones import PhaseSplitDepthwiseConv2d, split_dilated_depthwise
-
-    torch.manual_seed(0)
-    reference = nn.Conv2d(6, 6, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, groups=6)
-    split = nn.Sequential(nn.Conv2d(6, 6, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, groups=6))
-    split.load_state_dict({f"0.{k}": v for k, v in reference.state_dict().items()})
-    assert split_dilated_depthwise(split) == 1 and type(split[0]) is PhaseSplitDepthwiseConv2d
-    assert split.state_dict().keys() == {"0.weight", "0.bias"}
-    x = torch.randn(2, 6, *size)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = split(xa), reference(xb)
-    assert ya.shape == yb.shape == (2, 6, *size)
-    torch.testing.assert_close(ya, yb, rtol=0, atol=1e-5)
-    # An independent reference for one output pixel: the 3x3/5x5 taps d pixels apart, zero outside.
-    r, c, k0 = size[0] // 2, size[1] // 2, (kernel - 1) // 2
-    taps = [(r + dilation * (i - k0), c + dilation * (j - k0)) for i in range(kernel) for j in range(kernel)]
-    expected = reference.bias[1] + sum(reference.weight[1, 0, i, j] * x[0, 1, y, z]
-                                       for (y, z), (i, j) in zip(taps, [(i, j) for i in range(kernel) for j in range(kernel)])
-                                       if 0 <= y < size[0] and 0 <= z < size[1])
-    torch.testing.assert_close(ya[0, 1, r, c], expected, rtol=0, atol=1e-5)
-    grad = torch.randn_like(ya)
-    ya.backward(grad)
-    yb.backward(grad)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(split[0].weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)
-
-
 def test_lite0_splits_only_its_dilated_depthwise_convolutions():
-    from carbseg.models.backbones import EfficientNetLite0Backbone, PhaseSplitDepthwiseConv2d
+    from carbseg.models.backbones import EfficientNetLite0Backbone
+    from carbseg.models.dilated import PhaseSplitDepthwiseConv2d
 
     counts = {}
     for stride in (8, 16, 32):

@@ -3,6 +3,8 @@
 As in the authors' release (its ``ASPPHeadV2``), each branch is conv -> BatchNorm -> ReLU with
 ``head_channels`` (512) outputs, and the branches are *summed* (DeepLab-v2), not concatenated and
 fused (DeepLab-v3). The summed 512-d feature feeds the text-embedding classifier directly.
+On a CPU the branches skip the products with their zero padding where that is most of them
+(:class:`carbseg.models.dilated.PaddingSkippingConv2d`; same parameters, same results to rounding).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from carbseg.models.dilated import PaddingSkippingConv2d
+
 
 class ASPPBranch(nn.Sequential):
     """One atrous branch: 3x3 conv with dilation d (padding d keeps the size), BN, ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, dilation: int):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False),
+            PaddingSkippingConv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )

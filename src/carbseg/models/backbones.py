@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from carbseg.errors import MissingWeightsError, UserError
+from carbseg.models.dilated import split_dilated_depthwise
 from carbseg.safe_load import one_line_reason, torch_load_weights_only
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -250,55 +251,10 @@ def load_efficientnet_lite0_imagenet(model: nn.Module) -> None:
     model.load_state_dict({k: mapped[k] for k in own}, strict=True)
 
 
-class PhaseSplitDepthwiseConv2d(nn.Conv2d):
-    """A dilated depthwise convolution computed, on a CPU, as an undilated one on the d x d phases.
-
-    Why: PyTorch's CPU backward of a dilated depthwise convolution (EfficientNet-Lite0's 3x3 / 5x5
-    ``conv_dw`` at dilation 2 and 4 once stages are dilated for output stride 8) is many times slower
-    than the undilated one (benchmarks/RESULTS.md: 1.3 s for one 1152-channel 5x5 layer of a batch of
-    4 at 240x320). A stride-1 convolution with dilation d only ever combines pixels whose coordinates
-    agree modulo d, so it equals the undilated convolution applied to each of the d x d sub-grids
-    ``x[..., i::d, j::d]`` ("space to batch"), interleaved back. The products and their sums are the
-    same: forward outputs are equal to the dilated convolution's (tests check it to the last bit on
-    CPU), gradients equal up to the order of floating-point sums. Parameters and state-dict names are
-    those of the ``nn.Conv2d`` it replaces; on other devices (cuDNN is fast there) it is that convolution.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dh, dw = self.dilation
-        if x.device.type != "cpu" or (dh, dw) == (1, 1) or torch.onnx.is_in_onnx_export():
-            return super().forward(x)
-        b, c, h, w = x.shape
-        # Zero rows/columns up to a multiple of d lie where the dilated convolution's own zero padding is.
-        ph, pw = (-h) % dh, (-w) % dw
-        if ph or pw:
-            x = nn.functional.pad(x, (0, pw, 0, ph))
-        hh, ww = (h + ph) // dh, (w + pw) // dw
-        phases = x.reshape(b, c, hh, dh, ww, dw).permute(0, 3, 5, 1, 2, 4).reshape(b * dh * dw, c, hh, ww)
-        kh, kw = self.kernel_size
-        y = nn.functional.conv2d(phases, self.weight, self.bias, 1, ((kh - 1) // 2, (kw - 1) // 2), 1, self.groups)
-        y = y.reshape(b, dh, dw, c, hh, ww).permute(0, 3, 4, 1, 5, 2).reshape(b, c, hh * dh, ww * dw)
-        return y[..., :h, :w] if (ph or pw) else y
-
-
-def split_dilated_depthwise(module: nn.Module) -> int:
-    """Make every dilated, stride-1, 'same'-padded depthwise ``nn.Conv2d`` of ``module`` a
-    :class:`PhaseSplitDepthwiseConv2d` (in place: same parameters); returns how many."""
-    count = 0
-    for child in module.modules():
-        if (type(child) is nn.Conv2d and child.groups == child.in_channels == child.out_channels
-                and child.dilation != (1, 1) and child.stride == (1, 1) and child.padding_mode == "zeros"
-                and all(k % 2 == 1 for k in child.kernel_size)
-                and child.padding == tuple(d * (k - 1) // 2 for d, k in zip(child.dilation, child.kernel_size))):
-            child.__class__ = PhaseSplitDepthwiseConv2d
-            count += 1
-    return count
-
-
 class EfficientNetLite0Backbone(nn.Module):
     """timm's EfficientNet-Lite0, last feature level (320 channels), dilated to output stride 8.
 
-    Its dilated depthwise convolutions run as :class:`PhaseSplitDepthwiseConv2d` (same weights, same
+    Its dilated depthwise convolutions run as :class:`carbseg.models.dilated.PhaseSplitDepthwiseConv2d` (same weights, same
     outputs; several times faster to train on a CPU).
     """
 
