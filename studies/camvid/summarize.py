@@ -158,6 +158,61 @@ def markdown_tables(work: Path, results: dict[str, dict[int, dict]], seeds: list
     return "\n".join(lines)
 
 
+LEARNABLE_SMALL = ("pedestrian", "bicyclist")  # the small classes the study's GT bound learns (docs)
+# (variant, against): the comparisons the study asks for, each paired by seed (same seed = same data
+# order, crops and initial head): GLV against the global-CE model, CARB against GLV alone, and so on.
+PAIRS = (("proxy_glv", "proxy_ce"), ("proxy_glv_carb", "proxy_glv"), ("proxy_glv_carb", "proxy_ce"),
+         ("proxy_glv_patch_large", "proxy_glv"), ("proxy_carb", "proxy_ce"),
+         ("proxy_single_carb", "proxy_single_ce"), ("proxy_glv_carb_warmup_half", "proxy_glv_carb"),
+         ("glv", "global_ce"), ("glv_carb", "glv"))
+
+
+def _scores(report: dict) -> dict[str, float]:
+    """mIoU, the four small classes' mean and the learnable two's mean of one val report."""
+    iou = report["iou"]
+    return {"miou": report["miou"], "small": statistics.fmean(iou[c] for c in SMALL_CLASSES),
+            "learnable": statistics.fmean(iou[c] for c in LEARNABLE_SMALL)}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 \
+        else f"{values[0]:.1f} (one seed)"
+
+
+def seed_statistics_table(results: dict[str, dict[int, dict]]) -> str:
+    """Per variant, over its finished seeds: mean ± sample standard deviation of mIoU, of the four
+    small classes' mean IoU and of pedestrian + bicyclist's."""
+    lines = ["| variant | seeds | mIoU | small-class mean (4) | pedestrian + bicyclist |", "|---|---|---|---|---|"]
+    for variant, runs in results.items():
+        scores = [_scores(runs[s]) for s in sorted(runs)]
+        lines.append(f"| {LABELS.get(variant, variant)} | {', '.join(str(s) for s in sorted(runs))} | "
+                     + " | ".join(_mean_std([x[key] for x in scores]) for key in ("miou", "small", "learnable"))
+                     + " |")
+    return "\n".join(lines)
+
+
+def paired_differences_table(results: dict[str, dict[int, dict]]) -> str:
+    """For each comparison of PAIRS with both runs finished for some seed: the per-seed differences
+    (variant - against) of mIoU, small-class mean and pedestrian + bicyclist, then their mean ± std.
+    Empty when no pair has a common seed."""
+    lines = ["| comparison | seeds | mIoU difference per seed | mean ± std | small-class mean difference | "
+             "mean ± std | pedestrian + bicyclist difference | mean ± std |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant, against in PAIRS:
+        common = sorted(set(results.get(variant, {})) & set(results.get(against, {})))
+        if not common:
+            continue
+        cells = []
+        for key in ("miou", "small", "learnable"):
+            diffs = [_scores(results[variant][s])[key] - _scores(results[against][s])[key] for s in common]
+            cells += [", ".join(f"{d:+.1f}" for d in diffs), _mean_std(diffs)]
+        lines.append(f"| {LABELS.get(variant, variant)} vs {LABELS.get(against, against)} | "
+                     f"{', '.join(str(s) for s in common)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def training_wall_time(run_dir: Path) -> tuple[float, int, int] | None:
     """(seconds, iterations, sessions): the wall time a run spent training, validation included,
     summed over its sessions -- one TensorBoard event file per start or resume, read for the wall
@@ -362,6 +417,11 @@ def summarize(study, docs_dir: Path) -> str:
 
     results = collect(study.work, study.variants, study.seeds)
     text = markdown_tables(study.work, results, study.seeds)
+    if results:
+        text += "\n\nOver seeds (mean ± sample standard deviation):\n\n" + seed_statistics_table(results)
+    paired = paired_differences_table(results)
+    if paired:
+        text += "\n\nPaired by seed (variant minus the one it is compared with):\n\n" + paired
     extra = ["", "CARB bookkeeping after the warm-up (log.jsonl):"]
     carb_runs = {}
     for variant in study.variants:
