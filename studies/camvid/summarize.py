@@ -432,7 +432,8 @@ def summarize(study, docs_dir: Path) -> str:
             if stats:
                 carb_runs[f"{variant}_seed{seed}"] = (run, warmup)
                 extra.append(f"- {variant} seed {seed}: consistent share {stats['consistent_share']:.3f}, "
-                             f"mean c {stats['c']:.3f} (after the warm-up of {warmup} iterations)")
+                             f"mean c {stats['c']:.3f} (after the warm-up of {warmup} iterations)"
+                             + ("" if (run / "model.safetensors").is_file() else "; unfinished run, so far"))
     text += "\n" + "\n".join(extra)
     timing = wall_time_table(study.work, study.variants, study.seeds)
     if timing:
