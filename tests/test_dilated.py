@@ -176,3 +176,32 @@ def test_aspp_output_matches_its_dense_form():
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
     for a, b in zip(aspp.parameters(), dense.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_phase_split_still_splits_under_cpu_autocast():
+    """bf16 autocast (chosen on CPUs where it is faster) keeps the phase split: the undilated
+    convolution runs on the phases in bf16 and agrees with the dilated one in bf16."""
+    torch.manual_seed(0)
+    reference = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4)
+    split = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4))
+    split.load_state_dict({f"0.{k}": v for k, v in reference.state_dict().items()})
+    split_dilated_depthwise(split)
+    seen = []
+    original = nn.functional.conv2d
+
+    def spy(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return original(x, *args, **kwargs)
+
+    x = torch.randn(2, 4, 8, 8)
+    nn.functional.conv2d = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ya = split(x)
+    finally:
+        nn.functional.conv2d = original
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = reference(x)
+    assert seen == [(8, 4, 4, 4)]  # 2 images x 4 phases of 4x4
+    assert ya.dtype == yb.dtype == torch.bfloat16
+    torch.testing.assert_close(ya.float(), yb.float(), rtol=0, atol=0.05)
