@@ -254,8 +254,8 @@ def load_efficientnet_lite0_imagenet(model: nn.Module) -> None:
 class EfficientNetLite0Backbone(nn.Module):
     """timm's EfficientNet-Lite0, last feature level (320 channels), dilated to output stride 8.
 
-    Its dilated depthwise convolutions run as :class:`carbseg.models.dilated.PhaseSplitDepthwiseConv2d` (same weights, same
-    outputs; several times faster to train on a CPU).
+    Its dilated depthwise convolutions run as :class:`carbseg.models.dilated.PhaseSplitDepthwiseConv2d`
+    (same weights, same outputs to rounding; several times faster to train on a CPU).
     """
 
     def __init__(self, output_stride: int = 8):
