@@ -326,7 +326,7 @@ def plot(results: dict[str, dict[int, dict]], work: Path, out_dir: Path) -> list
     for variant, runs in results.items():
         values = [r["miou"] for r in runs.values()]
         mean = statistics.fmean(values)
-        names.append(SHORT.get(variant, variant))
+        names.append(f"{SHORT.get(variant, variant)}\n({len(values)} seed{'s' if len(values) > 1 else ''})")
         means.append(mean)
         lows.append(mean - min(values))
         highs.append(max(values) - mean)
