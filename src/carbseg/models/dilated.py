@@ -27,7 +27,7 @@ from torch import nn
 # (one matrix product per tap plus the slicing), measured at one thread on 4x320x{30x40, 15x20} maps
 # with 512 outputs (the ASPP of EfficientNet-Lite0 at 240x320): dilations whose taps keep at most
 # this share of the dense products ran 1.4-3.5x faster, except 15x20 at dilation 6 (59%: 0.96x, the
-# threshold's edge); at 70-96% they ran 0.65-0.95x as fast (30x40 at 78%: 1.17x).
+# threshold's edge); at 71-96% they ran 0.65-0.96x as fast (30x40 at 78%: 1.17x).
 PADDING_SKIP_MAX_VALID_SHARE = 0.6
 
 
