@@ -205,3 +205,15 @@ def test_phase_split_still_splits_under_cpu_autocast():
     assert seen == [(8, 4, 4, 4)]  # 2 images x 4 phases of 4x4
     assert ya.dtype == yb.dtype == torch.bfloat16
     torch.testing.assert_close(ya.float(), yb.float(), rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("stride, padding", [(2, 6), (1, 3)])
+def test_padding_skipping_leaves_other_geometries_to_the_dense_convolution(stride, padding):
+    """Built directly with a stride or a padding the taps do not model, the module is the dense
+    convolution (same output shape and values), never a wrong tap-wise sum."""
+    torch.manual_seed(0)
+    reference = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=6)
+    module = PaddingSkippingConv2d(3, 4, 3, stride=stride, padding=padding, dilation=6)
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 8, 10)
+    torch.testing.assert_close(module(x), reference(x), rtol=0, atol=0)

@@ -174,7 +174,9 @@ class PaddingSkippingConv2d(nn.Conv2d):
         h, w = x.shape[-2:]
         # Under CPU autocast (bf16 where the probe found it faster) the dense convolution runs in bf16;
         # the tap products here would not (measured only in fp32), so it is left to the dense one.
+        # The taps assume stride 1 and 'same' zero padding; any other geometry is the plain convolution.
         if (_plain_convolution_wanted(x) or torch.is_autocast_enabled("cpu") or self.groups != 1
+                or not _is_same_padded(self)
                 or valid_share(h, w, self.kernel_size, self.dilation) > PADDING_SKIP_MAX_VALID_SHARE):
             return super().forward(x)
         return _PaddingSkippingConvolution.apply(x, self.weight, self.bias, self.dilation)
