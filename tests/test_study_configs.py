@@ -314,3 +314,22 @@ def test_seed_statistics_and_paired_differences_by_hand(tmp_path):
     assert rows[2].startswith("| proxy teacher, + GLV + CARB vs proxy teacher, global CE only | 1 | -10.0 |")
     assert len(rows) == 3
     assert summarize.paired_differences_table({"proxy_glv": results["proxy_glv"]}) == ""
+
+
+def test_summarize_writes_the_tables_it_prints_to_tables_md(tmp_path, capsys):
+    # The study document links docs/.../tables.md: it must hold exactly what summarize printed.
+    names = summarize.CLASS_NAMES
+    for variant, miou in (("gt_upper_bound", 55.0), ("proxy_ce", 48.0)):
+        run = tmp_path / "runs" / f"{variant}_seed0"
+        run.mkdir(parents=True)
+        iou = {c: 10.0 for c in names}
+        (run / "val.json").write_text(json.dumps({"miou": miou, "iou": iou, "pixel_acc": 80.0, "num_images": 2}))
+    study = run_study.Study("unused", str(tmp_path), [0], ["gt_upper_bound", "proxy_ce"], dry_run=True,
+                            study=run_study.load_study(STUDY_DIR / "proxy_study.yaml"))
+    text = summarize.summarize(study, tmp_path / "docs")
+    written = (tmp_path / "docs" / "tables.md").read_text()
+    assert written.startswith("# CamVid study tables (generated")
+    assert "seeds: 0" in written and "gt_upper_bound, proxy_ce" in written
+    assert text.strip() in written
+    assert "| 55.0 |" in written and "| 48.0 |" in written
+    assert f"wrote {tmp_path / 'docs' / 'tables.md'}" in capsys.readouterr().out
