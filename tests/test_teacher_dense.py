@@ -65,6 +65,56 @@ def test_cls_output_at_224_equals_open_clip_encode_image():
         torch.testing.assert_close(dense.encode_image(images), model.encode_image(images), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("patch_size", [16, 32])
+def test_patch_embedding_as_one_matrix_product_equals_conv1(patch_size):
+    model = tiny_clip(patch_size)
+    model.visual.conv1.weight.data.normal_()  # not the init: every weight counts
+    dense = DenseCLIP(model.visual)
+    assert dense._conv1_is_patchwise
+    crop = torch.randn(2, 3, 7 * patch_size, 5 * patch_size)
+    with torch.no_grad():
+        expected = model.visual.conv1(crop).flatten(2).transpose(1, 2)
+        ours = dense.patch_embedding(crop)
+    assert ours.shape == (2, 35, 64)
+    # sums of 3 * p * p products of unit-scale terms (values up to ~100): equal to float rounding
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_fast_trunk_equals_open_clips_modules_and_restores_the_fast_path_switch():
+    model = tiny_clip(quick_gelu=True)
+    dense = DenseCLIP(model.visual)
+    images = torch.randn(2, 3, 224, 160)  # interpolated positions
+    before = torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad():
+        fast, grid = dense._tokens_before_last_block(images)
+        reference, reference_grid = dense._tokens_before_last_block(images, reference=True)
+    assert grid == reference_grid == (14, 10)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    # an error inside the blocks still restores the process-wide switch
+    block = model.visual.transformer.resblocks[0]
+    original = block.forward
+    block.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            dense._tokens_before_last_block(images)
+    finally:
+        block.forward = original
+    assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_a_convolution_that_is_not_patchwise_is_run_as_a_convolution():
+    model = tiny_clip()
+    conv = model.visual.conv1
+    model.visual.conv1 = torch.nn.Conv2d(3, conv.out_channels, 16, stride=16, padding=1, bias=False)
+    dense = DenseCLIP(model.visual)
+    assert not dense._conv1_is_patchwise
+    crop = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(dense.patch_embedding(crop),
+                                   model.visual.conv1(crop).flatten(2).transpose(1, 2), rtol=0, atol=0)
+
+
 def test_positional_embedding_identity_at_native_grid_and_cached_per_grid():
     model = tiny_clip()
     dense = DenseCLIP(model.visual)

@@ -28,6 +28,8 @@ tokens (CLS included, as in the authors' code), s = head_dim ** -0.5 and A(u, w)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,10 @@ class DenseCLIP(nn.Module):
         self.naclip_sigma = float(naclip_sigma)
         self.patch_size = tuple(visual.patch_size)
         self.native_grid = tuple(visual.grid_size)
+        conv = visual.conv1
+        self._conv1_is_patchwise = (tuple(conv.kernel_size) == tuple(conv.stride) == self.patch_size
+                                    and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)
+                                    and conv.groups == 1 and conv.padding_mode == "zeros")
         self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
         self._omega_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -107,21 +113,46 @@ class DenseCLIP(nn.Module):
     def grid_of(self, height: int, width: int) -> tuple[int, int]:
         return height // self.patch_size[0], width // self.patch_size[1]
 
-    def _tokens_before_last_block(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def patch_embedding(self, crop: torch.Tensor) -> torch.Tensor:
+        """``conv1`` of the crop (whole patches only) as one matrix product, (B, gh*gw, width).
+
+        conv1's kernel equals its stride and it has no padding, so it is a linear map of each
+        non-overlapping patch: the same products (to float rounding) as one GEMM over the
+        patches. Convolution kernels handle this shape badly on CPUs: under bf16 autocast the
+        3-channel 16x16/16 convolution took 18 s for two 1024x512 images where the GEMM takes
+        1 s, and in fp32 it is ~2x slower than the GEMM (benchmarks/RESULTS.md, teacher section)."""
+        conv = self.visual.conv1
+        if not self._conv1_is_patchwise:
+            return conv(crop).flatten(2).transpose(1, 2)
+        b, c, h, w = crop.shape
+        ph, pw = self.patch_size
+        gh, gw = h // ph, w // pw
+        patches = crop.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
+        return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+    def _tokens_before_last_block(self, images: torch.Tensor,
+                                  reference: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens (B, 1 + gh*gw, width) entering the last block, and the patch grid.
+
+        ``reference=True`` runs open_clip's own modules as they are (conv1, each block's forward:
+        what ``encode_image`` and the benchmark's baseline use); the default computes the same
+        function faster (``patch_embedding``; the blocks' attention through
+        ``scaled_dot_product_attention``), equal to it to float rounding (tests/test_teacher_dense.py).
+        """
         v = self.visual
         grid = self.grid_of(images.shape[-2], images.shape[-1])
         if grid[0] < 1 or grid[1] < 1:
             raise UserError(f"image {images.shape[-1]}x{images.shape[-2]} is smaller than one CLIP patch "
                             f"({self.patch_size[1]}x{self.patch_size[0]})")
         crop = images[..., : grid[0] * self.patch_size[0], : grid[1] * self.patch_size[1]]
-        x = v.conv1(crop)
-        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
+        x = v.conv1(crop).flatten(2).transpose(1, 2) if reference else self.patch_embedding(crop)
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + self.positional_embedding(grid, x.dtype, x.device)
         x = v.ln_pre(x)
-        for block in v.transformer.resblocks[:-1]:
-            x = block(x)
+        with contextlib.nullcontext() if reference else _attention_through_sdpa():
+            for block in v.transformer.resblocks[:-1]:
+                x = block(x)
         return x, grid
 
     # ------------------------------------------------------------------ outputs
@@ -212,8 +243,27 @@ class DenseCLIP(nn.Module):
         return feats, keys
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """The standard CLS embedding (full attention in every block), at any input size."""
-        x, _ = self._tokens_before_last_block(images)
+        """The standard CLS embedding (full attention in every block), at any input size; open_clip's
+        own modules, so at the native size it is ``encode_image`` of open_clip exactly."""
+        x, _ = self._tokens_before_last_block(images, reference=True)
         x = self.visual.transformer.resblocks[-1](x)
         pooled, _ = self.visual._pool(x)
         return pooled @ self.visual.proj.to(pooled.dtype)
+
+
+@contextlib.contextmanager
+def _attention_through_sdpa():
+    """Blocks' ``nn.MultiheadAttention`` through ``scaled_dot_product_attention`` inside the context.
+
+    In inference, PyTorch's MultiheadAttention takes a "fast path" (``_native_multi_head_attention``)
+    that on a CPU materialises every (heads, N, N) attention map: at 1024x512 (2,049 tokens) that was
+    half of the fp32 trunk's time (benchmarks/RESULTS.md). Without it, the module computes the same
+    attention through SDPA (a flash kernel on CPU), as it already does under autocast, where the fast
+    path is never taken. The switch is process-wide, so it is restored on leaving.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
