@@ -3,9 +3,12 @@
 baseline:      one image at a time, fp32: the full standard forward (``encode_image``: every block
                with its attention, CLS pooling), then a separate value-path pass (the trunk again,
                the last block by the value path), scores, upsampling, -inf restriction, argmax.
+               Both baselines run open_clip's own modules (conv1, each block's forward).
 baseline-hook: a stronger baseline: the same, but the value path reuses the tokens entering the
                last block, captured by a hook during the standard forward (one trunk).
-carbseg:       ``CLIPTeacher``: batched, the last block's query-key attention never computed, at the
+carbseg:       ``CLIPTeacher``: batched, the patch embedding as one GEMM and the blocks' attention
+               through SDPA (``DenseCLIP._tokens_before_last_block``), the last block's query-key
+               attention never computed, at the
                precision ``--precision auto`` chooses (``carbseg.precision.teacher_precision``: bf16
                on GPUs with native bf16; on a CPU bf16 only where a timed probe of a ViT block
                measured it >= 1.2x faster than fp32).
@@ -111,7 +114,10 @@ def run_baseline(dense, text, images, labels, device, reuse_trunk: bool):
         x = (images[i: i + 1].to(device) - mean) / std
         dense.encode_image(x)  # the full standard forward, attention in every block
         # baseline: a separate pass through the trunk for the value path; baseline-hook: reuse it.
-        tokens = captured["x"][:, 1:] if reuse_trunk else dense._tokens_before_last_block(x)[0][:, 1:]
+        if reuse_trunk:
+            tokens = captured["x"][:, 1:]
+        else:
+            tokens = dense._tokens_before_last_block(x, reference=True)[0][:, 1:]
         feats = dense.project(dense.value_path(tokens))  # separate value-path pass
         gh, gw = dense.grid_of(*x.shape[-2:])
         feats = feats.transpose(1, 2).reshape(1, -1, gh, gw)
