@@ -80,27 +80,43 @@ def test_patch_embedding_as_one_matrix_product_equals_conv1(patch_size):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_fast_trunk_equals_open_clips_modules_and_restores_the_fast_path_switch():
+def test_fast_trunk_equals_open_clips_modules():
     model = tiny_clip(quick_gelu=True)
     dense = DenseCLIP(model.visual)
-    images = torch.randn(2, 3, 224, 160)  # interpolated positions
-    before = torch.backends.mha.get_fastpath_enabled()
+    assert dense._standard_trunk
+    images = torch.randn(2, 3, 224, 160)  # batch 2 (nn.MultiheadAttention's slow case), interpolated positions
     with torch.no_grad():
         fast, grid = dense._tokens_before_last_block(images)
         reference, reference_grid = dense._tokens_before_last_block(images, reference=True)
     assert grid == reference_grid == (14, 10)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
-    assert torch.backends.mha.get_fastpath_enabled() == before
-    # an error inside the blocks still restores the process-wide switch
-    block = model.visual.transformer.resblocks[0]
-    original = block.forward
-    block.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            dense._tokens_before_last_block(images)
-    finally:
-        block.forward = original
-    assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+class _WrappedBlock(torch.nn.Module):
+    """A block trunk_block does not know: it must run its own forward."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.inner = block
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_a_block_that_is_not_open_clips_standard_one_runs_its_own_forward():
+    model = tiny_clip()
+    with torch.no_grad():
+        expected, _ = DenseCLIP(model.visual)._tokens_before_last_block(torch.zeros(1, 3, 64, 64), reference=True)
+    wrapped = _WrappedBlock(model.visual.transformer.resblocks[0])
+    model.visual.transformer.resblocks[0] = wrapped
+    dense = DenseCLIP(model.visual)
+    assert not dense._standard_trunk
+    with torch.no_grad():
+        ours, _ = dense._tokens_before_last_block(torch.zeros(1, 3, 64, 64))
+    assert wrapped.calls == 1
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_convolution_that_is_not_patchwise_is_run_as_a_convolution():
@@ -133,8 +149,22 @@ def test_positional_embedding_identity_at_native_grid_and_cached_per_grid():
 def test_no_query_key_attention_is_computed_for_dense_features(monkeypatch):
     model = tiny_clip()
     dense = DenseCLIP(model.visual)
-    calls = []
-    for i, block in enumerate(model.visual.transformer.resblocks):
-        block.attn.register_forward_hook(lambda *_, i=i: calls.append(i))
+    blocks = model.visual.transformer.resblocks
+    module_calls = []
+    for i, block in enumerate(blocks):
+        block.attn.register_forward_hook(lambda *_, i=i: module_calls.append(i))
+    attention_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, *args, **kwargs):
+        attention_calls.append(q.shape[-2])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     dense.dense_features(torch.randn(1, 3, 64, 96))
-    assert calls == [0]  # the first block's attention ran, the last block's never did
+    # one query-key attention per block before the last (1 + 4 * 6 tokens), none in the last block
+    assert attention_calls == [25] * (len(blocks) - 1) and len(blocks) >= 2
+    assert module_calls == []  # the trunk's attention is trunk_block's; the last block's never ran
+    # the reference trunk runs the modules themselves: every block before the last, once
+    dense._tokens_before_last_block(torch.randn(1, 3, 64, 96), reference=True)
+    assert module_calls == list(range(len(blocks) - 1))

@@ -28,8 +28,6 @@ tokens (CLS included, as in the authors' code), s = head_dim ** -0.5 and A(u, w)
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +65,8 @@ class DenseCLIP(nn.Module):
         self._conv1_is_patchwise = (tuple(conv.kernel_size) == tuple(conv.stride) == self.patch_size
                                     and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)
                                     and conv.groups == 1 and conv.padding_mode == "zeros")
+        # trunk_block needs open_clip's standard self-attention blocks; any other block runs its own forward.
+        self._standard_trunk = all(_is_standard_block(b) for b in visual.transformer.resblocks[:-1])
         self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
         self._omega_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -136,8 +136,8 @@ class DenseCLIP(nn.Module):
 
         ``reference=True`` runs open_clip's own modules as they are (conv1, each block's forward:
         what ``encode_image`` and the benchmark's baseline use); the default computes the same
-        function faster (``patch_embedding``; the blocks' attention through
-        ``scaled_dot_product_attention``), equal to it to float rounding (tests/test_teacher_dense.py).
+        function faster (``patch_embedding``, ``trunk_block``), equal to it to float rounding
+        (tests/test_teacher_dense.py).
         """
         v = self.visual
         grid = self.grid_of(images.shape[-2], images.shape[-1])
@@ -150,9 +150,8 @@ class DenseCLIP(nn.Module):
         x = torch.cat([cls, x], dim=1)
         x = x + self.positional_embedding(grid, x.dtype, x.device)
         x = v.ln_pre(x)
-        with contextlib.nullcontext() if reference else _attention_through_sdpa():
-            for block in v.transformer.resblocks[:-1]:
-                x = block(x)
+        for block in v.transformer.resblocks[:-1]:
+            x = block(x) if reference or not self._standard_trunk else self.trunk_block(block, x)
         return x, grid
 
     # ------------------------------------------------------------------ outputs
@@ -175,18 +174,34 @@ class DenseCLIP(nn.Module):
         b_k = attn.in_proj_bias[d: 2 * d] if attn.in_proj_bias is not None else None
         return F.linear(block.ln_1(x), attn.in_proj_weight[d: 2 * d], b_k)
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head q, k, v (B, heads, N, head_dim) of the last block, from ln_1(x)."""
-        attn = self.visual.transformer.resblocks[-1].attn
-        qkv = F.linear(self.visual.transformer.resblocks[-1].ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    def _heads(self, x: torch.Tensor, block: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k, v (B, heads, N, head_dim) of ``block`` (default: the last), from ln_1(x)."""
+        block = self.visual.transformer.resblocks[-1] if block is None else block
+        attn = block.attn
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
         b, n, _ = qkv.shape
         qkv = qkv.view(b, n, 3, attn.num_heads, attn.embed_dim // attn.num_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, heads, N, head_dim) -> out_proj of the concatenated heads, (B, N, width)."""
+    def _merge_heads(self, out: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
+        """(B, heads, N, head_dim) -> out_proj of ``block`` (default: the last) on the concatenated heads."""
+        block = self.visual.transformer.resblocks[-1] if block is None else block
         b, h, n, d = out.shape
-        return self.visual.transformer.resblocks[-1].attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        return block.attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def trunk_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block before the last, as open_clip's forward computes it (x + ls_1(attention(ln_1(x))),
+        then + ls_2(mlp(ln_2(.)))), with its multi-head attention written out on the (B, N, width)
+        tokens and run by ``scaled_dot_product_attention``.
+
+        Why not ``nn.MultiheadAttention`` itself: on a CPU its inference fast path materialises every
+        (heads, N, N) attention map, and its other path transposes a batch_first input so that, for a
+        batch above 1, the in-projection runs as a batched matmul with the weight broadcast; each was
+        ~40% of the fp32 trunk at 1024x512 (2,049 tokens), against a flash kernel and plain GEMMs here
+        (benchmarks/RESULTS.md, teacher section)."""
+        q, k, v = self._heads(x, block)
+        x = x + block.ls_1(self._merge_heads(F.scaled_dot_product_attention(q, k, v), block))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def neighbourhood(self, grid: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
         """NACLIP's Omega, (1 + gh*gw, 1 + gh*gw): a Gaussian of the patches' grid distance, added to the
@@ -251,19 +266,11 @@ class DenseCLIP(nn.Module):
         return pooled @ self.visual.proj.to(pooled.dtype)
 
 
-@contextlib.contextmanager
-def _attention_through_sdpa():
-    """Blocks' ``nn.MultiheadAttention`` through ``scaled_dot_product_attention`` inside the context.
-
-    In inference, PyTorch's MultiheadAttention takes a "fast path" (``_native_multi_head_attention``)
-    that on a CPU materialises every (heads, N, N) attention map: at 1024x512 (2,049 tokens) that was
-    half of the fp32 trunk's time (benchmarks/RESULTS.md). Without it, the module computes the same
-    attention through SDPA (a flash kernel on CPU), as it already does under autocast, where the fast
-    path is never taken. The switch is process-wide, so it is restored on leaving.
-    """
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
+def _is_standard_block(block: nn.Module) -> bool:
+    """open_clip's ``ResidualAttentionBlock`` as a ViT image tower builds it: self-attention with one
+    packed in-projection, no cross-attention norm, the layers ``trunk_block`` reads."""
+    attn = getattr(block, "attn", None)
+    return (type(block).__name__ == "ResidualAttentionBlock" and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.in_proj_weight is not None
+            and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn
+            and not hasattr(block, "ln_1_kv")
+            and all(hasattr(block, name) for name in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")))
