@@ -174,7 +174,8 @@ class DenseCLIP(nn.Module):
         b_k = attn.in_proj_bias[d: 2 * d] if attn.in_proj_bias is not None else None
         return F.linear(block.ln_1(x), attn.in_proj_weight[d: 2 * d], b_k)
 
-    def _heads(self, x: torch.Tensor, block: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(self, x: torch.Tensor,
+               block: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head q, k, v (B, heads, N, head_dim) of ``block`` (default: the last), from ln_1(x)."""
         block = self.visual.transformer.resblocks[-1] if block is None else block
         attn = block.attn
@@ -197,7 +198,7 @@ class DenseCLIP(nn.Module):
         Why not ``nn.MultiheadAttention`` itself: on a CPU its inference fast path materialises every
         (heads, N, N) attention map, and its other path transposes a batch_first input so that, for a
         batch above 1, the in-projection runs as a batched matmul with the weight broadcast; each was
-        ~40% of the fp32 trunk at 1024x512 (2,049 tokens), against a flash kernel and plain GEMMs here
+        40-45% of the fp32 trunk at 1024x512 (2,049 tokens), against a flash kernel and plain GEMMs here
         (benchmarks/RESULTS.md, teacher section)."""
         q, k, v = self._heads(x, block)
         x = x + block.ls_1(self._merge_heads(F.scaled_dot_product_attention(q, k, v), block))
@@ -270,7 +271,8 @@ def _is_standard_block(block: nn.Module) -> bool:
     """open_clip's ``ResidualAttentionBlock`` as a ViT image tower builds it: self-attention with one
     packed in-projection, no cross-attention norm, the layers ``trunk_block`` reads."""
     attn = getattr(block, "attn", None)
-    return (type(block).__name__ == "ResidualAttentionBlock" and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.in_proj_weight is not None
+    return (type(block).__name__ == "ResidualAttentionBlock" and isinstance(attn, nn.MultiheadAttention)
+            and attn._qkv_same_embed_dim and attn.in_proj_weight is not None
             and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn
             and not hasattr(block, "ln_1_kv")
             and all(hasattr(block, name) for name in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")))
