@@ -8,10 +8,9 @@ baseline-hook: a stronger baseline: the same, but the value path reuses the toke
                last block, captured by a hook during the standard forward (one trunk).
 carbseg:       ``CLIPTeacher``: batched, the patch embedding as one GEMM and the blocks' attention
                through SDPA (``DenseCLIP._tokens_before_last_block``), the last block's query-key
-               attention never computed, at the
-               precision ``--precision auto`` chooses (``carbseg.precision.teacher_precision``: bf16
-               on GPUs with native bf16; on a CPU bf16 only where a timed probe of a ViT block
-               measured it >= 1.2x faster than fp32).
+               attention never computed, at the precision ``--precision auto`` chooses
+               (``carbseg.precision.teacher_precision``: bf16 on GPUs with native bf16; on a CPU
+               bf16 only where a timed probe of a ViT block measured it >= 1.2x faster than fp32).
 carbseg-fp32:  ``carbseg`` in fp32 whatever ``--precision`` says: the row that shows whether ``auto``
                pays. Run by default only when ``auto`` (or ``--precision``) gives bf16; otherwise it
                is the same computation as ``carbseg``.
