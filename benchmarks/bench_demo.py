@@ -29,15 +29,20 @@ def main() -> None:
         import torch
 
         from carbseg.demo import QUICK, DemoSettings, run_demo
+        from carbseg.precision import machine_summary
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        print(f"at the start: {machine_summary('cpu')}")
         started = time.perf_counter()
         run_demo(args.out, QUICK if args.quick else DemoSettings(), progress=False)
         print(f"wall clock including imports: {time.perf_counter() - started:.1f} s")
     report = json.loads((Path(args.out) / "report.json").read_text(encoding="utf-8"))
     stages = report["first_run_timings_s"]
     print(f"load average now: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; threads: {report['settings']['threads']}")
+    # The machine line is the demo's own, written when its report was (older demo folders lack it).
+    print(f"measured on: {report.get('machine', 'not recorded')}")
+    print(f"training precision: {report.get('training_precision') or 'not recorded'}")
     print("| stage | wall s (first run) |")
     print("|---|--:|")
     for name, seconds in stages.items():

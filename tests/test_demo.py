@@ -148,6 +148,15 @@ def test_quick_demo_report_contract(quick_demo):
     assert set(report["timings_s"]) == set(STAGES) | {"total", "cpu_total"}
     assert report["reused_stages"] == []
     assert report["config"]["train"]["max_iters"] == 4
+    # Where it ran and what training computed in: the checkpoint's record of auto's choice (fp32 on CPU
+    # unless the probe measured bf16 faster), and the CPU named as the benchmarks name it.
+    from carbseg.engine.checkpoint import load_training_state
+    from carbseg.precision import cpu_model
+
+    assert report["training_precision"] == load_training_state(out / "run" / "checkpoint_last.pt")["precision"]
+    assert report["training_precision"]["device"] == "cpu" and report["training_precision"]["model"] in {"fp32", "bf16"}
+    assert cpu_model() in report["machine"]
+    assert f"training precision: segmenter {report['training_precision']['model']}" in (out / "report.md").read_text()
     # The training really ran GLV + CARB: the log has warm-up steps and CARB steps.
     records = RunDir(out / "run").records()
     assert [r["warmup"] for r in records] == [1.0, 1.0, 0.0, 0.0]

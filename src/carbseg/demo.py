@@ -215,7 +215,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
         if not resume and run.path.exists():
             shutil.rmtree(run.path)  # the demo's own run folder: a start without a checkpoint, or a stale model
         train(cfg, run.path, resume=resume, progress=progress)
-        finished("train", began)
+        # What the run computed in (auto's per-machine choice, kept in its checkpoint): the report says it.
+        from carbseg.engine.checkpoint import load_training_state
+
+        finished("train", began, precision=load_training_state(run.checkpoint).get("precision"))
         state.forget("evaluate", "report")
 
     # 5. Evaluation on the test scenes (never seen in training nor used for any choice), and on the
@@ -248,7 +251,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
     # CPU seconds of this process (all its threads): on a shared machine the wall clock above is
     # inflated by other jobs, this is what the demo itself consumed.
     timings["cpu_total"] = round(time.process_time() - cpu_started, 2)
-    report = _report_dict(state, cfg, settings, timings, reused, torch.get_num_threads())
+    from carbseg.precision import machine_summary
+
+    report = _report_dict(state, cfg, settings, timings, reused, torch.get_num_threads(), machine_summary(device))
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", _report_markdown(report, classes))
     return report
@@ -256,7 +261,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
 
 # ---------------------------------------------------------------- report content
 def _report_dict(state: _State, cfg: Config, settings: DemoSettings, timings: dict, reused: list[str],
-                 threads: int) -> dict:
+                 threads: int, machine: str) -> dict:
     evaluation = state.done["evaluate"]["report"]
     pseudo = state.done["pseudo_masks"]
     return {
@@ -277,12 +282,23 @@ def _report_dict(state: _State, cfg: Config, settings: DemoSettings, timings: di
         "first_run_timings_s": {name: done["seconds"] for name, done in state.done.items()},
         "reused_stages": reused,
         "settings": {**state.settings, "threads": threads, "device": cfg.device},
+        # Where the times were measured (CPU model, its bf16 flag, threads, load) and what training computed in.
+        "machine": machine,
+        "training_precision": state.done["train"].get("precision"),
         "config": config_to_dict(cfg),
     }
 
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
+def _precision_text(recorded: dict | None) -> str:
+    """'segmenter fp32' (and the CLIP teacher's, when there is one) from a checkpoint's precision entry."""
+    if not recorded:
+        return "not recorded"
+    text = f"segmenter {recorded.get('model')}"
+    return text + (f", teacher {recorded['teacher']}" if recorded.get("teacher") else "")
 
 
 def _inference_text(eval_cfg: dict) -> str:
@@ -318,6 +334,7 @@ def _report_markdown(report: dict, classes) -> str:
         f"{report['config']['train']['max_iters']} iterations (warm-up {report['config']['train']['warmup_iters']}); "
         f"{s['threads']} CPU thread(s)",
         f"- inference on the test scenes: {_inference_text(report['config']['eval'])}",
+        f"- measured on: {report['machine']}; training precision: {_precision_text(report['training_precision'])}",
         "- time per stage (s, first run): " + ", ".join(f"{k} {v:.0f}" for k, v in first.items())
         + f"; this invocation: {report['timings_s']['total']:.0f} s wall, {report['timings_s']['cpu_total']:.0f} s CPU"
         + (f" (reused: {', '.join(report['reused_stages'])})" if report["reused_stages"] else ""),
