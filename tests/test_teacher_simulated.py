@@ -111,3 +111,37 @@ def test_default_strength_on_real_camvid_val_scores_like_clip_pseudo_masks(camvi
     small = np.mean([iou[CAMVID.index(n)] for n in ("pole", "signsymbol", "pedestrian")])
     large = np.mean([iou[CAMVID.index(n)] for n in ("sky", "road", "building")])
     assert small < large - 30, (small, large)
+
+
+def _reference_hash(*parts):
+    """The persistent noise's hash as first written: every part folded by numpy's ``_mix``."""
+    from carbseg.teacher.simulated import _mix
+
+    h = np.zeros((), dtype=np.uint64)
+    for part in parts:
+        h = _mix(h ^ np.asarray(part).astype(np.int64).astype(np.uint64))
+    return h
+
+
+def test_hash_equals_the_all_numpy_reference():
+    # The fast hash folds the leading integers in Python ints; every value must stay the reference's,
+    # or every simulated pseudo-mask (and every study that used one) would change.
+    from carbseg.teacher.simulated import _hash, _mix, _mix_int, _uniform
+
+    rng = np.random.default_rng(0)
+    y = np.floor(rng.uniform(-40, 300, size=(7, 1)))
+    x = np.floor(rng.uniform(-40, 300, size=(1, 9)))
+    big_key = (1 << 63) - 12345
+    cases = [
+        (0,), (3, big_key, 1, 4, 0), (-5, 2, 7), (np.int64(9), big_key, 3, True),
+        (1, big_key, 2, 5, y, x), (1, big_key, 2, 5, y + 1, x - 1, 0), (2, y, 3, x),
+        (rng.integers(0, 1 << 62, size=4),), (7, big_key, 6, np.arange(-3, 3), 1),
+    ]
+    for parts in cases:
+        fast, ref = _hash(*parts), _reference_hash(*parts)
+        assert np.asarray(fast).dtype == np.uint64 and np.shape(fast) == np.shape(ref), parts
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(ref), err_msg=str(parts))
+    assert _uniform(3, big_key, 1, 4, 0) == (_reference_hash(3, big_key, 1, 4, 0) >> np.uint64(11)).astype(
+        np.float64) * (1.0 / (1 << 53))
+    for v in (0, 1, 0x9E3779B97F4A7C15, (1 << 64) - 1, 123456789012345):
+        assert _mix_int(v) == int(_mix(np.uint64(v)))

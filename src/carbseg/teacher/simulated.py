@@ -109,12 +109,36 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _hash(*parts) -> np.ndarray:
-    """A uint64 hash of integers / integer arrays (broadcast together)."""
-    h = np.zeros((), dtype=np.uint64)
-    for part in parts:
-        h = _mix(h ^ np.asarray(part).astype(np.int64).astype(np.uint64))
-    return h
+_MASK64_INT = (1 << 64) - 1
+
+
+def _mix_int(x: int) -> int:
+    """``_mix`` on one Python int (the same wrapping arithmetic, mod 2**64)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64_INT
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64_INT
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64_INT
+    return x ^ (x >> 31)
+
+
+def _hash(*parts) -> np.ndarray | np.uint64:
+    """A uint64 hash of integers / integer arrays (broadcast together).
+
+    The leading integer parts (seed, frame key, tag, class) are folded in plain Python ints: each
+    numpy operation on a 0-d array costs microseconds, and the teacher hashes a few hundred times a
+    view, so this prefix was most of the simulated teacher's time. The values are those of folding
+    every part with ``_mix`` (``tests/test_teacher_simulated.py`` checks them against that reference)."""
+    h, rest = 0, parts
+    for i, part in enumerate(parts):
+        if not isinstance(part, (int, np.integer)):
+            rest = parts[i:]
+            break
+        h = _mix_int(h ^ (int(part) & _MASK64_INT))
+    else:
+        return np.uint64(h)
+    acc = np.uint64(h)
+    for part in rest:
+        acc = _mix(acc ^ np.asarray(part).astype(np.int64).astype(np.uint64))
+    return acc
 
 
 def _uniform(*parts) -> np.ndarray:
