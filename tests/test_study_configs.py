@@ -297,16 +297,16 @@ def test_seed_statistics_and_paired_differences_by_hand(tmp_path):
                "proxy_glv_carb": {1: report(40.0, 10.0, 0.0)}}
     table = summarize.seed_statistics_table(results)
     # CE mIoU 48, 50: mean 49, std sqrt(2) = 1.41; small-class means (0+0+16+34)/4 = 12.5 and 12.5;
-    # pedestrian + bicyclist 25 and 25.
+    # pedestrian/bicyclist mean 25 and 25.
     assert "| proxy teacher, global CE only | 0, 1 | 49.0 ± 1.4 | 12.5 ± 0.0 | 25.0 ± 0.0 |" in table
-    # GLV small-class means 18/4 = 4.5 and 28/4 = 7.0: mean 5.75, std 1.77; pedestrian + bicyclist
+    # GLV small-class means 18/4 = 4.5 and 28/4 = 7.0: mean 5.75, std 1.77; pedestrian/bicyclist mean
     # 18/2 = 9 and 24/2 = 12: mean 10.5, std 2.12
     assert "| proxy teacher, + GLV | 0, 1 | 44.5 ± 0.7 | 5.8 ± 1.8 | 10.5 ± 2.1 |" in table
     assert "| proxy teacher, + GLV + CARB | 1 | 40.0 (one seed) | 2.5 (one seed) | 5.0 (one seed) |" in table
     paired = summarize.paired_differences_table(results)
     rows = paired.splitlines()[2:]
     # GLV - CE per seed: mIoU -4, -5 (mean -4.5, std 0.71); small mean 4.5-12.5 = -8, 7-12.5 = -5.5;
-    # pedestrian + bicyclist 9-25 = -16, 12-25 = -13.
+    # pedestrian/bicyclist mean 9-25 = -16, 12-25 = -13.
     assert rows[0] == ("| proxy teacher, + GLV vs proxy teacher, global CE only | 0, 1 | -4.0, -5.0 | -4.5 ± 0.7 "
                        "| -8.0, -5.5 | -6.8 ± 1.8 | -16.0, -13.0 | -14.5 ± 2.1 |")
     # GLV + CARB has seed 1 only: paired with GLV (40 - 45) and with CE (40 - 50) on that seed.

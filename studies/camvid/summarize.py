@@ -183,8 +183,8 @@ def _mean_std(values: list[float]) -> str:
 
 def seed_statistics_table(results: dict[str, dict[int, dict]]) -> str:
     """Per variant, over its finished seeds: mean ± sample standard deviation of mIoU, of the four
-    small classes' mean IoU and of pedestrian + bicyclist's."""
-    lines = ["| variant | seeds | mIoU | small-class mean (4) | pedestrian + bicyclist |", "|---|---|---|---|---|"]
+    small classes' mean IoU and of the pedestrian/bicyclist mean."""
+    lines = ["| variant | seeds | mIoU | small-class mean (4) | pedestrian/bicyclist mean |", "|---|---|---|---|---|"]
     for variant, runs in results.items():
         scores = [_scores(runs[s]) for s in sorted(runs)]
         lines.append(f"| {LABELS.get(variant, variant)} | {', '.join(str(s) for s in sorted(runs))} | "
@@ -195,10 +195,10 @@ def seed_statistics_table(results: dict[str, dict[int, dict]]) -> str:
 
 def paired_differences_table(results: dict[str, dict[int, dict]]) -> str:
     """For each comparison of PAIRS with both runs finished for some seed: the per-seed differences
-    (variant - against) of mIoU, small-class mean and pedestrian + bicyclist, then their mean ± std.
+    (variant - against) of mIoU, small-class mean and pedestrian/bicyclist mean, then their mean ± std.
     Empty when no pair has a common seed."""
     lines = ["| comparison | seeds | mIoU difference per seed | mean ± std | small-class mean difference | "
-             "mean ± std | pedestrian + bicyclist difference | mean ± std |",
+             "mean ± std | pedestrian/bicyclist mean difference | mean ± std |",
              "|---|---|---|---|---|---|---|---|"]
     for variant, against in PAIRS:
         common = sorted(set(results.get(variant, {})) & set(results.get(against, {})))
