@@ -77,10 +77,9 @@ def load(config: str | None, overrides: list[str]):
 
 
 def make_trainer(config: str | None, overrides: list[str], out: Path):
-    from carbseg.engine.train import Trainer, training_loader
+    from carbseg.engine.train import Trainer
 
-    trainer = Trainer(load(config, overrides), out, resume=False, progress=False)
-    return trainer, training_loader
+    return Trainer(load(config, overrides), out, resume=False, progress=False)
 
 
 def timed_rounds(trainer, batches: list[dict], iters: int, start: int) -> float:
@@ -90,14 +89,17 @@ def timed_rounds(trainer, batches: list[dict], iters: int, start: int) -> float:
     return (time.perf_counter() - began) / iters
 
 
-def first_batches(trainer, training_loader, count: int) -> list[dict]:
+def first_batches(trainer, count: int) -> list[dict]:
+    """The run's own first batches (its sample stream, augmentations included), loaded once, up front."""
+    from carbseg.engine.train_data import training_loader
+
     loader = iter(training_loader(trainer.samples, 0, count, 0))
     return [next(loader) for _ in range(count)]
 
 
 def thread_rows(args, overrides: list[str], work: Path) -> dict[str, list[float]]:
-    trainer, training_loader = make_trainer(args.config, overrides, work / "threads")
-    batches = first_batches(trainer, training_loader, args.iters * args.rounds + 2)
+    trainer = make_trainer(args.config, overrides, work / "threads")
+    batches = first_batches(trainer, args.iters * args.rounds + 2)
     print(f"precision chosen by the trainer: {describe(trainer.precision)}")
     torch.set_num_threads(1)
     timed_rounds(trainer, batches, 2, 0)  # untimed: first-call allocations and kernel choice
@@ -119,8 +121,8 @@ def _process_row(rank: int, world: int, port: int, args, overrides: list[str], w
     torch.set_num_threads(1)
     from carbseg import distributed
 
-    trainer, training_loader = make_trainer(args.config, overrides, Path(work) / f"processes_{rank}")
-    batches = first_batches(trainer, training_loader, args.iters * args.rounds + 2)
+    trainer = make_trainer(args.config, overrides, Path(work) / f"processes_{rank}")
+    batches = first_batches(trainer, args.iters * args.rounds + 2)
     timed_rounds(trainer, batches, 2, 0)
     times = []
     for r in range(args.rounds):

@@ -124,8 +124,8 @@ def _hash(*parts) -> np.ndarray | np.uint64:
     """A uint64 hash of integers / integer arrays (broadcast together).
 
     The leading integer parts (seed, frame key, tag, class) are folded in plain Python ints: each
-    numpy operation on a 0-d array costs microseconds, and the teacher hashes a few hundred times a
-    view, so this prefix was most of the simulated teacher's time. The values are those of folding
+    numpy operation on a 0-d array costs microseconds, and the teacher hashes a few dozen times a
+    view, so this prefix was about a third of the simulated teacher's time. The values are those of folding
     every part with ``_mix`` (``tests/test_teacher_simulated.py`` checks them against that reference)."""
     h, rest = 0, parts
     for i, part in enumerate(parts):
