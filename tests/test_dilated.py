@@ -70,6 +70,27 @@ def test_phase_split_phases_are_channels_last():
     assert y.shape == (2, 4, 6, 8) and y.is_contiguous()
 
 
+def test_both_reformulations_keep_a_channels_last_input_channels_last():
+    """A channels-last network stays channels-last through them (no conversion back to NCHW and
+    forward again in the next layer), with the values and gradients of the NCHW call."""
+    torch.manual_seed(0)
+    depthwise = nn.Conv2d(6, 6, 5, padding=8, dilation=4, groups=6)
+    split_dilated_depthwise(nn.Sequential(depthwise))
+    dense = PaddingSkippingConv2d(6, 5, 3, padding=12, dilation=12)
+    x = torch.randn(2, 6, 14, 18)
+    for conv in (depthwise, dense):
+        xa = x.clone().requires_grad_()
+        xb = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        ya, yb = conv(xa), conv(xb)
+        assert ya.is_contiguous() and not ya.is_contiguous(memory_format=torch.channels_last)
+        assert yb.is_contiguous(memory_format=torch.channels_last) and not yb.is_contiguous()
+        torch.testing.assert_close(yb, ya, rtol=0, atol=1e-6)
+        grad = torch.randn_like(ya)
+        ya.backward(grad)
+        yb.backward(grad)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------- dense dilated convolutions: padding skipped
 def test_valid_taps_by_hand():
     """A 3x3 tap at dilation 24 on a 30x40 map reads the image on rows 24..29 (tap above: output rows

@@ -35,6 +35,12 @@ def _plain_convolution_wanted(x: torch.Tensor) -> bool:
     return x.device.type != "cpu" or torch.onnx.is_in_onnx_export()
 
 
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format to return results in: the input's, so a channels-last network stays
+    channels-last (both reformulations work in (B, H, W, C) memory anyway) and an NCHW one NCHW."""
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 class PhaseSplitDepthwiseConv2d(nn.Conv2d):
     """A dilated depthwise convolution computed, on a CPU, as an undilated one on the d x d phases.
 
@@ -73,7 +79,7 @@ class PhaseSplitDepthwiseConv2d(nn.Conv2d):
              .reshape(b, hh * dh, ww * dw, c))
         if ph or pw:
             y = y[:, :h, :w]
-        return y.permute(0, 3, 1, 2).contiguous()
+        return y.permute(0, 3, 1, 2).contiguous(memory_format=_layout_of(x))
 
 
 def split_dilated_depthwise(module: nn.Module) -> int:
@@ -137,7 +143,7 @@ class _PaddingSkippingConvolution(torch.autograd.Function):
             out += bias
         ctx.save_for_backward(pixels, weight)
         ctx.dilation, ctx.has_bias = dilation, bias is not None
-        return out.permute(0, 3, 1, 2).contiguous()
+        return out.permute(0, 3, 1, 2).contiguous(memory_format=_layout_of(x))
 
     @staticmethod
     def backward(ctx, grad_out):
