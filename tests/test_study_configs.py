@@ -159,10 +159,14 @@ def test_carb_bookkeeping_reads_the_log_once_per_iteration(tmp_path):
     assert summarize.carb_bookkeeping(tmp_path / "absent", warmup_iters=10) is None
 
 
-def test_shared_warmup_branches_equal_runs_trained_from_scratch(tmp_path, capsys):
-    # GLV alone and GLV + CARB take the same steps until CARB's warm-up ends; the runner trains that
-    # warm-up once, copies it and resumes each variant with its own overrides. Both branches must be
-    # bit-identical to the same variants trained from scratch.
+@pytest.mark.parametrize("single_path", [False, True], ids=["online_glv", "single_path"])
+def test_shared_warmup_branches_equal_runs_trained_from_scratch(tmp_path, capsys, single_path):
+    # GLV alone and GLV + CARB (or, on the single path, CE and CARB on fixed pseudo-masks) take the same
+    # steps until CARB's warm-up ends; the runner trains that warm-up once, copies it and resumes each
+    # variant with its own overrides. Both branches must be bit-identical to the same variants trained
+    # from scratch.
+    import shutil
+
     import torch
     import yaml
     from safetensors.torch import load_file
@@ -187,7 +191,11 @@ def test_shared_warmup_branches_equal_runs_trained_from_scratch(tmp_path, capsys
         "train": {"max_iters": 7, "warmup_iters": 3, "eval_interval": 2, "log_interval": 1,
                   "checkpoint_interval": 100},
     }))
-    variants = {"glv": ["carb.enabled=false"], "glv_carb": ["carb.enabled=true"]}
+    common = []
+    if single_path:  # fixed offline pseudo-masks (here the GT masks copied), no online teacher, no GLV
+        shutil.copytree(scenes / "masks" / "train", tmp_path / "pseudo")
+        common = [f"data.pseudo_masks={tmp_path / 'pseudo'}", "glv.enabled=false"]
+    variants = {"glv": [*common, "carb.enabled=false"], "glv_carb": [*common, "carb.enabled=true"]}
     study = {"base": str(base), "seeds": [0], "common": [], "variants": variants,
              "shared_warmup": {"glv_warmup": {"variant": "glv_carb", "branches": ["glv", "glv_carb"]}}}
 
