@@ -145,3 +145,6 @@ def test_hash_equals_the_all_numpy_reference():
         np.float64) * (1.0 / (1 << 53))
     for v in (0, 1, 0x9E3779B97F4A7C15, (1 << 64) - 1, 123456789012345):
         assert _mix_int(v) == int(_mix(np.uint64(v)))
+    # An independent value: splitmix64 seeded with 0 returns 0xE220A8397B1DCDAF first (its published
+    # reference output), which is the finaliser applied to 0 + its additive constant.
+    assert _mix_int(0) == int(_mix(np.uint64(0))) == 0xE220A8397B1DCDAF

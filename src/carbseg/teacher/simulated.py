@@ -97,26 +97,26 @@ def cell_majority(gt: torch.Tensor, image_labels: torch.Tensor, num_classes: int
 # frame), never a draw from a stream: the same region of the same frame gets the same error in
 # every crop, flip and zoom, as CLIP's errors are a function of the image and not of the view.
 _TAG_CONFUSE, _TAG_BLOB, _TAG_WARP_AMPLITUDE, _TAG_WARP_Y, _TAG_WARP_X, _TAG_FLIP = range(1, 7)
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# splitmix64's finaliser: its additive constant and two multipliers, and the 64-bit mask.
+_GAMMA, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK64_INT = (1 << 64) - 1
+_MASK64 = np.uint64(_MASK64_INT)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        x = (x + np.uint64(_GAMMA)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(_MUL1)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(_MUL2)) & _MASK64
         return x ^ (x >> np.uint64(31))
-
-
-_MASK64_INT = (1 << 64) - 1
 
 
 def _mix_int(x: int) -> int:
     """``_mix`` on one Python int (the same wrapping arithmetic, mod 2**64)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64_INT
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64_INT
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64_INT
+    x = (x + _GAMMA) & _MASK64_INT
+    x = ((x ^ (x >> 30)) * _MUL1) & _MASK64_INT
+    x = ((x ^ (x >> 27)) * _MUL2) & _MASK64_INT
     return x ^ (x >> 31)
 
 
