@@ -120,6 +120,30 @@ def test_split_of_a_run_equals_a_direct_count_on_its_batches(tmp_path, tiny_clip
     assert {f"global_in_patch_s_{b}" for b in bins} <= set(result)
     assert result["setup"] == {"study": "study.yaml", "variant": "glv_carb", "seed": 0, "batches": 2}
 
+    # --fixed-masks: here the "offline pseudo-masks" are the ground truth itself, so on the same views
+    # they must score 100 on every class present, be right in both regions of every model's split, and
+    # leave the global split (online teacher) exactly as before.
+    from carbseg.io import write_png_atomic
+
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    dataset = inputs.samples.dataset
+    for index, image_id in enumerate(dataset.ids):
+        write_png_atomic(fixed / f"{image_id}.png", dataset.load_mask(index, dataset.load_image(index).shape[:2]))
+    out_fixed = tmp_path / "diag_fixed.json"
+    assert diagnose.main(["--study", str(study_file), "--root", str(scenes), "--work", str(tmp_path),
+                          "--variant", "glv_carb", "--batches", "2", "--checkpoint", checkpoint,
+                          "--fixed-masks", str(fixed), "--json", str(out_fixed), "--no-progress"]) == 0
+    with_fixed = json.loads(out_fixed.read_text())
+    present = [v for v in with_fixed["fixed_masks"]["iou"].values() if v is not None and v == v]
+    assert present and all(v == pytest.approx(100.0) for v in present)
+    split_fixed = with_fixed["carb_split"][checkpoint]["global_fixed"]
+    assert split_fixed["pixels"] > 0 and split_fixed["teacher_errors_in_inconsistent"] is None
+    assert split_fixed["teacher_precision_consistent"] == 1.0
+    assert split_fixed["teacher_precision_inconsistent"] in (1.0, None)
+    assert with_fixed["carb_split"][checkpoint]["global"] == split
+    assert with_fixed["setup"]["fixed_masks"] == "fixed"
+
 
 def test_single_path_variant_has_no_teacher_to_diagnose(tmp_path, capsys):
     base = tmp_path / "base.yaml"

@@ -16,6 +16,10 @@ ground truth, which the trainer never shows a teacher that sees only pixels:
    the inconsistent region (the supervision CARB scales down by c). CARB can only help when the
    inconsistent region holds the teacher's errors rather than its correct labels of what the model
    has not learned yet.
+3. With ``--fixed-masks`` (the teacher's offline pseudo-masks of the training frames, the single
+   path's labels): the same views labelled by those masks, augmented with the image as the single
+   path does, scored as a third label source and split by each checkpoint as a second teacher
+   ("global_fixed"): what differs between CARB on the online teacher and CARB on fixed masks.
 
 Both teachers of the studies are research instruments (the simulated one reads the ground truth;
 the proxy one is fitted on a few images' ground truth), not weak supervision.
@@ -120,7 +124,8 @@ def study_config(study_file: Path, root: str, work: str, variant: str | None, se
     return load_config(study["base"], [*overrides, *(extra or [])])
 
 
-def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) -> dict:
+def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False,
+             fixed_masks: str | None = None) -> dict:
     from tqdm import tqdm
 
     from carbseg.data.views import cut_out
@@ -133,7 +138,8 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
 
     if cfg.data.pseudo_masks:
         raise UserError("this variant trains on fixed pseudo-masks (the single path): there is no online "
-                        "teacher to diagnose; choose a dual-path variant (--variant)")
+                        "teacher to diagnose; choose a dual-path variant (--variant) and "
+                        "pass these masks with --fixed-masks to compare them on its views")
     device = torch.device("cpu")
     # fp32 teacher: what every study run used (the probe chose fp32 on its CPU); a bf16 teacher would
     # label a few pixels differently from the run being replayed.
@@ -141,15 +147,22 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
     samples, teacher = inputs.samples, inputs.teacher
     # A teacher that sees only pixels trains on all-ignore masks; the ground truth comes from a
     # second stream over the same keys (same seed, so the same views -- checked image by image).
-    gt_samples = samples if samples.read_gt else TrainingSamples(
-        samples.dataset, samples.image_labels, samples.augmentation, seed=samples.seed,
-        batch_size=samples.batch_size, grad_accum=samples.grad_accum, read_gt=True)
+    def same_keys(**source) -> TrainingSamples:
+        return TrainingSamples(samples.dataset, samples.image_labels, samples.augmentation, seed=samples.seed,
+                               batch_size=samples.batch_size, grad_accum=samples.grad_accum, **source)
+
+    gt_samples = samples if samples.read_gt else same_keys(read_gt=True)
+    # The single path's labels of the same keys: the offline masks, augmented jointly with the image.
+    fixed_samples = same_keys(pseudo_masks=fixed_masks) if fixed_masks else None
     names = list(inputs.train_set.classes.names)
     num_classes = len(names)
     models = {path: load_model(path, device="cpu").model.eval() for path in checkpoints}
 
     conf = {k: ConfusionMatrix(num_classes) for k in ("global_view", "global_in_patch", "glv_patch")}
-    splits = {path: {"global": SplitCounts(num_classes), "patch": SplitCounts(num_classes)} for path in models}
+    if fixed_samples is not None:
+        conf["fixed_masks"] = ConfusionMatrix(num_classes)
+    splits = {path: {view: SplitCounts(num_classes) for view in ("global", "patch", "global_fixed")}
+              for path in models}
     for iteration in tqdm(range(batches), desc="batches", disable=not progress):
         # The trainer's own batch, generator and teacher views (iteration, micro-step 0, rank 0).
         keys = [BatchKey(iteration, 0, slot) for slot in range(samples.batch_size)]
@@ -168,6 +181,14 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
             global_labels, patch, patch_labels = teacher_views(teacher, batch, cfg, generator, single_path=False)
         gt = gt_batch["masks"].masked_fill(~gt_batch["valid"], IGNORE_INDEX)
         conf["global_view"].update(global_labels.numpy(), gt.numpy())
+        fixed_labels = None
+        if fixed_samples is not None:
+            fixed_batch = collate([fixed_samples[k] for k in keys])
+            if not torch.equal(fixed_batch["images"], batch["images"]):
+                raise UserError("the fixed-mask stream drew other views than the training stream "
+                                f"(data.cat_max_ratio = {cfg.data.cat_max_ratio}); these diagnostics need 1")
+            fixed_labels = fixed_batch["masks"].masked_fill(~fixed_batch["valid"], IGNORE_INDEX)
+            conf["fixed_masks"].update(fixed_labels.numpy(), gt.numpy())
         gt_patch = None
         if patch is not None:
             gt_patch, window_labels = cut_out(gt, patch), cut_out(global_labels, patch)
@@ -183,7 +204,10 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False) 
             with torch.inference_mode():
                 logits, patch_logits = segmenter_logits(model, batch["images"], patch)
             # CARB's own split (teacher vs restricted self-prediction), scored where GT exists.
-            splits[path]["global"].update(global_labels, restricted_argmax(logits, batch["image_labels"]), gt)
+            prediction = restricted_argmax(logits, batch["image_labels"])
+            splits[path]["global"].update(global_labels, prediction, gt)
+            if fixed_labels is not None:
+                splits[path]["global_fixed"].update(fixed_labels, prediction, gt)
             if patch is not None:
                 splits[path]["patch"].update(patch_labels, restricted_argmax(patch_logits, batch["image_labels"]),
                                              gt_patch)
@@ -205,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a trained model.safetensors: CARB split statistics (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fixed-masks", default=None, metavar="DIR",
+                        help="the teacher's offline pseudo-masks of the training split (the single path's labels): "
+                             "scored on the same views and split by each checkpoint as a second teacher")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override on top of the variant's (a what-if, e.g. glv.patch_size=[240,160])")
     parser.add_argument("--json", default=None, help="write the result here")
@@ -213,12 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         cfg = study_config(Path(args.study), args.root, args.work, args.variant, args.seed, args.set)
-        result = diagnose(cfg, args.batches, args.checkpoint, progress=not args.no_progress)
+        result = diagnose(cfg, args.batches, args.checkpoint, progress=not args.no_progress,
+                          fixed_masks=args.fixed_masks)
     except UserError as err:
         print(f"diagnose: {err}", file=sys.stderr)
         return 2
     result["setup"] = {"study": Path(args.study).name, "variant": args.variant, "seed": args.seed,
-                       "batches": args.batches, **({"overrides": args.set} if args.set else {})}
+                       "batches": args.batches, **({"overrides": args.set} if args.set else {}),
+                       **({"fixed_masks": Path(args.fixed_masks).name} if args.fixed_masks else {})}
     text = json.dumps(result, indent=1)
     if args.json:
         from carbseg.io import write_text_atomic
