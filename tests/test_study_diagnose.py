@@ -142,6 +142,10 @@ def test_split_of_a_run_equals_a_direct_count_on_its_batches(tmp_path, tiny_clip
     assert split_fixed["teacher_precision_consistent"] == 1.0
     assert split_fixed["teacher_precision_inconsistent"] in (1.0, None)
     assert with_fixed["carb_split"][checkpoint]["global"] == split
+    # the online labels against masks that are the ground truth: exactly the online labels' score
+    agreement = with_fixed["online_vs_fixed"].pop("pixel_agreement")
+    assert with_fixed["online_vs_fixed"] == with_fixed["global_view"] == result["global_view"]
+    assert 0 < agreement < 1
     assert with_fixed["setup"]["fixed_masks"] == "fixed"
 
 

@@ -19,7 +19,9 @@ ground truth, which the trainer never shows a teacher that sees only pixels:
 3. With ``--fixed-masks`` (the teacher's offline pseudo-masks of the training frames, the single
    path's labels): the same views labelled by those masks, augmented with the image as the single
    path does, scored as a third label source and split by each checkpoint as a second teacher
-   ("global_fixed"): what differs between CARB on the online teacher and CARB on fixed masks.
+   ("global_fixed"): what differs between CARB on the online teacher and CARB on fixed masks; and
+   the online labels scored against the fixed ones ("online_vs_fixed": how much the teacher's label
+   of a pixel depends on the view rather than on the frame).
 
 Both teachers of the studies are research instruments (the simulated one reads the ground truth;
 the proxy one is fitted on a few images' ground truth), not weak supervision.
@@ -161,6 +163,9 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False,
     conf = {k: ConfusionMatrix(num_classes) for k in ("global_view", "global_in_patch", "glv_patch")}
     if fixed_samples is not None:
         conf["fixed_masks"] = ConfusionMatrix(num_classes)
+        # The online labels scored against the fixed ones: how much the teacher's label of a pixel
+        # depends on the view (scale, flip, photometric distortion) rather than on the frame.
+        conf["online_vs_fixed"] = ConfusionMatrix(num_classes)
     splits = {path: {view: SplitCounts(num_classes) for view in ("global", "patch", "global_fixed")}
               for path in models}
     for iteration in tqdm(range(batches), desc="batches", disable=not progress):
@@ -189,6 +194,7 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False,
                                 f"(data.cat_max_ratio = {cfg.data.cat_max_ratio}); these diagnostics need 1")
             fixed_labels = fixed_batch["masks"].masked_fill(~fixed_batch["valid"], IGNORE_INDEX)
             conf["fixed_masks"].update(fixed_labels.numpy(), gt.numpy())
+            conf["online_vs_fixed"].update(global_labels.numpy(), fixed_labels.numpy())
         gt_patch = None
         if patch is not None:
             gt_patch, window_labels = cut_out(gt, patch), cut_out(global_labels, patch)
@@ -212,6 +218,9 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False,
                 splits[path]["patch"].update(patch_labels, restricted_argmax(patch_logits, batch["image_labels"]),
                                              gt_patch)
     result = {name: _iou_report(c, names) for name, c in conf.items() if c.matrix.sum() > 0}
+    if "online_vs_fixed" in result:
+        agreement = conf["online_vs_fixed"].matrix
+        result["online_vs_fixed"]["pixel_agreement"] = float(np.trace(agreement) / agreement.sum())
     result["carb_split"] = {
         path: {view: s.report(names) for view, s in views.items() if s.counts.sum() > 0}
         for path, views in splits.items()
