@@ -253,6 +253,10 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+# CARB's split per view: the teacher it compares the model with (diagnose.py's carb_split keys)
+SPLIT_VIEWS = {"global": "global", "patch": "patch", "global_fixed": "global, fixed masks as the teacher"}
+
+
 def diagnostics_tables(work: Path) -> str:
     """The diagnostics (``WORK/diag_*.json``): teacher labels in the training geometry, and CARB's
     region split of each checkpoint on the same views, scored against the ground truth."""
@@ -268,7 +272,9 @@ def diagnostics_tables(work: Path) -> str:
                   "| teacher labels | mIoU | " + " | ".join(SMALL_CLASSES) + " | small-class mean |",
                   "|---|" + "---|" * (len(SMALL_CLASSES) + 2)]
         views = {"global_view": "global view", "global_in_patch": "global view, inside the GLV patch window",
-                 "glv_patch": "GLV patch (zoomed, resized back)"}
+                 "glv_patch": "GLV patch (zoomed, resized back)",
+                 "fixed_masks": "fixed pseudo-masks (the single path's labels) of the same views",
+                 "online_vs_fixed": "global view scored against the fixed pseudo-masks, not the ground truth"}
         zoom_bins = [k for k in diag if k.startswith("glv_patch_s_")]
         for key in sorted(zoom_bins, key=lambda k: float(k.removeprefix("glv_patch_s_").split("_")[0])):
             low, high = key.removeprefix("glv_patch_s_").split("_")
@@ -287,10 +293,13 @@ def diagnostics_tables(work: Path) -> str:
                       + " | ".join(f"{c}: correct labels in inconsistent" for c in SMALL_CLASSES) + " |",
                       "|---|---|---|---|---|---|---|" + "---|" * len(SMALL_CLASSES)]
             for checkpoint, split in diag["carb_split"].items():
+                # a run's model.safetensors is named by its run folder, any other file by its own name
+                model = Path(checkpoint).parent.name if Path(checkpoint).name == "model.safetensors" \
+                    else Path(checkpoint).stem
                 for view, r in split.items():
                     per_class = r["per_class"]
                     lines.append(
-                        f"| {Path(checkpoint).parent.name} | {view} | {_pct(r['consistent_share'])} | "
+                        f"| {model} | {SPLIT_VIEWS.get(view, view)} | {_pct(r['consistent_share'])} | "
                         f"{_pct(r['teacher_precision_consistent'])} | {_pct(r['teacher_precision_inconsistent'])} | "
                         f"{_pct(r['teacher_errors_in_inconsistent'])} | {_pct(r['right_labels_in_inconsistent'])} | "
                         + " | ".join(_pct(per_class.get(c, {}).get("right_labels_in_inconsistent"))
