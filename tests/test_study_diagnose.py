@@ -47,6 +47,23 @@ def test_split_counts_by_hand():
                                         "right_labels_in_inconsistent": 0.5, "errors_in_inconsistent": None}
 
 
+def test_view_dependence_by_hand():
+    # pixel:        0  1  2  3  4    5
+    online = torch.tensor([[0, 1, 1, 0, 1, 255]])
+    fixed = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    model = torch.tensor([[0, 1, 0, 0, 0, 0]])
+    gt = torch.tensor([[0, 1, 1, 1, 1, 0]])
+    # 0: consistent, online right, fixed shares it      1: consistent, right, fixed does not (class 1)
+    # 2: inconsistent, right, fixed shares it (class 1)  3: online wrong: not counted
+    # 4: inconsistent, right, fixed shares it (class 1)  5: online ignores it: in no region
+    counts = diagnose.ViewDependence(2)
+    counts.update(online, fixed, model, gt)
+    report = counts.report(["a", "b"])
+    assert report["right_labels_shared_by_fixed_masks"] == {"consistent": 0.5, "inconsistent": 1.0}
+    assert report["per_class"] == {"a": {"consistent": 1.0, "inconsistent": None},
+                                   "b": {"consistent": 0.0, "inconsistent": 1.0}}
+
+
 def test_split_of_a_run_equals_a_direct_count_on_its_batches(tmp_path, tiny_clip):
     # A study whose teacher sees only pixels: the diagnostics must take the ground truth from a
     # second stream over the same views, and count exactly what CARB's own split gives.
@@ -147,6 +164,9 @@ def test_split_of_a_run_equals_a_direct_count_on_its_batches(tmp_path, tiny_clip
     assert with_fixed["online_vs_fixed"] == with_fixed["global_view"] == result["global_view"]
     assert 0 < agreement < 1
     assert with_fixed["setup"]["fixed_masks"] == "fixed"
+    # masks equal to the ground truth share every correct online label, in both regions
+    shared = with_fixed["view_dependence"][checkpoint]["right_labels_shared_by_fixed_masks"]
+    assert set(shared.values()) == {1.0} or set(shared.values()) == {1.0, None}
 
 
 def test_single_path_variant_has_no_teacher_to_diagnose(tmp_path, capsys):

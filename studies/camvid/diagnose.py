@@ -21,7 +21,8 @@ ground truth, which the trainer never shows a teacher that sees only pixels:
    path does, scored as a third label source and split by each checkpoint as a second teacher
    ("global_fixed"): what differs between CARB on the online teacher and CARB on fixed masks; and
    the online labels scored against the fixed ones ("online_vs_fixed": how much the teacher's label
-   of a pixel depends on the view rather than on the frame).
+   of a pixel depends on the view rather than on the frame); per checkpoint, of the online teacher's
+   correct labels in each region of its split, the share the fixed masks give too ("view_dependence").
 
 Both teachers of the studies are research instruments (the simulated one reads the ground truth;
 the proxy one is fitted on a few images' ground truth), not weak supervision.
@@ -115,6 +116,35 @@ class SplitCounts:
         }
 
 
+class ViewDependence:
+    """Of the online teacher's *correct* labels in each region of CARB's split, how many the fixed
+    masks (the same teacher's labels of the whole frame, augmented with the view) share: a correct label
+    the fixed masks do not share is one the teacher gives in this view only."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        # [GT class, region (0 consistent, 1 inconsistent), fixed mask == online label (0/1)]
+        self.counts = np.zeros((num_classes, 2, 2), dtype=np.int64)
+
+    def update(self, online: torch.Tensor, fixed: torch.Tensor, prediction: torch.Tensor, gt: torch.Tensor) -> None:
+        from carbseg.losses.carb import region_masks
+
+        consistent, inconsistent = region_masks(online, prediction)
+        right = (gt != IGNORE_INDEX) & (consistent | inconsistent) & (online == gt)
+        cls = gt[right].long()
+        flat = (cls * 2 + inconsistent[right].long()) * 2 + (fixed[right] == online[right]).long()
+        self.counts += np.bincount(flat.numpy(), minlength=self.num_classes * 4).reshape(self.num_classes, 2, 2)
+
+    def report(self, names: list[str]) -> dict:
+        def shared(c: np.ndarray) -> dict:
+            # c: [region, fixed agrees]; None where the region holds no correct label
+            return {region: (float(c[k, 1] / c[k].sum()) if c[k].sum() else None)
+                    for k, region in enumerate(("consistent", "inconsistent"))}
+
+        return {"right_labels_shared_by_fixed_masks": shared(self.counts.sum(0)),
+                "per_class": {name: shared(self.counts[k]) for k, name in enumerate(names) if self.counts[k].sum()}}
+
+
 def study_config(study_file: Path, root: str, work: str, variant: str | None, seed: int,
                  extra: list[str] | None = None):
     """The training config of ``variant`` at ``seed`` exactly as the study runner passes it to
@@ -168,6 +198,7 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False,
         conf["online_vs_fixed"] = ConfusionMatrix(num_classes)
     splits = {path: {view: SplitCounts(num_classes) for view in ("global", "patch", "global_fixed")}
               for path in models}
+    view_dependence = {path: ViewDependence(num_classes) for path in models}
     for iteration in tqdm(range(batches), desc="batches", disable=not progress):
         # The trainer's own batch, generator and teacher views (iteration, micro-step 0, rank 0).
         keys = [BatchKey(iteration, 0, slot) for slot in range(samples.batch_size)]
@@ -214,6 +245,7 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False,
             splits[path]["global"].update(global_labels, prediction, gt)
             if fixed_labels is not None:
                 splits[path]["global_fixed"].update(fixed_labels, prediction, gt)
+                view_dependence[path].update(global_labels, fixed_labels, prediction, gt)
             if patch is not None:
                 splits[path]["patch"].update(patch_labels, restricted_argmax(patch_logits, batch["image_labels"]),
                                              gt_patch)
@@ -225,6 +257,8 @@ def diagnose(cfg, batches: int, checkpoints: list[str], progress: bool = False,
         path: {view: s.report(names) for view, s in views.items() if s.counts.sum() > 0}
         for path, views in splits.items()
     }
+    if fixed_samples is not None and models:
+        result["view_dependence"] = {path: v.report(names) for path, v in view_dependence.items()}
     return result
 
 
