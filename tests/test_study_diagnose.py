@@ -197,7 +197,9 @@ def test_summary_reads_the_diagnostics(tmp_path):
         "glv_patch_s_1_1.5": {"miou": 31.0, "iou": iou}, "global_in_patch_s_1_1.5": {"miou": 36.0, "iou": iou},
         "fixed_masks": {"miou": 41.0, "iou": iou},
         "carb_split": {"runs/warmup_seed1/model.safetensors": {"global": split},
-                       "work/online_warmup_it500.safetensors": {"global_fixed": split}}}))
+                       "work/online_warmup_it500.safetensors": {"global_fixed": split}},
+        "view_dependence": {"work/online_warmup_it500.safetensors": {
+            "right_labels_shared_by_fixed_masks": {"consistent": 0.917, "inconsistent": None}, "per_class": {}}}}))
     text = diagnostics_tables(tmp_path)
     assert "| global view, inside the GLV patch window | 40.0 | 5.0 | 10.0 | 20.0 | – | 11.7 |" in text
     assert "| zoom s in [1.5, 2): GLV patch | 30.0 |" in text
@@ -207,6 +209,7 @@ def test_summary_reads_the_diagnostics(tmp_path):
     # a model file that is not a run's model.safetensors is named by itself; the fixed masks' rows
     assert "| online_warmup_it500 | global, fixed masks as the teacher | 75.0 |" in text
     assert "| fixed pseudo-masks (the single path's labels) of the same views | 41.0 |" in text
+    assert "| online_warmup_it500 | 91.7 | – |" in text
 
 
 def test_what_if_overrides_apply_on_top_of_the_variant(tmp_path):

@@ -253,6 +253,12 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _model_name(checkpoint: str) -> str:
+    """A run's model.safetensors is named by its run folder, any other model file by its own name."""
+    path = Path(checkpoint)
+    return path.parent.name if path.name == "model.safetensors" else path.stem
+
+
 # CARB's split per view: the teacher it compares the model with (diagnose.py's carb_split keys)
 SPLIT_VIEWS = {"global": "global", "patch": "patch", "global_fixed": "global, fixed masks as the teacher"}
 
@@ -293,9 +299,7 @@ def diagnostics_tables(work: Path) -> str:
                       + " | ".join(f"{c}: correct labels in inconsistent" for c in SMALL_CLASSES) + " |",
                       "|---|---|---|---|---|---|---|" + "---|" * len(SMALL_CLASSES)]
             for checkpoint, split in diag["carb_split"].items():
-                # a run's model.safetensors is named by its run folder, any other file by its own name
-                model = Path(checkpoint).parent.name if Path(checkpoint).name == "model.safetensors" \
-                    else Path(checkpoint).stem
+                model = _model_name(checkpoint)
                 for view, r in split.items():
                     per_class = r["per_class"]
                     lines.append(
@@ -304,6 +308,13 @@ def diagnostics_tables(work: Path) -> str:
                         f"{_pct(r['teacher_errors_in_inconsistent'])} | {_pct(r['right_labels_in_inconsistent'])} | "
                         + " | ".join(_pct(per_class.get(c, {}).get("right_labels_in_inconsistent"))
                                      for c in SMALL_CLASSES) + " |")
+        if diag.get("view_dependence"):
+            lines += ["", "| model | online teacher's correct labels the fixed masks give too: consistent region "
+                      "| inconsistent region |", "|---|---|---|"]
+            for checkpoint, report in diag["view_dependence"].items():
+                shared = report["right_labels_shared_by_fixed_masks"]
+                lines.append(f"| {_model_name(checkpoint)} | {_pct(shared['consistent'])} | "
+                             f"{_pct(shared['inconsistent'])} |")
     if lines:
         lines.insert(0, "Diagnostics (studies/camvid/diagnose.py; shares in %):")
     return "\n".join(lines)
