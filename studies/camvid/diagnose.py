@@ -62,6 +62,12 @@ def _iou_report(confusion: ConfusionMatrix, names: list[str]) -> dict:
     return {"miou": float(np.nanmean(iou)), "iou": {n: float(v) for n, v in zip(names, iou)}}
 
 
+def _count_by_class(cls: torch.Tensor, first: torch.Tensor, second: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Pixel counts [class, first (0/1), second (0/1)] of three aligned 1-d tensors."""
+    flat = (cls.long() * 2 + first.long()) * 2 + second.long()
+    return np.bincount(flat.numpy(), minlength=num_classes * 4).reshape(num_classes, 2, 2)
+
+
 class SplitCounts:
     """CARB's region split of one view, counted against the ground truth, overall and per GT class."""
 
@@ -75,11 +81,8 @@ class SplitCounts:
 
         consistent, inconsistent = region_masks(teacher, prediction)
         scored = (gt != IGNORE_INDEX) & (consistent | inconsistent)
-        cls = gt[scored].long()
-        region = inconsistent[scored].long()
-        right = (teacher[scored] == gt[scored]).long()
-        flat = (cls * 2 + region) * 2 + right
-        self.counts += np.bincount(flat.numpy(), minlength=self.num_classes * 4).reshape(self.num_classes, 2, 2)
+        self.counts += _count_by_class(gt[scored], inconsistent[scored], teacher[scored] == gt[scored],
+                                       self.num_classes)
 
     def report(self, names: list[str]) -> dict:
         c = self.counts
@@ -131,9 +134,8 @@ class ViewDependence:
 
         consistent, inconsistent = region_masks(online, prediction)
         right = (gt != IGNORE_INDEX) & (consistent | inconsistent) & (online == gt)
-        cls = gt[right].long()
-        flat = (cls * 2 + inconsistent[right].long()) * 2 + (fixed[right] == online[right]).long()
-        self.counts += np.bincount(flat.numpy(), minlength=self.num_classes * 4).reshape(self.num_classes, 2, 2)
+        self.counts += _count_by_class(gt[right], inconsistent[right], fixed[right] == online[right],
+                                       self.num_classes)
 
     def report(self, names: list[str]) -> dict:
         def shared(c: np.ndarray) -> dict:
