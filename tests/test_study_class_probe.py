@@ -47,6 +47,22 @@ def test_counts_by_hand():
     assert report["taken_by"] == pytest.approx({"a": 100 / 3, "b": 100 / 3, "c": 100 / 3})
 
 
+def test_summary_table_of_a_probe(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(STUDY_DIR))
+    from summarize import class_probe_table
+
+    counts = class_probe.ClassProbeCounts(3, 1, offsets=(0, 2))
+    counts.update(torch.tensor([[2.0, 0.0], [1.0, 3.0], [0.0, 1.0]]).reshape(3, 1, 2), torch.tensor([[1, 1]]))
+    report = {"images": 1, "eval": {"mode": "whole", "scales": [2.0], "flip": False},
+              "classes": {"b": counts.report(["a", "b", "c"])},
+              "model": {"source": "gt_r200_seed0/checkpoint_last.pt", "iteration": 1500, "split": "val"}}
+    (tmp_path / "probe_x.json").write_text(json.dumps(report))
+    assert class_probe_table(tmp_path).splitlines()[-1] == "| gt_r200_seed0 @ 1500 | 2 | b | 50.0 | 100.0 | 50.0 | 2 | 100.0 | a 50, b 50 |"
+    assert class_probe_table(tmp_path / "nothing") == ""
+
+
 def test_counts_accumulate_over_images_and_check_shapes():
     counts = class_probe.ClassProbeCounts(2, 0, offsets=(0,))
     logits = torch.tensor([[1.0, -1.0], [0.0, 0.0]]).reshape(2, 1, 2)

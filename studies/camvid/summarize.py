@@ -2,8 +2,9 @@
 
 Reads ``WORK/runs/<variant>_seed<s>/val.json`` (carbseg evaluate --json), ``log.jsonl`` (CARB
 bookkeeping), the simulated teacher's reports ``WORK/teacher_<split>_cell<n>.json`` and the
-diagnostics ``WORK/diag_<name>.json`` (studies/camvid/diagnose.py); prints the markdown tables and
-writes small PNG plots. Missing runs are shown as missing, never invented.
+diagnostics ``WORK/diag_<name>.json`` (studies/camvid/diagnose.py) and, with the validation curves
+of the schedule search, the class probes ``WORK/probe_<name>.json`` (studies/camvid/class_probe.py);
+prints the markdown tables and writes small PNG plots. Missing runs are shown as missing, never invented.
 """
 
 from __future__ import annotations
@@ -320,6 +321,32 @@ def diagnostics_tables(work: Path) -> str:
     return "\n".join(lines)
 
 
+def class_probe_table(work: Path) -> str:
+    """The class probes (``WORK/probe_*.json``, studies/camvid/class_probe.py): for each model and probed
+    class, is a missed class outvoted by a neighbour or not carried by the features at all?"""
+    lines: list[str] = []
+    for path in sorted(work.glob("probe_*.json")):
+        probe = _read_json(path)
+        if not probe or "classes" not in probe:
+            continue
+        model = probe["model"]
+        name = model["source"].split("/")[0] + ("" if model.get("iteration") is None else f" @ {model['iteration']}")
+        scales = ", ".join(f"{s:g}" for s in probe["eval"]["scales"])
+        for cls, r in probe["classes"].items():
+            taken = ", ".join(f"{k} {v:.0f}" for k, v in list(r["taken_by"].items())[:3])
+            lines.append(f"| {name} | {scales} | {cls} | {_fmt(r['first_choice'])} | {_fmt(r['in_first_two'])} | "
+                         f"{_fmt(r['iou_by_offset'].get('0'))} | {r['oracle_offset']:g} | {_fmt(r['oracle_iou'])} | "
+                         f"{taken} |")
+    if not lines:
+        return ""
+    return "\n".join([
+        "Class probes on val (studies/camvid/class_probe.py; the best offset is an oracle chosen on the split it "
+        "is scored on: an upper bound of re-calibrating one class, never a result):", "",
+        "| model | eval scale | class | first choice on its pixels (%) | in the first two (%) | IoU | "
+        "best logit offset | IoU at that offset | its pixels go to (%) |",
+        "|---|---|---|---|---|---|---|---|---|", *lines])
+
+
 def teacher_alone_on_val(work: Path) -> tuple[str, dict | None]:
     """(which teacher, its pseudo-masks' val report): the proxy teacher's when the work folder has
     one (proxy_study.yaml), else the simulated teacher's 16-px grid (study.yaml)."""
@@ -479,6 +506,9 @@ def summarize(study, docs_dir: Path) -> str:
     curves = validation_curves(study.work, study.variants, study.seeds)
     if curves:
         text += "\n\nValidation during training (log.jsonl):\n\n" + curves_table(curves)
+        probes = class_probe_table(study.work)
+        if probes:
+            text += "\n\n" + probes
     print(text)
     print(f"wrote {write_tables(text, docs_dir, study)}")
     if curves:
