@@ -21,7 +21,6 @@ for each probed class, on its ground-truth pixels:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,10 @@ import torch
 
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_study import print_json_report  # noqa: E402 -- the study runner next to this file
 
 DEFAULT_OFFSETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 
@@ -166,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     where = Path(args.checkpoint) if args.checkpoint else Path(args.run) / "checkpoint_last.pt"
     result["model"] = {"source": f"{where.parent.name}/{where.name}", "iteration": iteration, "split": args.split}
-    text = json.dumps(result, indent=1)
-    if args.json:
-        from carbseg.io import write_text_atomic
-
-        write_text_atomic(args.json, text)
-    print(text)
-    return 0
+    return print_json_report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ the proxy one is fitted on a few images' ground truth), not weak supervision.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from carbseg.metrics import ConfusionMatrix, iou_from_counts
 STUDY_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(STUDY_DIR))
 
-from run_study import STUDY_FILE, Study, load_study  # noqa: E402 -- the study runner next to this file
+from run_study import STUDY_FILE, Study, load_study, print_json_report  # noqa: E402 -- the study runner next to this file
 
 
 def _iou_report(confusion: ConfusionMatrix, names: list[str]) -> dict:
@@ -293,13 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     result["setup"] = {"study": Path(args.study).name, "variant": args.variant, "seed": args.seed,
                        "batches": args.batches, **({"overrides": args.set} if args.set else {}),
                        **({"fixed_masks": Path(args.fixed_masks).name} if args.fixed_masks else {})}
-    text = json.dumps(result, indent=1)
-    if args.json:
-        from carbseg.io import write_text_atomic
-
-        write_text_atomic(args.json, text)
-    print(text)
-    return 0
+    return print_json_report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,19 @@ def load_study(path: Path = STUDY_FILE) -> dict:
     return study
 
 
+def print_json_report(result: dict, path: str | None) -> int:
+    """A study tool's result: printed as JSON and, with ``path``, written there atomically; exit code 0."""
+    import json
+
+    from carbseg.io import write_text_atomic
+
+    text = json.dumps(result, indent=1)
+    if path:
+        write_text_atomic(path, text)
+    print(text)
+    return 0
+
+
 def _rel(path: Path | str) -> str:
     """A path as written in the printed commands: relative to the working directory when inside it."""
     try:
