@@ -100,7 +100,11 @@ def load_run_model(run_dir: str | Path, classes):
     cfg = load_saved_config(config_path)
     state = load_training_state(state_path)
     model = build_segmenter(cfg.model, classes.num_classes, load_pretrained=False)
-    model.load_state_dict(state["model"], strict=True)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{state_path}: its weights do not match the model of {config_path} "
+                        f"({str(err).splitlines()[0]}); the folder mixes two runs") from None
     return LoadedModel(model=model.eval(), config=cfg, classes=classes), int(state["iteration"])
 
 
