@@ -91,10 +91,11 @@ def load_run_model(run_dir: str | Path, classes):
     """The model of a run's latest training state: ``checkpoint_last.pt`` with the run's ``config.yaml``."""
     from carbseg.config import load_saved_config
     from carbseg.engine.checkpoint import LoadedModel, load_training_state
+    from carbseg.engine.run_dir import CHECKPOINT_FILE, CONFIG_FILE
     from carbseg.models.segmenter import build_segmenter
 
     run_dir = Path(run_dir)
-    config_path, state_path = run_dir / "config.yaml", run_dir / "checkpoint_last.pt"
+    config_path, state_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
     if not config_path.is_file():
         raise UserError(f"{config_path}: not found; --run takes a folder written by carbseg train --out")
     cfg = load_saved_config(config_path)
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"class_probe: {err}", file=sys.stderr)
         return 2
-    where = Path(args.checkpoint) if args.checkpoint else Path(args.run) / "checkpoint_last.pt"
+    from carbseg.engine.run_dir import CHECKPOINT_FILE
+
+    where = Path(args.checkpoint) if args.checkpoint else Path(args.run) / CHECKPOINT_FILE
     result["model"] = {"source": f"{where.parent.name}/{where.name}", "iteration": iteration, "split": args.split}
     return print_json_report(result, args.json)
 

@@ -2,9 +2,9 @@
 
 Reads ``WORK/runs/<variant>_seed<s>/val.json`` (carbseg evaluate --json), ``log.jsonl`` (CARB
 bookkeeping), the simulated teacher's reports ``WORK/teacher_<split>_cell<n>.json`` and the
-diagnostics ``WORK/diag_<name>.json`` (studies/camvid/diagnose.py) and, with the validation curves
-of the schedule search, the class probes ``WORK/probe_<name>.json`` (studies/camvid/class_probe.py);
-prints the markdown tables and writes small PNG plots. Missing runs are shown as missing, never invented.
+diagnostics ``WORK/diag_<name>.json`` (studies/camvid/diagnose.py) and the class probes
+``WORK/probe_<name>.json`` (studies/camvid/class_probe.py); prints the markdown tables and writes
+small PNG plots. Missing runs are shown as missing, never invented.
 """
 
 from __future__ import annotations
@@ -506,9 +506,9 @@ def summarize(study, docs_dir: Path) -> str:
     curves = validation_curves(study.work, study.variants, study.seeds)
     if curves:
         text += "\n\nValidation during training (log.jsonl):\n\n" + curves_table(curves)
-        probes = class_probe_table(study.work)
-        if probes:
-            text += "\n\n" + probes
+    probes = class_probe_table(study.work)
+    if probes:
+        text += "\n\n" + probes
     print(text)
     print(f"wrote {write_tables(text, docs_dir, study)}")
     if curves:
