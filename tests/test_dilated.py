@@ -199,9 +199,10 @@ def test_aspp_output_matches_its_dense_form():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_phase_split_still_splits_under_cpu_autocast():
-    """bf16 autocast (chosen on CPUs where it is faster) keeps the phase split: the undilated
-    convolution runs on the phases in bf16 and agrees with the dilated one in bf16."""
+def test_phase_split_still_splits_under_cpu_autocast_and_computes_in_fp32():
+    """bf16 autocast (chosen on CPUs where it is faster) keeps the phase split, and the split
+    convolution, depthwise, computes in fp32 (carbseg.models.depthwise): its output is fp32 and agrees
+    with the dilated convolution computed in fp32 without autocast, to rounding."""
     torch.manual_seed(0)
     reference = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4)
     split = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4))
@@ -211,21 +212,20 @@ def test_phase_split_still_splits_under_cpu_autocast():
     original = nn.functional.conv2d
 
     def spy(x, *args, **kwargs):
-        seen.append(tuple(x.shape))
+        seen.append((tuple(x.shape), x.dtype, torch.is_autocast_enabled("cpu")))
         return original(x, *args, **kwargs)
 
     x = torch.randn(2, 4, 8, 8)
     nn.functional.conv2d = spy
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ya = split(x)
+            ya = split(x.bfloat16())
     finally:
         nn.functional.conv2d = original
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        yb = reference(x)
-    assert seen == [(8, 4, 4, 4)]  # 2 images x 4 phases of 4x4
-    assert ya.dtype == yb.dtype == torch.bfloat16
-    torch.testing.assert_close(ya.float(), yb.float(), rtol=0, atol=0.05)
+    yb = reference(x.bfloat16().float())
+    assert seen == [((8, 4, 4, 4), torch.float32, False)]  # 2 images x 4 phases of 4x4, fp32, autocast off
+    assert ya.dtype == torch.float32
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("stride, padding", [(2, 6), (1, 3)])

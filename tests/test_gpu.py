@@ -75,6 +75,15 @@ def test_channels_last_gives_the_same_logits():
     assert torch.allclose(plain, last, atol=1e-3, rtol=1e-3)
 
 
+def test_depthwise_convolutions_follow_autocast_on_cuda():
+    """The CPU rule (depthwise in fp32 under autocast) stays off the GPU: cuDNN's bf16 depthwise is fast."""
+    from carbseg.models.depthwise import Fp32DepthwiseConv2d
+
+    module = Fp32DepthwiseConv2d(6, 6, 3, padding=1, groups=6).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert module(torch.randn(1, 6, 8, 8, device="cuda")).dtype == torch.bfloat16
+
+
 def test_teacher_bf16_path_on_cuda(tiny_clip):
     from carbseg.teacher.build import build_teacher
 

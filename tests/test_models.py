@@ -272,8 +272,9 @@ def test_pretrained_efficientnet_lite0_recognises_a_street_scene(lite0_weights, 
     assert not torch.allclose(logits, random_logits)
 
 
-def test_lite0_splits_only_its_dilated_depthwise_convolutions():
+def test_lite0_splits_its_dilated_depthwise_convolutions_and_keeps_every_depthwise_one_fp32():
     from carbseg.models.backbones import EfficientNetLite0Backbone
+    from carbseg.models.depthwise import Fp32DepthwiseConv2d
     from carbseg.models.dilated import PhaseSplitDepthwiseConv2d
 
     counts = {}
@@ -284,4 +285,8 @@ def test_lite0_splits_only_its_dilated_depthwise_convolutions():
         dilated = [m for m in backbone.modules() if isinstance(m, nn.Conv2d) and m.dilation != (1, 1)]
         assert dilated == split  # every dilated convolution of the backbone is depthwise here
         counts[stride] = len(split)
+        # Every depthwise convolution, dilated or not, computes in fp32 under CPU autocast; no other does.
+        depthwise = [m for m in backbone.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+        assert len(depthwise) == 16  # one per MBConv block after the stem's
+        assert [m for m in backbone.modules() if isinstance(m, Fp32DepthwiseConv2d)] == depthwise
     assert counts == {8: 10, 16: 4, 32: 0}  # stages 4-7 dilated at OS 8, stages 6-7 at OS 16

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from carbseg.errors import MissingWeightsError, UserError
+from carbseg.models.depthwise import keep_depthwise_fp32
 from carbseg.models.dilated import split_dilated_depthwise
 from carbseg.safe_load import one_line_reason, torch_load_weights_only
 
@@ -255,7 +256,9 @@ class EfficientNetLite0Backbone(nn.Module):
     """timm's EfficientNet-Lite0, last feature level (320 channels), dilated to output stride 8.
 
     Its dilated depthwise convolutions run as :class:`carbseg.models.dilated.PhaseSplitDepthwiseConv2d`
-    (same weights, same outputs to rounding; several times faster to train on a CPU).
+    (same weights, same outputs to rounding; several times faster to train on a CPU), and every
+    depthwise convolution computes in fp32 under CPU autocast (:mod:`carbseg.models.depthwise`: bf16 is
+    slower there for them).
     """
 
     def __init__(self, output_stride: int = 8):
@@ -272,6 +275,7 @@ class EfficientNetLite0Backbone(nn.Module):
         self.out_channels = self.body.feature_info.channels()[-1]
         self.output_stride = output_stride
         split_dilated_depthwise(self.body)
+        keep_depthwise_fp32(self.body)
         # timm's pretrained_cfg for efficientnet_lite0 uses the ImageNet mean/std.
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 

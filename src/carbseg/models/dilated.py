@@ -13,7 +13,8 @@ PyTorch's CPU kernels handle both poorly, so on a CPU each is rewritten as an ex
 Both compute the same products as the convolution they replace; only the order of floating-point sums
 differs (outputs and gradients agree to rounding: tests/test_dilated.py). On other devices (cuDNN
 is fast there) and during ONNX export each is the plain convolution; under CPU autocast the phase split
-still runs (its convolution in bf16), the padding skip does not.
+still runs, in fp32 like every depthwise convolution (:mod:`carbseg.models.depthwise`), the padding skip
+does not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from carbseg.models.depthwise import Fp32DepthwiseConv2d, is_depthwise
 
 # A tap restricted to its valid region costs ~1.1-1.4x the convolution's time per product on a CPU
 # (one matrix product per tap plus the slicing), measured at one thread on 4x320x{30x40, 15x20} maps
@@ -41,7 +44,7 @@ def _layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
-class PhaseSplitDepthwiseConv2d(nn.Conv2d):
+class PhaseSplitDepthwiseConv2d(Fp32DepthwiseConv2d):
     """A dilated depthwise convolution computed, on a CPU, as an undilated one on the d x d phases.
 
     Why: PyTorch's CPU backward of a dilated depthwise convolution (EfficientNet-Lite0's 3x3 / 5x5
@@ -54,13 +57,14 @@ class PhaseSplitDepthwiseConv2d(nn.Conv2d):
     convolution's to rounding). The phases are laid out channels-last (the copy that makes them is
     needed anyway): oneDNN's depthwise backward is 1.2-2.4x faster in that layout on these shapes, and
     the layer's forward + backward 1.2-2.3x faster than with NCHW phases (one thread, 4x{672, 1152}x30x40).
-    Parameters and state-dict names are those of the ``nn.Conv2d`` it replaces.
+    Parameters and state-dict names are those of the ``nn.Conv2d`` it replaces; under CPU autocast it
+    computes in fp32, as every depthwise convolution (:class:`Fp32DepthwiseConv2d`).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def depthwise(self, x: torch.Tensor) -> torch.Tensor:
         dh, dw = self.dilation
         if (dh, dw) == (1, 1) or _plain_convolution_wanted(x):
-            return super().forward(x)
+            return super().depthwise(x)
         b, c, h, w = x.shape
         # Work on (b, h, w, c) memory: the transposes to and from it are fast, and every gather below
         # then moves whole channel vectors (a direct 6-d permute of NCHW moved single floats, 3-5x slower).
@@ -87,7 +91,7 @@ def split_dilated_depthwise(module: nn.Module) -> int:
     :class:`PhaseSplitDepthwiseConv2d` (in place: same parameters); returns how many."""
     count = 0
     for child in module.modules():
-        if (type(child) is nn.Conv2d and child.groups == child.in_channels == child.out_channels
+        if (type(child) in (nn.Conv2d, Fp32DepthwiseConv2d) and is_depthwise(child)
                 and child.dilation != (1, 1) and _is_same_padded(child)):
             child.__class__ = PhaseSplitDepthwiseConv2d
             count += 1
