@@ -19,6 +19,8 @@ patch, segmenter forward, CARB objective after warm-up with c = 1), so what is t
 - ``optimised-cl``: ``optimised`` with channels-last on CPU too (a measurement, not what train does).
 - ``optimised-os16``: ``optimised`` at output stride 16 (a config choice: ``model.output_stride=16``,
   as the CamVid study config; coarser logits, so not the same model).
+- ``optimised-bf16``: ``optimised`` with the segmenter (and a CLIP teacher) under bf16 autocast whatever
+  ``auto`` chose: the row that shows, in the same run, whether ``auto``'s answer is the faster one.
 
 The variants are timed interleaved (one step of each in turn, ``--steps`` rounds, medians), so on a
 shared machine every ratio compares steps taken under the same load. The header names the CPU, the
@@ -77,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu-amp", action="store_true",
                    help="the optimised variants use bf16 autocast on CPU whatever precision auto chose")
     p.add_argument("--variants", default="fp32,optimised",
-                   help="comma-separated: fp32, optimised, optimised-dense-aspp, optimised-cl, optimised-os16 "
+                   help="comma-separated: fp32, optimised, optimised-dense-aspp, optimised-cl, optimised-os16, optimised-bf16 "
                         "(fp32 is the baseline)")
     return p.parse_args()
 
@@ -133,7 +135,7 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
     if args.head_channels:
         cfg.model.head_channels = args.head_channels
     torch.manual_seed(0)
-    forced = args.cpu_amp and device.type == "cpu"
+    forced = (args.cpu_amp or name == "optimised-bf16") and device.type == "cpu"
     if optimised:  # as carbseg train: the precision auto chooses (or bf16 with --cpu-amp on a CPU)
         amp = torch.bfloat16 if forced else segmenter_precision(device).autocast_dtype
         teacher_prec = "bf16" if forced else "auto"
@@ -211,7 +213,8 @@ def main() -> None:
     if args.interop_threads:
         torch.set_num_interop_threads(args.interop_threads)
     names = args.variants.split(",")
-    unknown = set(names) - {"fp32", "optimised", "optimised-dense-aspp", "optimised-cl", "optimised-os16"}
+    unknown = set(names) - {"fp32", "optimised", "optimised-dense-aspp", "optimised-cl", "optimised-os16",
+                         "optimised-bf16"}
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}")
     print(machine_summary(device))
