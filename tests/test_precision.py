@@ -129,6 +129,53 @@ def test_the_real_probes_run_and_auto_never_picks_a_slower_bf16(probe_env):
     assert precision.segmenter_precision("cpu") is segmenter and not probe_env.exists()
 
 
+class ScriptedClock:
+    """A fake ``time.perf_counter`` and probe: each probe call advances the clock by the seconds scripted
+    for its dtype and call number, and is recorded, so ``measure``'s warm-up and early exit are testable."""
+
+    def __init__(self, seconds: dict[str, list[float]]):
+        self.now, self.seconds, self.calls = 0.0, seconds, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def probe(self, dtype: torch.dtype | None) -> None:
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        done = sum(call == name for call in self.calls)
+        self.calls.append(name)
+        self.now += self.seconds[name][min(done, len(self.seconds[name]) - 1)]
+
+
+def _scripted_measure(monkeypatch, seconds: dict[str, list[float]]) -> tuple[dict[str, float], list[str]]:
+    clock = ScriptedClock(seconds)
+    monkeypatch.setattr(precision.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setitem(precision.PROBES, "teacher", lambda: clock.probe)
+    return precision.measure("teacher", rounds=3), clock.calls
+
+
+def test_bf16s_slow_first_call_is_an_untimed_warm_up(monkeypatch):
+    """On an AMX CPU oneDNN's first bf16 call builds kernels (3x fp32's time, measured); timed, it made
+    the early exit choose fp32 where warm bf16 is faster. It is now run once untimed, like fp32's."""
+    timings, calls = _scripted_measure(monkeypatch, {"fp32": [1.0], "bf16": [3.5, 0.5]})
+    assert calls == ["fp32", "bf16"] + ["fp32", "bf16"] * 4  # warm-ups, the first timed pair, 3 rounds
+    assert timings == {"fp32": 1.0, "bf16": 0.5} and precision.decide(timings) == "bf16"
+
+
+def test_an_emulated_bf16_stops_after_one_timed_pair(monkeypatch):
+    """Warm bf16 over 3x fp32's time (AVX2-only CPUs): decided after the first timed pair."""
+    timings, calls = _scripted_measure(monkeypatch, {"fp32": [1.0], "bf16": [8.0]})
+    assert calls == ["fp32", "bf16", "fp32", "bf16"]
+    assert timings == {"fp32": 1.0, "bf16": 8.0} and precision.decide(timings) == "fp32"
+
+
+def test_the_segmenter_probe_leaves_the_global_random_stream_alone():
+    """The probe may run inside ``carbseg train`` (no cached answer): a run's random stream must not
+    depend on whether it did."""
+    state = torch.random.get_rng_state()
+    precision.PROBES["segmenter"]()(None)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_explicit_precisions_and_the_training_choice(probe_env, monkeypatch):
     cpu = torch.device("cpu")
     assert precision.teacher_precision("fp32", cpu) == precision.PrecisionChoice("fp32", "asked for")
