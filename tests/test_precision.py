@@ -235,11 +235,16 @@ def test_inference_runs_in_bf16_on_this_cpu_when_auto_chooses_it(probe_env, monk
     assert (bf16.argmax(1) == fp32.argmax(1)).float().mean() > 0.9
 
 
-def test_a_resumed_run_keeps_the_precision_auto_chose_and_stays_bit_exact(probe_env, monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("backbone", ["tiny", "efficientnet_lite0"])
+def test_a_resumed_run_keeps_the_precision_auto_chose_and_stays_bit_exact(probe_env, monkeypatch, tmp_path, caplog,
+                                                                          backbone):
     """bf16 chosen at the start (forced here: this CPU's probe may say fp32) is recorded in the
-    checkpoint; the resume, whose choice now answers fp32, still trains in bf16 and equals the straight run."""
+    checkpoint; the resume, whose choice now answers fp32, still trains in bf16 and equals the straight run.
+    EfficientNet-Lite0 adds the depthwise convolutions that compute in fp32 under bf16 autocast (dilated
+    ones phase split)."""
     scenes = make_scenes(tmp_path / "scenes")
-    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"max_iters": 4})
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"max_iters": 4},
+                               model={"backbone": backbone})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     monkeypatch.setenv(precision.ENV_CHOICE, "bf16")
     with caplog.at_level("INFO", logger="carbseg.engine.train"):
