@@ -60,3 +60,17 @@ def test_under_cpu_bf16_autocast_it_computes_in_fp32_forward_and_backward():
     assert weight_grad.dtype == torch.float32 and x_grad.dtype == torch.bfloat16
     torch.testing.assert_close(weight_grad, reference.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_grad, x32.grad.bfloat16(), rtol=0, atol=0)
+
+
+def test_without_gradients_it_follows_autocast():
+    """Inference and validation: the bf16 forward alone is faster, so no cast up."""
+    reference, module = _pair(padding=1)
+    x = torch.randn(2, 6, 8, 8)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y, expected = module(x), reference(x)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    module.requires_grad_(False)  # a frozen layer on an input that needs no gradient: no backward either
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module(x).dtype == torch.bfloat16
+        assert module(x.requires_grad_()).dtype == torch.float32  # the input's gradient goes through it

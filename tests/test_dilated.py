@@ -238,3 +238,55 @@ def test_padding_skipping_leaves_other_geometries_to_the_dense_convolution(strid
     module.load_state_dict(reference.state_dict())
     x = torch.randn(1, 3, 8, 10)
     torch.testing.assert_close(module(x), reference(x), rtol=0, atol=0)
+
+
+def test_under_cpu_autocast_many_input_channels_are_summed_in_chunks(monkeypatch):
+    """Above CPU_BF16_MAX_INPUT_CHANNELS (oneDNN's bf16 dilated kernel is several times slower there) the
+    convolution is the sum over input-channel chunks: bf16 like the dense one, equal to the fp32
+    convolution of the bf16-rounded input and weights up to the bf16 rounding of the result, and
+    its gradients reach the fp32 weights."""
+    import carbseg.models.dilated as dilated
+
+    monkeypatch.setattr(dilated, "CPU_BF16_MAX_INPUT_CHANNELS", 4)
+    torch.manual_seed(0)
+    module = PaddingSkippingConv2d(10, 6, 3, padding=4, dilation=4, bias=True)  # chunks of 4, 4 and 2
+    x = torch.randn(2, 10, 9, 11, requires_grad=True)
+    seen, original = [], nn.functional.conv2d
+
+    def spy(inputs, *args, **kwargs):
+        seen.append(inputs.shape[1])
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "conv2d", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    monkeypatch.setattr(nn.functional, "conv2d", original)
+    assert seen == [4, 4, 2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = nn.functional.conv2d(x, module.weight, module.bias, 1, 4, 4)
+    expected = nn.functional.conv2d(x.detach().bfloat16().float(), module.weight.detach().bfloat16().float(),
+                                    module.bias.detach().bfloat16().float(), 1, 4, 4)
+    assert y.dtype == dense.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the sum
+    torch.testing.assert_close(y.float(), dense.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert module.weight.grad.dtype == torch.float32 and module.weight.grad.abs().sum() > 0
+    grad_w = module.weight.grad.clone()
+    module.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nn.functional.conv2d(x, module.weight, module.bias, 1, 4, 4).float().sum().backward()
+    torch.testing.assert_close(grad_w, module.weight.grad, rtol=2e-2, atol=5e-2)
+    # At or below the limit it is the dense convolution itself.
+    small = PaddingSkippingConv2d(4, 6, 3, padding=4, dilation=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(small(x[:, :4]), nn.functional.conv2d(x[:, :4], small.weight, small.bias, 1, 4, 4))
+
+
+def test_the_aspp_casts_its_input_once_under_cpu_autocast_with_the_same_result():
+    torch.manual_seed(0)
+    aspp = ASPP(8, 6, dilations=(1, 2, 3)).eval()
+    x = torch.randn(2, 8, 6, 7)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        once = aspp(x)
+        per_branch = sum(branch(x) for branch in aspp.branches)
+    assert torch.equal(once, per_branch)

@@ -13,8 +13,8 @@ PyTorch's CPU kernels handle both poorly, so on a CPU each is rewritten as an ex
 Both compute the same products as the convolution they replace; only the order of floating-point sums
 differs (outputs and gradients agree to rounding: tests/test_dilated.py). On other devices (cuDNN
 is fast there) and during ONNX export each is the plain convolution; under CPU autocast the phase split
-still runs, in fp32 like every depthwise convolution (:mod:`carbseg.models.depthwise`), the padding skip
-does not.
+still runs, in fp32 like every depthwise convolution (:mod:`carbseg.models.depthwise`), and the padding
+skip gives way to the dense bf16 convolution (in input-channel chunks where oneDNN's bf16 kernel is slow).
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ from carbseg.models.depthwise import Fp32DepthwiseConv2d, is_depthwise
 # this share of the dense products ran 1.4-3.5x faster, except 15x20 at dilation 6 (59%: 0.96x, the
 # threshold's edge); at 71-96% they ran 0.65-0.96x as fast (30x40 at 78%: 1.17x).
 PADDING_SKIP_MAX_VALID_SHARE = 0.6
+
+# Under CPU bf16 autocast oneDNN's dilated 3x3 convolution falls off a cliff above 1024 input channels
+# (a 2-core AMX Xeon, 2048 -> 512 channels on 64x128, inference: dilation 2 126 ms, dilation 4-24 512-1913 ms,
+# where fp32 takes 367-420 ms; with 1024 or fewer input channels bf16 is 3x faster than fp32 at every
+# dilation). Summed over input-channel chunks of this size the same convolution takes 118-177 ms.
+CPU_BF16_MAX_INPUT_CHANNELS = 1024
 
 
 def _plain_convolution_wanted(x: torch.Tensor) -> bool:
@@ -177,19 +183,39 @@ class PaddingSkippingConv2d(nn.Conv2d):
     single cost of the CPU training step: benchmarks/RESULTS.md). Here each tap is one matrix product
     over the output pixels whose input lies inside the map, used when that keeps at most
     ``PADDING_SKIP_MAX_VALID_SHARE`` of the products; otherwise, and off the CPU, it is the plain
-    convolution. Parameters and state-dict names are those of the ``nn.Conv2d`` it replaces.
+    convolution. Under CPU autocast it is the plain convolution in bf16, summed over chunks of
+    ``CPU_BF16_MAX_INPUT_CHANNELS`` input channels where it has more (the ResNet ASPP's 2048).
+    Parameters and state-dict names are those of the ``nn.Conv2d`` it replaces.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        # Under CPU autocast (bf16 where the probe found it faster) the dense convolution runs in bf16;
-        # the tap products here would not (measured only in fp32), so it is left to the dense one.
+        if _plain_convolution_wanted(x) or self.groups != 1:
+            return super().forward(x)
+        # Under CPU autocast (bf16 where the probe found it faster) the dense convolution runs in bf16,
+        # faster than these fp32 taps, except on very many input channels (CPU_BF16_MAX_INPUT_CHANNELS).
+        if torch.is_autocast_enabled("cpu"):
+            return self._input_channel_chunks(x)
         # The taps assume stride 1 and 'same' zero padding; any other geometry is the plain convolution.
-        if (_plain_convolution_wanted(x) or torch.is_autocast_enabled("cpu") or self.groups != 1
-                or not _is_same_padded(self)
-                or valid_share(h, w, self.kernel_size, self.dilation) > PADDING_SKIP_MAX_VALID_SHARE):
+        if not _is_same_padded(self) or valid_share(h, w, self.kernel_size, self.dilation) > PADDING_SKIP_MAX_VALID_SHARE:
             return super().forward(x)
         return _PaddingSkippingConvolution.apply(x, self.weight, self.bias, self.dilation)
+
+    def _input_channel_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution under CPU autocast: dense, or for more than ``CPU_BF16_MAX_INPUT_CHANNELS``
+        input channels the sum of the convolutions of input-channel chunks (the same products; the
+        partial sums are added in fp32 and the result returned in autocast's dtype, as the dense one's)."""
+        if self.in_channels <= CPU_BF16_MAX_INPUT_CHANNELS:
+            return super().forward(x)
+        total = part = None
+        for start in range(0, self.in_channels, CPU_BF16_MAX_INPUT_CHANNELS):
+            chunk = slice(start, start + CPU_BF16_MAX_INPUT_CHANNELS)
+            part = nn.functional.conv2d(x[:, chunk], self.weight[:, chunk], None, self.stride, self.padding,
+                                        self.dilation)
+            total = part.float() if total is None else total + part
+        if self.bias is not None:
+            total = total + self.bias.view(-1, 1, 1)
+        return total.to(part.dtype)
 
 
 def skip_padding_products(module: nn.Module) -> int:
