@@ -19,8 +19,11 @@ patch, segmenter forward, CARB objective after warm-up with c = 1), so what is t
 - ``optimised-cl``: ``optimised`` with channels-last on CPU too (a measurement, not what train does).
 - ``optimised-os16``: ``optimised`` at output stride 16 (a config choice: ``model.output_stride=16``,
   as the CamVid study config; coarser logits, so not the same model).
-- ``optimised-bf16``: ``optimised`` with the segmenter (and a CLIP teacher) under bf16 autocast whatever
-  ``auto`` chose: the row that shows, in the same run, whether ``auto``'s answer is the faster one.
+- ``optimised-fp32`` / ``optimised-bf16``: ``optimised`` with the segmenter (and a CLIP teacher) in fp32 /
+  under bf16 autocast whatever ``auto`` chose: the rows that show, in the same run, whether ``auto``'s
+  answer is the faster one.
+- ``optimised-bf16-dw``: ``optimised-bf16`` with the depthwise convolutions in bf16 as well (a measurement:
+  the model keeps them fp32 under CPU autocast, ``carbseg.models.depthwise``; this row shows why).
 
 The variants are timed interleaved (one step of each in turn, ``--steps`` rounds, medians), so on a
 shared machine every ratio compares steps taken under the same load. The header names the CPU, the
@@ -50,12 +53,22 @@ from carbseg.data.classes import CITYSCAPES
 from carbseg.data.synthetic import render_scene
 from carbseg.engine.step import batch_to_device, training_step
 from carbseg.losses.carb import CARBObjective
+from carbseg.models.depthwise import Fp32DepthwiseConv2d
 from carbseg.models.dilated import PaddingSkippingConv2d, PhaseSplitDepthwiseConv2d
 from carbseg.models.segmenter import build_segmenter
 from carbseg.precision import machine_summary, segmenter_precision, teacher_precision
 from carbseg.teacher.build import build_teacher
 
 PARTS = ("teacher_global", "teacher_local", "forward", "loss", "backward", "optimizer")
+VARIANTS = ("fp32", "optimised", "optimised-dense-aspp", "optimised-cl", "optimised-os16", "optimised-fp32",
+            "optimised-bf16", "optimised-bf16-dw")
+
+
+class _PhaseSplitFollowingAutocast(PhaseSplitDepthwiseConv2d):
+    """Measurement only (``optimised-bf16-dw``): the phase split computed at autocast's precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.depthwise(x)
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,8 +92,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu-amp", action="store_true",
                    help="the optimised variants use bf16 autocast on CPU whatever precision auto chose")
     p.add_argument("--variants", default="fp32,optimised",
-                   help="comma-separated: fp32, optimised, optimised-dense-aspp, optimised-cl, optimised-os16, optimised-bf16 "
-                        "(fp32 is the baseline)")
+                   help=f"comma-separated: {', '.join(VARIANTS)} (fp32 is the baseline)")
     return p.parse_args()
 
 
@@ -118,6 +130,21 @@ class Timer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
 
+def _class_in_variant(name: str, module: torch.nn.Module) -> type:
+    """The class a segmenter module takes in variant ``name``: ``fp32`` is the step before
+    ``carbseg.models.dilated`` (every dilated convolution a plain ``nn.Conv2d``); ``optimised-dense-aspp``
+    has dense ASPP branches (to measure what skipping their padding products gives); ``optimised-bf16-dw``
+    computes the depthwise convolutions at autocast's precision."""
+    cls = type(module)
+    if name == "fp32" and cls in (PhaseSplitDepthwiseConv2d, PaddingSkippingConv2d):
+        return torch.nn.Conv2d
+    if name == "optimised-dense-aspp" and cls is PaddingSkippingConv2d:
+        return torch.nn.Conv2d
+    if name == "optimised-bf16-dw":
+        return {Fp32DepthwiseConv2d: torch.nn.Conv2d, PhaseSplitDepthwiseConv2d: _PhaseSplitFollowingAutocast}.get(cls, cls)
+    return cls
+
+
 def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
     """The step function of one variant (its own model, optimizer, teacher and objective) and the
     precisions it runs at."""
@@ -135,8 +162,10 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
     if args.head_channels:
         cfg.model.head_channels = args.head_channels
     torch.manual_seed(0)
-    forced = (args.cpu_amp or name == "optimised-bf16") and device.type == "cpu"
-    if optimised:  # as carbseg train: the precision auto chooses (or bf16 with --cpu-amp on a CPU)
+    forced = (args.cpu_amp or name.startswith("optimised-bf16")) and device.type == "cpu"
+    if name == "optimised-fp32":
+        amp, teacher_prec = None, "fp32"
+    elif optimised:  # as carbseg train: the precision auto chooses (or bf16 with --cpu-amp on a CPU)
         amp = torch.bfloat16 if forced else segmenter_precision(device).autocast_dtype
         teacher_prec = "bf16" if forced else "auto"
     else:
@@ -148,11 +177,7 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
     model = build_segmenter(cfg.model, CITYSCAPES.num_classes, class_embeddings=embeddings,
                             load_pretrained=False).to(device).train()
     for module in model.modules():
-        # fp32: the step before (every dilated convolution a plain nn.Conv2d); optimised-dense-aspp: the
-        # ASPP branches dense, to measure what skipping their padding products gives.
-        if ((not optimised and isinstance(module, (PhaseSplitDepthwiseConv2d, PaddingSkippingConv2d)))
-                or (name == "optimised-dense-aspp" and isinstance(module, PaddingSkippingConv2d))):
-            module.__class__ = torch.nn.Conv2d
+        module.__class__ = _class_in_variant(name, module)
     channels_last = optimised and (device.type == "cuda" or name == "optimised-cl")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -213,8 +238,7 @@ def main() -> None:
     if args.interop_threads:
         torch.set_num_interop_threads(args.interop_threads)
     names = args.variants.split(",")
-    unknown = set(names) - {"fp32", "optimised", "optimised-dense-aspp", "optimised-cl", "optimised-os16",
-                         "optimised-bf16"}
+    unknown = set(names) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}")
     print(machine_summary(device))
