@@ -183,8 +183,8 @@ def _segmenter_probe() -> Callable[[torch.dtype | None], None]:
     fp32 on 2 idle AMX cores). The depthwise convolution is the model's own :class:`Fp32DepthwiseConv2d`,
     so the probe follows the model's rule (fp32 there under autocast).
 
-    Its size is measured (2-core AMX Xeon, where the real EfficientNet-Lite0 step ran 2.0x and the demo's
-    step 1.27x faster in bf16): the earlier probe (32 channels, 24x32) gave bf16 0.9-1.1x, one of 128 ->
+    Its size is measured (2-core AMX Xeon, where the real EfficientNet-Lite0 step ran 1.7x and the demo's
+    step 1.37x faster in bf16): the earlier probe (32 channels, 24x32) gave bf16 0.9-1.1x, one of 128 ->
     768 channels 1.03-1.54x from run to run (products too small for AMX to pay reliably), this one
     1.5-1.8x."""
     from torch import nn

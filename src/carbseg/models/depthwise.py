@@ -2,12 +2,13 @@
 where it is faster.
 
 On a CPU with native bf16 (AVX512-BF16 / AMX), bf16 autocast makes the segmenter's dense and 1x1
-convolutions and its ASPP 2-3x faster, but oneDNN's depthwise convolutions gain nothing in bf16 and
-their backward loses: one layer's forward + backward, 4 x C x 30 x 40, measured on a 2-core AMX Xeon
+convolutions and its ASPP 2-3x faster, but oneDNN's depthwise convolutions lose in bf16 once their
+backward is counted: one layer's forward + backward, 4 x C x 30 x 40, measured on a 2-core AMX Xeon
 (benchmarks/RESULTS.md, "bf16 on a CPU with AMX"): 1152 channels 5x5 dilation 4, phase split, fp32
 67 ms / bf16 145 ms; 672 channels 5x5 dilation 2, 25 / 71 ms; undilated 96 channels 3x3 stride 2 at
-120x160, 25 / 41 ms. Left in bf16 they cancelled the whole gain of a bf16 EfficientNet-Lite0 step
-(issue 12: 0.76x of fp32; the same step with its depthwise convolutions in fp32: 1.6x the fp32 step).
+120x160, 25 / 41 ms. Left in bf16 they cancelled most of the gain of a bf16 EfficientNet-Lite0 step
+(1.15-1.24x of the plain fp32 step on that CPU; the issue measured 0.76x on another; with the depthwise
+convolutions in fp32: 1.66-2.0x).
 
 So under CPU autocast a depthwise convolution whose backward will run casts its input up and computes
 in fp32; its output stays fp32 and the next 1x1 convolution casts it down again (autocast's own rule).
