@@ -224,9 +224,9 @@ def measure(workload: str, rounds: int = 3) -> dict[str, float]:
     """Median seconds of the workload's probe in fp32 and under bf16 autocast, timed in turn
     (fp32, bf16, fp32, bf16, ...) after one untimed call of each, so both see the same load.
 
-    The untimed bf16 call matters: on an AMX CPU oneDNN's first bf16 call builds its kernels and took
-    3-5x a warm call (the teacher probe's first bf16 call measured 18 ms against 6 ms in fp32, where warm
-    bf16 runs 1.4x faster than fp32). After it, one timed pair decides early when bf16 takes over 3x
+    The untimed bf16 call matters: on an AMX CPU oneDNN's first bf16 call builds its kernels (the
+    teacher probe's first bf16 call measured 18.5 ms against 5.9 ms in fp32, where warm bf16 runs 1.4x
+    faster than fp32), and timed it made the early exit below answer fp32. After it, one timed pair decides early when bf16 takes over 3x
     fp32's time (AVX2-only CPUs emulate bf16; the segmenter probe runs 5-10x slower there): nothing
     more is run. Else the rounds follow."""
     probe = PROBES[workload]()
@@ -285,7 +285,8 @@ def cpu_choice(workload: str, measure_fn: Callable[[str], dict[str, float]] | No
 
     ``$CARBSEG_CPU_PRECISION`` (fp32 | bf16) decides if set; else the answer cached for this machine
     (:func:`machine_key`) in :func:`cache_path`; else the probe is run (0.15 s for the teacher, 0.6 s
-    for the segmenter on a 2-core AMX CPU) and its timings cached. ``measure_fn`` replaces :func:`measure` (tests fake both answers with it).
+    for the segmenter on a 2-core AMX CPU) and its timings cached. ``measure_fn`` replaces :func:`measure`
+    (tests fake both answers with it).
     """
     from carbseg.errors import UserError
 
