@@ -241,7 +241,7 @@ def test_proxy_labels_are_the_same_in_another_process(folder, tmp_path):
         "from carbseg.teacher.proxy import ProxyFeatures, ProxyTeacher, ProxyWeights\n"
         "class C: names = ('road', 'building', 'sky'); num_classes = 3\n"
         "t = ProxyTeacher(ProxyFeatures(), ProxyWeights.load(sys.argv[1]), C())\n"
-        "img = torch.from_numpy(np.asarray(Image.open(sys.argv[2]))).permute(2, 0, 1)[None].float()\n"
+        "img = torch.from_numpy(np.array(Image.open(sys.argv[2]))).permute(2, 0, 1)[None].float()\n"
         "m = t(img, torch.ones(1, 3, dtype=torch.bool))[0]\n"
         "print(','.join(str(v) for v in m.flatten().tolist()))\n"
     )
@@ -249,7 +249,7 @@ def test_proxy_labels_are_the_same_in_another_process(folder, tmp_path):
     there = subprocess.run([sys.executable, "-c", code, str(weights), str(image_path)], check=True,
                            capture_output=True, text=True).stdout
     teacher = ProxyTeacher(ProxyFeatures(), ProxyWeights.load(weights), _ClassSet(NAMES))
-    image = torch.from_numpy(np.asarray(Image.open(image_path))).permute(2, 0, 1)[None].float()
+    image = torch.from_numpy(np.array(Image.open(image_path))).permute(2, 0, 1)[None].float()
     here = teacher(image, torch.ones(1, 3, dtype=torch.bool))[0]
     assert torch.equal(here, torch.tensor([int(v) for v in there.strip().split(",")]).view_as(here))
 
