@@ -168,6 +168,18 @@ def test_an_emulated_bf16_stops_after_one_timed_pair(monkeypatch):
     assert timings == {"fp32": 1.0, "bf16": 8.0} and precision.decide(timings) == "fp32"
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_the_probe_runs_when_first_asked_for_inside_inference(probe_env, mode):
+    """On a new machine the first question may come from ``carbseg predict`` (under inference mode): the
+    segmenter probe's backward still runs there (it once failed: "element 0 of tensors does not require
+    grad"), and the caller's mode is unchanged afterwards."""
+    with getattr(torch, mode)():
+        choice = precision.segmenter_precision("cpu")
+        assert not torch.is_grad_enabled()
+    assert choice.name in ("fp32", "bf16") and "probe:" in choice.reason
+    assert set(json.loads(probe_env.read_text())[precision.machine_key()]) == {"segmenter"}
+
+
 def test_the_segmenter_probe_leaves_the_global_random_stream_alone():
     """The probe may run inside ``carbseg train`` (no cached answer): a run's random stream must not
     depend on whether it did."""

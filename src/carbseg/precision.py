@@ -226,10 +226,18 @@ def measure(workload: str, rounds: int = 3) -> dict[str, float]:
 
     The untimed bf16 call matters: on an AMX CPU oneDNN's first bf16 call builds its kernels (the
     teacher probe's first bf16 call measured 18.5 ms against 5.9 ms in fp32, where warm bf16 runs 1.4x
-    faster than fp32), and timed it made the early exit below answer fp32. After it, one timed pair decides early when bf16 takes over 3x
-    fp32's time (AVX2-only CPUs emulate bf16; the segmenter probe runs 5-10x slower there): nothing
-    more is run. Else the rounds follow."""
-    probe = PROBES[workload]()
+    faster than fp32), and timed it made the early exit below answer fp32. After it, one timed pair
+    decides early when bf16 takes over 3x fp32's time (AVX2-only CPUs emulate bf16; the segmenter probe
+    runs 5-10x slower there): nothing more is run. Else the rounds follow.
+
+    The probe may be asked for first inside inference (``carbseg predict`` on a new machine runs under
+    ``torch.inference_mode``), where the segmenter probe's backward could not run: it is measured with
+    gradients enabled whatever the caller's mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _measure(PROBES[workload](), rounds)
+
+
+def _measure(probe: Callable[[torch.dtype | None], None], rounds: int) -> dict[str, float]:
     probe(None)
     probe(torch.bfloat16)
 
