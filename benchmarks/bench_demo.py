@@ -28,9 +28,11 @@ def main() -> None:
     if not args.report_only:
         import torch
 
+        from carbseg.allocator import keep_freed_memory
         from carbseg.demo import QUICK, DemoSettings, run_demo
         from carbseg.precision import machine_summary
 
+        keep_freed_memory()  # as `carbseg demo` does (CARBSEG_ALLOCATOR=default: glibc's own thresholds)
         if args.threads:
             torch.set_num_threads(args.threads)
         print(f"at the start: {machine_summary('cpu')}")

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from carbseg.allocator import keep_freed_memory
 from carbseg.config import ModelConfig
 from carbseg.engine.inference import predict_slide, predict_tta, predict_whole
 from carbseg.models.segmenter import build_segmenter
@@ -55,6 +56,7 @@ def time_modes(runs: dict, images: torch.Tensor, iters: int, warmup: int, device
 
 
 def main() -> None:
+    keep_freed_memory()  # as the carbseg command does (CARBSEG_ALLOCATOR=default: glibc's own thresholds)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet50", choices=("resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "efficientnet_lite0", "small", "tiny"))
     parser.add_argument("--height", type=int, default=512)

@@ -152,7 +152,10 @@ def process_row(args, overrides: list[str], work: Path, batch_size: int) -> list
 
 def main() -> None:
     args = parse_args()
+    from carbseg.allocator import keep_freed_memory
     from carbseg.precision import machine_summary
+
+    keep_freed_memory()  # as the carbseg command does (CARBSEG_ALLOCATOR=default: glibc's own thresholds)
 
     torch.set_num_threads(1)
     print(machine_summary("cpu"))

@@ -207,6 +207,9 @@ def _hw(size: str) -> tuple[int, int]:
 
 
 def main() -> None:
+    from carbseg.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the carbseg command does (CARBSEG_ALLOCATOR=default: glibc's own thresholds)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1024x512", help="WIDTHxHEIGHT of the views")
     p.add_argument("--images", type=int, default=8)

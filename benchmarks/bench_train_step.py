@@ -48,6 +48,7 @@ import time
 import numpy as np
 import torch
 
+from carbseg.allocator import keep_freed_memory
 from carbseg.config import load_config
 from carbseg.data.classes import CITYSCAPES
 from carbseg.data.synthetic import render_scene
@@ -232,6 +233,7 @@ def run_interleaved(names: list[str], args, device: torch.device, cpu_batch: dic
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()  # as the carbseg command does (CARBSEG_ALLOCATOR=default: glibc's own thresholds)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from carbseg import __version__
+from carbseg.allocator import keep_freed_memory
 from carbseg.console import close_progress_bars
 from carbseg.data.datasets import DATASET_NAMES
 from carbseg.errors import UserError, one_line
@@ -604,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        keep_freed_memory()  # before any tensor: glibc then reuses freed blocks instead of faulting pages in
         return int(args.func(args) or 0)
     except UserError as err:
         close_progress_bars()  # the error starts a line of its own

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from carbseg.allocator import allocator_state
+
 AMPERE = (8, 0)
 
 
@@ -133,13 +135,14 @@ def machine_key() -> str:
 
 def machine_summary(device: torch.device | str = "cpu") -> str:
     """One line naming what a benchmark row was measured on: CPU model and cores, the CPU's native
-    bf16 flag (the flag only: the probe decides), the GPU if any, torch, threads and the load average."""
+    bf16 flag (the flag only: the probe decides), the GPU if any, torch, threads, whether freed memory is kept
+    (``carbseg.allocator``) and the load average."""
     device = torch.device(device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (f"CPU {cpu_model()} ({os.cpu_count()} logical cores), native CPU bf16 flag {native_bf16('cpu')}{gpu}; "
             f"torch {torch.__version__}; threads {torch.get_num_threads()} intra-op / "
-            f"{torch.get_num_interop_threads()} inter-op; load average {load:.1f}")
+            f"{torch.get_num_interop_threads()} inter-op; allocator {allocator_state()}; load average {load:.1f}")
 
 
 def cache_path() -> Path:
