@@ -255,3 +255,22 @@ def test_a_demo_stopped_by_a_signal_says_how_to_resume_in_one_line(monkeypatch, 
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SIGTERM after training iteration 933" in err[0] and "rerun the same command" in err[0]
+
+
+@pytest.mark.slow
+def test_bench_demo_against_baseline_runs_both_demos_per_seed(tmp_path):
+    """benchmarks/bench_demo.py --against-baseline: per seed a baseline demo (fp32 forced, glibc's allocator
+    defaults) and the current one, each in its own process, and one table with both and the ratio."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_demo.py"
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "cmp"), "--against-baseline",
+                          "--seeds", "0", "--quick"], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["baseline", "current"]
+    assert rows[0].split("|")[3].strip() == "fp32" and rows[0].rstrip().endswith("| 1.00x |")
+    baseline = json.loads((tmp_path / "cmp" / "baseline_seed0" / "report.json").read_text())
+    current = json.loads((tmp_path / "cmp" / "current_seed0" / "report.json").read_text())
+    assert baseline["machine"].count("allocator default (CARBSEG_ALLOCATOR=default)") == 1
+    assert baseline["training_precision"]["model"] == "fp32"
+    assert "CARBSEG_ALLOCATOR=default" not in current["machine"]
