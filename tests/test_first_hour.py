@@ -433,6 +433,10 @@ def test_doctor_reports_on_one_screen_and_exits_0(tmp_path, capsys, monkeypatch)
     assert f"torch {torch.__version__}" in text
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert f"native bf16 (AVX512-BF16/AMX): {'yes' if bf16 else 'no'}" in text
+    from carbseg.allocator import allocator_state
+
+    assert allocator_state() != "default (not set in this process)"  # the command set it before running
+    assert f"; freed memory: {allocator_state()}" in text
     assert ("CUDA GPUs:    none visible" in text) != torch.cuda.is_available()
     assert f"data:         {data}: camvid, cityscapes" in text
     assert "extras:       crf " in text and "onnx " in text and "video " in text

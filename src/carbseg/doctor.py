@@ -50,8 +50,10 @@ def _cpu() -> str:
     import torch
 
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    from carbseg.allocator import allocator_state
+
     return (f"{os.cpu_count()} cores, PyTorch uses {torch.get_num_threads()} threads; native bf16 (AVX512-BF16/AMX): "
-            f"{_yes(bf16)}")
+            f"{_yes(bf16)}; freed memory: {allocator_state()}")
 
 
 def _cuda() -> list[str]:
