@@ -5,7 +5,7 @@ threshold with a fresh ``mmap`` and unmaps them on free, and returns the top of 
 once more than its trim threshold lies free there, so the next step's tensors of the same sizes fault
 their pages in again. On a 2-core virtual machine that was about 10,000 minor page faults per demo
 iteration (3 million in 300 iterations, 5 s of system time) and 50,000-200,000 per EfficientNet-Lite0
-step: 14% of the demo's training time and 5-10% of the step (benchmarks/RESULTS.md, "Page faults").
+step. Keeping them made the demo 1.14-1.20x and that step 1.06-1.13x faster (benchmarks/RESULTS.md, "Page faults").
 
 :func:`keep_freed_memory` fixes the mmap threshold at its largest allowed value (32 MiB on 64-bit glibc:
 larger blocks are still mapped and unmapped) and raises the trim threshold, so blocks below 32 MiB are
@@ -33,8 +33,8 @@ _state: str | None = None
 
 def keep_freed_memory() -> str:
     """Set glibc's mmap and trim thresholds once per process (see the module docstring); returns what
-    was done, for logs and benchmark tables: ``"kept (glibc)"``, ``"default (CARBSEG_ALLOCATOR=default)"``
-    or ``"default (not glibc)"``. Idempotent.
+    was done, for logs and benchmark tables: ``"kept (glibc)"``, ``"default (CARBSEG_ALLOCATOR=default)"``,
+    ``"default (not glibc)"`` or ``"default (mallopt refused)"``. Idempotent.
     """
     global _state
     if _state is not None:
