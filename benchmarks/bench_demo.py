@@ -19,6 +19,7 @@ with each seed's ratio: the item-3 measurement in one command (about 3 + 2.5 min
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,7 +58,7 @@ def main() -> None:
         print(f"at the start: {machine_summary('cpu')}")
         settings = QUICK if args.quick else DemoSettings()
         if args.seed is not None:
-            settings = DemoSettings(**{**settings.__dict__, "overrides": (*settings.overrides, f"seed={args.seed}")})
+            settings = dataclasses.replace(settings, overrides=(*settings.overrides, f"seed={args.seed}"))
         started = time.perf_counter()
         run_demo(args.out, settings, progress=False)
         print(f"wall clock including imports: {time.perf_counter() - started:.1f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -103,8 +104,7 @@ _HEAP = textwrap.dedent("""
 
 
 def _has_mallinfo2() -> bool:
-    mallopt = allocator._glibc_mallopt()
-    return mallopt is not None and hasattr(__import__("ctypes").CDLL(None), "mallinfo2")
+    return allocator._glibc_mallopt() is not None and hasattr(ctypes.CDLL(None), "mallinfo2")
 
 
 @pytest.mark.skipif(not _has_mallinfo2(), reason="glibc >= 2.33 only (mallinfo2)")
