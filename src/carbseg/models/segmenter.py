@@ -1,9 +1,12 @@
-"""The segmenter: normalise -> dilated backbone -> DeepLab-v2 ASPP -> (projection) -> classifier -> upsample."""
+"""The segmenter: normalise -> dilated backbone -> DeepLab-v2 ASPP -> (projection) -> classifier -> upsample.
+
+The logits are upsampled bilinearly to the image size (``carbseg.models.upsample``: two matrix
+products in fp32 on a CPU, ``F.interpolate`` elsewhere).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from carbseg.config import ModelConfig
@@ -11,6 +14,7 @@ from carbseg.errors import UserError
 from carbseg.models.aspp import ASPP
 from carbseg.models.backbones import build_backbone
 from carbseg.models.classifier import LearnedClassifier, TextEmbeddingClassifier
+from carbseg.models.upsample import upsample_bilinear
 
 
 class Segmenter(nn.Module):
@@ -42,7 +46,7 @@ class Segmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.features(images))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return upsample_bilinear(logits, images.shape[-2:])
 
     def param_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
         """Optimizer groups ``backbone`` and ``head`` (ASPP, projection, learned classifier).
