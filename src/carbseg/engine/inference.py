@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from carbseg.class_argmax import class_argmax
 from carbseg.console import show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
@@ -281,7 +282,7 @@ def evaluate_checkpoint(
             images = images_to_tensor([s.image for _, s in batch])
             logits = predict(model, images, mode=mode, crop_hw=eval_cfg.crop_size, stride_hw=eval_cfg.stride,
                              num_classes=num_classes, scales=scales, flip=flip)
-            preds = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            preds = class_argmax(logits).to(torch.uint8).cpu().numpy()
             for (index, sample), pred in zip(batch, preds):
                 matrix, missed = confusion_counts(pred, sample.mask, num_classes, IGNORE_INDEX)
                 confusion.add_counts(matrix, missed)

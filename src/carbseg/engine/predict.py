@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
+from carbseg.class_argmax import class_argmax
 from carbseg.console import show_progress
 from carbseg.data.base import check_unique_ids
 from carbseg.devices import parse_device
@@ -80,7 +81,7 @@ def segment(loaded: LoadedModel, settings: InferenceSettings, images: list[np.nd
     logits = predict(loaded.model, images_to_tensor(images), mode=settings.mode, crop_hw=settings.crop_hw,
                      stride_hw=settings.stride_hw, num_classes=loaded.classes.num_classes,
                      scales=settings.scales, flip=settings.flip)
-    return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    return class_argmax(logits).to(torch.uint8).cpu().numpy()
 
 
 # ---------------------------------------------------------------- Cityscapes test-server format

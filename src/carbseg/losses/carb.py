@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from carbseg import distributed
+from carbseg.class_argmax import class_argmax
 from carbseg.data.classes import IGNORE_INDEX
 
 
@@ -44,8 +45,7 @@ def restricted_argmax(logits: torch.Tensor, image_labels: torch.Tensor) -> torch
     present = image_labels.to(torch.bool)
     present = present | ~present.any(dim=1, keepdim=True)  # no label at all: nothing to restrict to
     masked = logits.detach().masked_fill(~present[:, :, None, None], float("-inf"))
-    # max(...).indices is the argmax (first maximum on ties) and about 3x faster on CPU than argmax over dim 1.
-    return masked.max(dim=1).indices
+    return class_argmax(masked)
 
 
 def region_masks(

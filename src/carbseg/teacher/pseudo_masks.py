@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from carbseg.class_argmax import class_argmax
 from carbseg.data.classes import IGNORE_INDEX
 
 #: CLIP's learned logit scale (100 for the released models): turns cosines into softmax logits.
@@ -45,7 +46,7 @@ def masks_from_scores(scores: torch.Tensor, image_labels: torch.Tensor, size: tu
     without any present class and pixels outside ``valid`` are 255 as well.
     """
     restricted = restrict_to_image_labels(upsample_scores(scores.float(), size), image_labels)
-    masks = restricted.argmax(dim=1)
+    masks = class_argmax(restricted)
     if confidence_threshold is not None:
         prob = torch.softmax(restricted * CLIP_LOGIT_SCALE, dim=1).amax(dim=1)
         masks = masks.masked_fill(prob < confidence_threshold, IGNORE_INDEX)
