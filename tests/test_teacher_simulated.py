@@ -148,3 +148,82 @@ def test_hash_equals_the_all_numpy_reference():
     # An independent value: splitmix64 seeded with 0 returns 0xE220A8397B1DCDAF first (its published
     # reference output), which is the finaliser applied to 0 + its additive constant.
     assert _mix_int(0) == int(_mix(np.uint64(0))) == 0xE220A8397B1DCDAF
+
+
+def _reference_cell_noise(cells, present, partners, noise, key, affine, patch_size, seed):
+    """The persistent noise of ONE view, as first written (a loop per class, one view per call): the
+    batched ``add_cell_noise`` must give every view exactly these labels."""
+    from carbseg.data.frames import cell_centres_in_frame, view_from_frame
+    from carbseg.teacher import simulated as sim
+
+    def value_noise(tag, c, y, x, spacing):
+        gy, gx = y / spacing, x / spacing
+        y0, x0 = np.floor(gy), np.floor(gx)
+        ty, tx = gy - y0, gx - x0
+
+        def corner(dy, dx):
+            return sim._uniform(seed, key, tag, c, y0 + dy, x0 + dx)
+
+        top = corner(0, 0) * (1 - tx) + corner(0, 1) * tx
+        bottom = corner(1, 0) * (1 - tx) + corner(1, 1) * tx
+        return top * (1 - ty) + bottom * ty
+
+    gh, gw = cells.shape
+    clean, out = cells, cells.copy()
+    present_ids = [int(i) for i in np.flatnonzero(present)]
+    fy, fx = cell_centres_in_frame(affine, (gh, gw), patch_size)
+    fy, fx = fy[:, None], fx[None, :]
+    cell = float(patch_size)
+    for c in present_ids:
+        choices = [p for p in partners.get(c, []) if present[p]]
+        if not choices or sim._uniform(seed, key, sim._TAG_CONFUSE, c, 0) >= noise:
+            continue
+        partner = choices[int(sim._hash(seed, key, sim._TAG_CONFUSE, c, 1) % np.uint64(len(choices)))]
+        fraction = sim._uniform(seed, key, sim._TAG_CONFUSE, c, 2)
+        field = value_noise(sim._TAG_BLOB, c, fy, fx, sim.CONFUSION_BLOB_CELLS * cell)
+        out[(clean == c) & (field < fraction)] = partner
+    steps = int(sim._hash(seed, key, sim._TAG_WARP_AMPLITUDE) % np.uint64(int(np.ceil(sim.MAX_BLEED_STEPS * noise)) + 1))
+    if steps:
+        amplitude = steps * sim.BLEED_PROB * cell
+        dy = amplitude * (2 * value_noise(sim._TAG_WARP_Y, 0, fy, fx, 2 * cell) - 1)
+        dx = amplitude * (2 * value_noise(sim._TAG_WARP_X, 0, fy, fx, 2 * cell) - 1)
+        vy, vx = view_from_frame(affine, fy + dy, fx + dx)
+        rows = np.clip(np.floor(vy / patch_size), 0, gh - 1).astype(np.int64)
+        cols = np.clip(np.floor(vx / patch_size), 0, gw - 1).astype(np.int64)
+        warped = out[np.broadcast_to(rows, (gh, gw)), np.broadcast_to(cols, (gh, gw))]
+        out = np.where((warped != 255) & (out != 255), warped, out)
+    if present_ids:
+        iy, ix = np.floor(fy / cell), np.floor(fx / cell)
+        flip = (sim._uniform(seed, key, sim._TAG_FLIP, iy, ix, 0) < sim.FLIP_PROB * noise) & (out != 255)
+        choice = (sim._hash(seed, key, sim._TAG_FLIP, iy, ix, 1) % np.uint64(len(present_ids))).astype(np.int64)
+        out = np.where(flip, np.asarray(present_ids)[choice], out)
+    return out
+
+
+@pytest.mark.parametrize("noise,patch_size", [(0.15, 8), (0.6, 16), (1.0, 5)])
+def test_batched_noise_equals_the_per_view_reference(noise, patch_size):
+    from carbseg.teacher.simulated import add_cell_noise
+
+    rng = np.random.default_rng(int(noise * 100) + patch_size)
+    partners = confusion_partners(CITYSCAPES)
+    c = CITYSCAPES.num_classes
+    changed = 0
+    for _ in range(6):
+        b, gh, gw = 5, int(rng.integers(3, 12)), int(rng.integers(3, 16))
+        present = rng.random((b, c)) < 0.5
+        present[:, [ROAD, SIDEWALK, BUILDING, POLE]] = True  # confusable pairs present
+        present[b - 1] = False  # a view without any present class: no flips, labels all 255
+        cells = np.where(rng.random((b, gh, gw)) < 0.1, 255,
+                         np.array([rng.choice(np.flatnonzero(p)) if p.any() else 255 for p in present])[:, None, None])
+        cells = np.where(rng.random((b, gh, gw)) < 0.4, ROAD, cells).astype(np.int64)
+        keys = [int(k) for k in rng.integers(0, 1 << 62, size=b)]
+        # whole frames, crops, zoomed patches and flipped views (negative x scale)
+        affines = np.stack([rng.uniform(0.3, 2.0, b), rng.uniform(0, 200, b),
+                            rng.choice([-1, 1], b) * rng.uniform(0.3, 2.0, b), rng.uniform(0, 400, b)], axis=1)
+        batched = add_cell_noise(cells, present, partners, noise, keys, affines, patch_size, seed=3)
+        for i in range(b):
+            expected = _reference_cell_noise(cells[i], present[i], partners, noise, keys[i], affines[i].tolist(),
+                                             patch_size, seed=3)
+            np.testing.assert_array_equal(batched[i], expected)
+        changed += int((batched != cells).sum())
+    assert changed > 0  # the noise is there at all

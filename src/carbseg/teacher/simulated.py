@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -143,30 +144,52 @@ def _hash(*parts) -> np.ndarray | np.uint64:
 
 def _uniform(*parts) -> np.ndarray:
     """Uniform [0, 1) numbers from ``_hash``."""
-    return (_hash(*parts) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return _to_unit(_hash(*parts))
 
 
-def _value_noise(seed: int, key: int, tag: int, c: int, y: np.ndarray, x: np.ndarray, spacing: float) -> np.ndarray:
-    """A smooth random field in [0, 1] over frame coordinates: hashed values on a lattice of ``spacing``
-    frame pixels, interpolated bilinearly at the points (y (gh, 1), x (1, gw))."""
+def _to_unit(hashed: np.ndarray) -> np.ndarray:
+    return (hashed >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _row_prefixes(*columns) -> np.ndarray:
+    """(K, 1, 1) uint64: ``_hash`` of each row's leading integers (seed, frame key, tag, class), folded
+    in Python ints; a column is a list (one value per row) or one int for every row. ``_fold`` then
+    hashes the rows' arrays on top: ``_fold(_row_prefixes(a, b), y, x)[k] == _hash(a, b[k], y[k], x[k])``."""
+    count = max(len(c) for c in columns if isinstance(c, list | tuple))
+    rows = zip(*(c if isinstance(c, list | tuple) else [c] * count for c in columns))
+    return np.array([_hash(*row) for row in rows], dtype=np.uint64).reshape(-1, 1, 1)
+
+
+def _fold(acc: np.ndarray, *parts) -> np.ndarray:
+    """``_hash``'s array stage: fold further parts into already hashed values."""
+    for part in parts:
+        acc = _mix(acc ^ np.asarray(part).astype(np.int64).astype(np.uint64))
+    return acc
+
+
+def _value_noise(prefix: np.ndarray, y: np.ndarray, x: np.ndarray, spacing: float) -> np.ndarray:
+    """Smooth random fields in [0, 1] over frame coordinates, one per row of ``prefix`` (K, 1, 1):
+    hashed values on a lattice of ``spacing`` frame pixels, interpolated bilinearly at the points
+    (y (K, gh, 1), x (K, 1, gw)) -> (K, gh, gw)."""
     gy, gx = y / spacing, x / spacing
     y0, x0 = np.floor(gy), np.floor(gx)
     ty, tx = gy - y0, gx - x0
 
     def corner(dy, dx):
-        return _uniform(seed, key, tag, c, y0 + dy, x0 + dx)
+        return _to_unit(_fold(prefix, y0 + dy, x0 + dx))
 
     top = corner(0, 0) * (1 - tx) + corner(0, 1) * tx
     bottom = corner(1, 0) * (1 - tx) + corner(1, 1) * tx
     return top * (1 - ty) + bottom * ty
 
 
-def add_cell_noise(cells: torch.Tensor, present: torch.Tensor, partners: dict[int, list[int]], noise: float,
-                   key: int, affine, patch_size: int, seed: int = 0) -> torch.Tensor:
-    """CLIP-like noise on one view's (gh, gw) cell labels; ``present`` is the (C,) bool label vector.
+def add_cell_noise(cells: np.ndarray, present: np.ndarray, partners: dict[int, list[int]], noise: float,
+                   keys: Sequence[int], affines: np.ndarray, patch_size: int, seed: int = 0) -> np.ndarray:
+    """CLIP-like noise on a batch of views' (B, gh, gw) cell labels; ``present`` is (B, C) bool.
 
-    ``key`` identifies the frame and ``affine`` places the view in it (``carbseg.data.frames``); the
-    noise is laid on the frame, in frame pixels, and read at the centres of the view's cells:
+    ``keys[i]`` identifies view i's frame and ``affines[i]`` (4 numbers) places the view in it
+    (``carbseg.data.frames``); the noise is laid on the frame, in frame pixels, and read at the
+    centres of the view's cells:
 
     - *confusions* between similar classes: with probability ``noise`` a present class loses the
       cells where a smooth frame field (blobs of ``CONFUSION_BLOB_CELLS`` cells) is below a hashed
@@ -175,47 +198,72 @@ def add_cell_noise(cells: torch.Tensor, present: torch.Tensor, partners: dict[in
       of up to ``ceil(MAX_BLEED_STEPS * noise)`` cells (a hashed amplitude per frame), so labels
       spread across class borders the same way in every view;
     - *patch flips*: each frame cell becomes a random present class with probability ``FLIP_PROB * noise``.
+
+    Each view's noise depends on its own frame and position only, never on the rest of the batch;
+    the fields of all views are computed together (a few numpy calls per batch, not per view).
     """
     if noise <= 0:
         return cells
-    gh, gw = cells.shape
-    clean = cells.cpu().numpy()
+    b, gh, gw = cells.shape
+    clean = cells
     out = clean.copy()
-    present_ids = [int(i) for i in torch.nonzero(present).flatten().tolist()]
-    fy, fx = cell_centres_in_frame(affine, (gh, gw), patch_size)
-    fy, fx = fy[:, None], fx[None, :]
+    keys = [int(k) for k in keys]
+    ay, by, ax, bx = (np.asarray(affines, dtype=np.float64).reshape(b, 4)[:, j].reshape(b, 1, 1) for j in range(4))
+    fy, fx = cell_centres_in_frame((ay, by, ax, bx), (gh, gw), patch_size)  # (B, 1, gh), (B, 1, gw)
+    fy, fx = fy.reshape(b, gh, 1), fx.reshape(b, 1, gw)
     cell = float(patch_size)  # the noise's frame-level unit: one teacher cell of the original frame
+    present_ids = [np.flatnonzero(present[i]).tolist() for i in range(b)]
 
     # Confusions between similar classes, in blobs (CLIP confuses regions, not isolated patches).
-    for c in present_ids:
-        choices = [p for p in partners.get(c, []) if present[p]]
-        if not choices or _uniform(seed, key, _TAG_CONFUSE, c, 0) >= noise:
-            continue
-        partner = choices[int(_hash(seed, key, _TAG_CONFUSE, c, 1) % np.uint64(len(choices)))]
-        fraction = _uniform(seed, key, _TAG_CONFUSE, c, 2)
-        field = _value_noise(seed, key, _TAG_BLOB, c, fy, fx, CONFUSION_BLOB_CELLS * cell)
-        out[(clean == c) & (field < fraction)] = partner
+    confused = []  # (view, class, partner, fraction)
+    for i in range(b):
+        for c in present_ids[i]:
+            choices = [p for p in partners.get(c, []) if present[i, p]]
+            if not choices or _uniform(seed, keys[i], _TAG_CONFUSE, c, 0) >= noise:
+                continue
+            partner = choices[int(_hash(seed, keys[i], _TAG_CONFUSE, c, 1) % np.uint64(len(choices)))]
+            confused.append((i, c, partner, _uniform(seed, keys[i], _TAG_CONFUSE, c, 2)))
+    if confused:
+        views, classes = [row[0] for row in confused], [row[1] for row in confused]
+        prefix = _row_prefixes(seed, [keys[i] for i in views], _TAG_BLOB, classes)
+        fields = _value_noise(prefix, fy[views], fx[views], CONFUSION_BLOB_CELLS * cell)
+        for (i, c, partner, fraction), field in zip(confused, fields):
+            out[i][(clean[i] == c) & (field < fraction)] = partner
 
     # Boundary bleeding as a persistent warp: read each cell's label a little way off, in the frame.
     max_steps = math.ceil(MAX_BLEED_STEPS * noise)
-    steps = int(_hash(seed, key, _TAG_WARP_AMPLITUDE) % np.uint64(max_steps + 1))
-    if steps:
-        amplitude = steps * BLEED_PROB * cell  # frame pixels (a random walk of `steps` moves ~ this far)
-        dy = amplitude * (2 * _value_noise(seed, key, _TAG_WARP_Y, 0, fy, fx, 2 * cell) - 1)
-        dx = amplitude * (2 * _value_noise(seed, key, _TAG_WARP_X, 0, fy, fx, 2 * cell) - 1)
-        vy, vx = view_from_frame(affine, fy + dy, fx + dx)
+    steps = np.array([int(_hash(seed, k, _TAG_WARP_AMPLITUDE) % np.uint64(max_steps + 1)) for k in keys])
+    warped_views = np.flatnonzero(steps)
+    if len(warped_views):
+        v = warped_views
+        view_keys = [keys[i] for i in v]
+        amplitude = (steps[v] * BLEED_PROB * cell).reshape(-1, 1, 1)  # frame pixels (a random walk of `steps` moves)
+        dy = amplitude * (2 * _value_noise(_row_prefixes(seed, view_keys, _TAG_WARP_Y, 0), fy[v], fx[v], 2 * cell) - 1)
+        dx = amplitude * (2 * _value_noise(_row_prefixes(seed, view_keys, _TAG_WARP_X, 0), fy[v], fx[v], 2 * cell) - 1)
+        vy, vx = view_from_frame((ay[v], by[v], ax[v], bx[v]), fy[v] + dy, fx[v] + dx)
         rows = np.clip(np.floor(vy / patch_size), 0, gh - 1).astype(np.int64)
         cols = np.clip(np.floor(vx / patch_size), 0, gw - 1).astype(np.int64)
-        warped = out[np.broadcast_to(rows, (gh, gw)), np.broadcast_to(cols, (gh, gw))]
-        out = np.where((warped != IGNORE_INDEX) & (out != IGNORE_INDEX), warped, out)
+        current = out[v]
+        warped = np.take_along_axis(current.reshape(len(v), -1), (rows * gw + cols).reshape(len(v), -1), axis=1)
+        warped = warped.reshape(len(v), gh, gw)
+        out[v] = np.where((warped != IGNORE_INDEX) & (current != IGNORE_INDEX), warped, current)
 
     # Patch-level random flips towards any present class, per cell of the frame.
-    if present_ids:
-        iy, ix = np.floor(fy / cell), np.floor(fx / cell)
-        flip = (_uniform(seed, key, _TAG_FLIP, iy, ix, 0) < FLIP_PROB * noise) & (out != IGNORE_INDEX)
-        choice = (_hash(seed, key, _TAG_FLIP, iy, ix, 1) % np.uint64(len(present_ids))).astype(np.int64)
-        out = np.where(flip, np.asarray(present_ids)[choice], out)
-    return torch.from_numpy(out).to(cells.device, cells.dtype)
+    flipped_views = np.array([i for i in range(b) if present_ids[i]], dtype=np.int64)
+    if len(flipped_views):
+        v = flipped_views
+        prefix = _row_prefixes(seed, [keys[i] for i in v], _TAG_FLIP)
+        iy, ix = np.floor(fy[v] / cell), np.floor(fx[v] / cell)
+        current = out[v]
+        flip = (_to_unit(_fold(prefix, iy, ix, 0)) < FLIP_PROB * noise) & (current != IGNORE_INDEX)
+        counts = np.array([len(present_ids[i]) for i in v], dtype=np.uint64).reshape(-1, 1, 1)
+        choice = (_fold(prefix, iy, ix, 1) % counts).astype(np.int64)
+        table = np.zeros((len(v), max(len(present_ids[i]) for i in v)), dtype=out.dtype)
+        for row, i in enumerate(v):
+            table[row, : len(present_ids[i])] = present_ids[i]
+        drawn = np.take_along_axis(table, choice.reshape(len(v), -1), axis=1).reshape(len(v), gh, gw)
+        out[v] = np.where(flip, drawn, current)
+    return out
 
 
 def _content_key(gt: torch.Tensor, labels: torch.Tensor) -> int:
@@ -257,15 +305,14 @@ class SimulatedTeacher:
         b, h, w = gt.shape
         labels = image_labels.to(gt.device).bool()
         cells = cell_majority(gt, labels, self.num_classes, self.patch_size)
-        noisy = []
-        for i in range(b):
-            if frames is None:
-                key, affine = _content_key(gt[i], labels[i]), IDENTITY_FRAME
-            else:
-                key, affine = int(frames.keys[i]), [float(v) for v in frames.affine[i].tolist()]
-            noisy.append(add_cell_noise(cells[i].cpu(), labels[i].cpu(), self.partners, self.noise, key, affine,
-                                        self.patch_size, self.seed))
-        cells = torch.stack(noisy).to(gt.device)
+        if frames is None:
+            keys = [_content_key(gt[i], labels[i]) for i in range(b)]
+            affines = np.array([IDENTITY_FRAME] * b, dtype=np.float64)
+        else:
+            keys, affines = frames.keys.tolist(), frames.affine.cpu().numpy()
+        noisy = add_cell_noise(cells.cpu().numpy(), labels.cpu().numpy(), self.partners, self.noise, keys, affines,
+                               self.patch_size, self.seed)
+        cells = torch.from_numpy(noisy).to(gt.device)
         ps = self.patch_size
         masks = cells.repeat_interleave(ps, dim=1).repeat_interleave(ps, dim=2)[:, :h, :w]
         if valid is not None:
