@@ -38,6 +38,8 @@ MEANINGS: dict[str, str] = {
     "data.photometric": "photometric distortion (brightness, contrast, saturation, hue)",
     "data.batch_size": "images per process and micro-batch (the release: 4 per GPU on 2 GPUs)",
     "data.num_workers": "DataLoader worker processes per training process",
+    "data.cache_mib": ("decoded training frames (image + mask) kept in memory, MiB per training process, shared "
+                       "out over its workers; `0` decodes every frame every time (batches are identical either way)"),
     "teacher.kind": "`clip` (the method's frozen CLIP teacher); research instruments: `simulated` (reads the GROUND TRUTH) or `proxy` (frozen ImageNet features + a classifier fitted on a few labelled images)",
     "teacher.clip_model": "open_clip ViT name (ViT-B-16 as in the paper) or a JSON model config file",
     "teacher.clip_pretrained": "open_clip tag (`openai`), a local weights file (.pt, .bin, .safetensors), or `none` (random weights: meaningless masks)",

@@ -45,3 +45,38 @@ def test_ranks_read_disjoint_shards_and_gt_is_withheld_from_clip():
 def test_missing_pseudo_masks_are_reported(tmp_path):
     with pytest.raises(UserError, match="4 of 4 pseudo-masks are missing"):
         _samples(pseudo_masks=tmp_path)
+
+
+def test_decoded_frames_are_kept_within_the_budget_and_batches_do_not_change():
+    from carbseg.data.decoded_cache import DecodedCache
+
+    plain = _samples()
+    cached = _samples(cache_bytes=1 << 30)
+    decoded = []
+    original_load = cached.dataset.load_image
+    cached.dataset.load_image = lambda index: decoded.append(index) or original_load(index)
+    keys = [BatchKey(iteration=i, micro_step=0, slot=s) for i in range(8) for s in range(2)]  # 4 epochs of 4 frames
+    for key in keys:
+        ours, theirs = cached[key], plain[key]
+        for name in ("image", "mask", "valid", "image_labels", "frame"):
+            assert torch.equal(ours[name], theirs[name]), name
+    assert sorted(decoded) == [0, 1, 2, 3]  # each frame decoded once, then read from memory
+    frame_bytes = 48 * 96 * 3 + 48 * 96  # uint8 image + mask
+    assert len(cached.decoded) == 4 and cached.decoded.used_bytes == 4 * frame_bytes
+
+    small = DecodedCache(2 * frame_bytes + 10)  # room for two frames only
+    loads = []
+    source = _samples()
+    for index in [0, 1, 2, 0, 1, 2]:
+        small.get(index, lambda i: loads.append(i) or source._decode(i))
+    assert loads == [0, 1, 2, 2] and len(small) == 2 and small.used_bytes == 2 * frame_bytes
+    assert len(DecodedCache(0)) == 0 and _samples().decoded.budget_bytes == 0  # 0: decode every time
+
+
+def test_cached_frames_are_read_only():
+    from carbseg.data.decoded_cache import DecodedCache
+
+    cache = DecodedCache(1 << 20)
+    image, mask = cache.get(0, lambda i: (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)))
+    with pytest.raises(ValueError, match="read-only"):
+        image[0, 0, 0] = 1  # an augmentation writing into its input would corrupt every later epoch

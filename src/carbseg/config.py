@@ -42,6 +42,9 @@ class DataConfig:
     photometric: bool = True
     batch_size: int = 4  # per process
     num_workers: int = 4
+    # Decoded training frames (image + mask) kept in memory, MiB per training process, shared out over
+    # its data-loading workers; 0 decodes every frame every time. Batches are identical either way.
+    cache_mib: int = 1024
 
 
 @dataclass
@@ -155,14 +158,13 @@ CHOICES = {
 MINIMUMS = {
     "data.batch_size": 1,
     "data.num_workers": 0,
+    "data.cache_mib": 0,
     "train.max_iters": 1,
     "train.grad_accum": 1,
     "eval.batch_size": 1,
     "carb.queue_size": 1,
     "teacher.grid_cell": 1,
 }
-
-
 
 
 @dataclass(frozen=True)

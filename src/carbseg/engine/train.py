@@ -140,6 +140,7 @@ def build_training_inputs(cfg: Config, device: torch.device, teacher_precision: 
         train_set, image_labels, TrainAugmentation(cfg.data), seed=cfg.seed,
         batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum, rank=rank, world=world,
         read_gt=read_gt, pseudo_masks=cfg.data.pseudo_masks,
+        cache_bytes=cfg.data.cache_mib * 2**20 // max(cfg.data.num_workers, 1),  # the budget is for all workers
     )
     return TrainingInputs(train_set, teacher, samples)
 

@@ -25,6 +25,7 @@ import torch
 
 from carbseg.data.base import SegmentationDataset, validate_train_ids
 from carbseg.data.classes import IGNORE_INDEX
+from carbseg.data.decoded_cache import DecodedCache
 from carbseg.data.frames import frame_key
 from carbseg.errors import UserError
 from carbseg.io import read_label_png
@@ -85,6 +86,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         world: int = 1,
         read_gt: bool = False,
         pseudo_masks: str | Path | None = None,
+        cache_bytes: int = 0,
     ):
         if len(image_labels) != len(dataset):
             raise ValueError("one image-level label vector per training image is required")
@@ -100,6 +102,8 @@ class TrainingSamples(torch.utils.data.Dataset):
         self.pseudo_masks = Path(pseudo_masks) if pseudo_masks else None
         if self.pseudo_masks is not None:
             self._check_pseudo_masks()
+        # Decoded (image, mask) per frame, within this process (each DataLoader worker has its own).
+        self.decoded = DecodedCache(cache_bytes)
 
     def _check_pseudo_masks(self) -> None:
         if not self.pseudo_masks.is_dir():
@@ -144,10 +148,13 @@ class TrainingSamples(torch.utils.data.Dataset):
             return mask
         return np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
 
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image = self.dataset.load_image(index)
+        return image, self._load_mask(index, image)
+
     def __getitem__(self, key: BatchKey) -> dict:
         index = self.order.index(self.stream_position(key))
-        image = self.dataset.load_image(index)
-        mask = self._load_mask(index, image)
+        image, mask = self.decoded.get(index, self._decode)
         # Every augmentation draw of this sample comes from its own key (never from a shared stream).
         rng = np.random.default_rng([self.seed, key.iteration, key.micro_step, self.rank, key.slot])
         image, mask, valid, frame = self.augmentation.with_frame(image, mask, rng)
