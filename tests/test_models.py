@@ -290,3 +290,21 @@ def test_lite0_splits_its_dilated_depthwise_convolutions_and_keeps_every_depthwi
         assert len(depthwise) == 16  # one per MBConv block after the stem's
         assert [m for m in backbone.modules() if isinstance(m, Fp32DepthwiseConv2d)] == depthwise
     assert counts == {8: 10, 16: 4, 32: 0}  # stages 4-7 dilated at OS 8, stages 6-7 at OS 16
+
+
+def test_segmenter_computes_channels_last_with_the_same_logits_as_nchw():
+    torch.manual_seed(0)
+    model = build_segmenter(ModelConfig(backbone="small", pretrained="none", classifier="learned", head_channels=16,
+                                        aspp_dilations=[1, 2]), 5).eval()
+    conv = model.backbone.body[0]
+    assert model.memory_format == torch.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.rand(2, 3, 32, 64) * 255  # an NCHW batch, as the training batches are collated
+    with torch.no_grad():
+        last = model(images)
+        assert seen[-1].is_contiguous(memory_format=torch.channels_last)  # brought to the model's layout
+        model.use_memory_format(torch.contiguous_format)
+        plain = model(images)
+        assert seen[-1].is_contiguous() and conv.weight.is_contiguous()
+    assert torch.allclose(last, plain, atol=1e-4, rtol=1e-4)  # the same sums in another order

@@ -98,7 +98,7 @@ def inference_autocast_dtype(device: torch.device, amp: bool | torch.dtype | Non
 
 WORKLOADS = ("teacher", "segmenter")
 MARGIN = 1.2  # bf16 must take at most 1 / MARGIN of fp32's time to be chosen (noise and rounding cost)
-PROBE_VERSION = 2  # bump when a probe changes: older cached answers are then measured again
+PROBE_VERSION = 3  # bump when a probe changes: older cached answers are then measured again
 ENV_CHOICE = "CARBSEG_CPU_PRECISION"  # fp32 | bf16: skip the probe and use this on the CPU
 ENV_CACHE = "CARBSEG_PRECISION_CACHE"  # where the probe's answers are kept (a JSON file)
 
@@ -180,7 +180,7 @@ def _teacher_probe() -> Callable[[torch.dtype | None], None]:
 
 
 def _segmenter_probe() -> Callable[[torch.dtype | None], None]:
-    """Forward and backward, as the trainer runs them, of one MBConv block of the width of
+    """Forward and backward, as the trainer runs them (channels-last), of one MBConv block of the width of
     EfficientNet-Lite0's late stages (1x1 expand 256 -> 1024, 3x3 depthwise, 1x1 project, BN, ReLU6) and
     a dilated dense 3x3 convolution 256 -> 512 as in the ASPP head, on a (1, 256, 24, 32) map (~30 ms in
     fp32 on 2 idle AMX cores). The depthwise convolution is the model's own :class:`Fp32DepthwiseConv2d`,
@@ -206,6 +206,9 @@ def _segmenter_probe() -> Callable[[torch.dtype | None], None]:
     with torch.no_grad():
         for layer in layers:
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.05)
+    # Channels-last, as the segmenter computes (Segmenter.use_memory_format).
+    layers.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
 
     def run(dtype: torch.dtype | None) -> None:
         with autocast(torch.device("cpu"), dtype):

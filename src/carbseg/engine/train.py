@@ -224,9 +224,7 @@ class Trainer:
             from carbseg.models.segmenter import convert_sync_batchnorm
 
             model = convert_sync_batchnorm(model)
-        model.to(self.device)
-        if self.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+        model.to(self.device)  # channels-last on every device (Segmenter.use_memory_format)
         self.model = model
         self.ddp = None
         if self.world > 1:

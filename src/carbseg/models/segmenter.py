@@ -38,10 +38,23 @@ class Segmenter(nn.Module):
         # Non-persistent: a property of the backbone, not of training; keeps checkpoints portable.
         self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", std.view(1, 3, 1, 1), persistent=False)
+        # The layout every convolution runs in (``use_memory_format``); build_segmenter sets channels-last.
+        self.memory_format = torch.contiguous_format
+
+    def use_memory_format(self, memory_format: torch.memory_format) -> Segmenter:
+        """Run in ``memory_format``: the weights are laid out in it and every input is brought to it.
+
+        Channels-last is what oneDNN (CPU) and cuDNN compute in natively; with (B, C, H, W) tensors oneDNN
+        reorders the activations at every layer. Measured on a 2-core AMX Xeon (benchmarks/RESULTS.md):
+        the demo's training step 1.16x and EfficientNet-Lite0's 1.5x faster, inference 1.35-1.9x. The
+        values are the same up to the order of floating-point sums. Returns the module (like ``to``).
+        """
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Head features at output stride (B, D, H/s, W/s), before the classifier."""
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=self.memory_format)
         return self.projection(self.head(self.backbone(x)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,7 +121,7 @@ def build_segmenter(
         classifier = LearnedClassifier(cfg.head_channels, num_classes)
     else:
         raise UserError(f"model.classifier = {cfg.classifier!r} is not valid; choose one of text, learned")
-    return Segmenter(backbone, head, projection, classifier, num_classes)
+    return Segmenter(backbone, head, projection, classifier, num_classes).use_memory_format(torch.channels_last)
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
