@@ -263,3 +263,21 @@ def test_loss_queue_push_is_averaged_across_processes(tmp_path):
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert states[0] == states[1]
     assert states[0]["consistent"] == [1.5] and states[0]["inconsistent"] == [3.0]
+
+
+def test_without_regions_the_warmup_terms_are_bit_identical_and_the_regions_left_out():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 12, 16, requires_grad=True)
+    teacher = torch.randint(0, 5, (2, 12, 16))
+    teacher[:, :2] = 255
+    patch_logits, patch_teacher = logits[:, :, 2:8, 4:12], torch.randint(0, 5, (2, 6, 8))
+    labels = torch.rand(2, 5) > 0.3
+    full = carb_loss(logits, teacher, patch_logits, patch_teacher, labels)
+    light = carb_loss(logits, teacher, patch_logits, patch_teacher, labels, regions=False)
+    assert torch.equal(light.global_ce, full.global_ce) and torch.equal(light.patch_ce, full.patch_ce)
+    assert torch.equal(light.warmup_loss(), full.warmup_loss())
+    (grad_full,) = torch.autograd.grad(full.warmup_loss(), logits)
+    (grad_light,) = torch.autograd.grad(light.warmup_loss(), logits)
+    assert torch.equal(grad_full, grad_light)
+    assert full.consistent > 0 and light.consistent == 0 and light.inconsistent_pixels == 0
+    assert torch.isnan(light.consistent_share)

@@ -110,6 +110,31 @@ def test_resume_is_bit_identical_and_run_dir_is_complete(config_file, scenes, tm
     assert 0.0 <= records[7]["val_miou"] <= 100.0
 
 
+def test_warmup_steps_that_are_not_logged_skip_the_regions_and_train_the_same_weights(config_file, scenes, tmp_path,
+                                                                                       monkeypatch):
+    from carbseg.losses import carb
+
+    calls = []
+    full = carb.carb_loss
+    monkeypatch.setattr(carb, "carb_loss", lambda *a, **k: calls.append(k.get("regions", True)) or full(*a, **k))
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    assert _train(config_file, scenes, every, "--max-iters", "8", "train.warmup_iters=5") == 0
+    assert calls == [True] * 8
+    calls.clear()
+    assert _train(config_file, scenes, sparse, "--max-iters", "8", "train.warmup_iters=5", "train.log_interval=2",
+                  "train.eval_interval=0") == 0
+    # Warm-up iterations 0..4: regions only where the step is logged (done = 2, 4); CARB after it: always.
+    assert calls == [False, True, False, True, False, True, True, True]
+    a, b = load_file(every / "model.safetensors"), load_file(sparse / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same gradients: the warm-up loss never used them
+    logged = {r["iteration"]: r for r in map(json.loads, (every / "log.jsonl").read_text().splitlines())}
+    for r in map(json.loads, (sparse / "log.jsonl").read_text().splitlines()):
+        same = {k: v for k, v in logged[r["iteration"]].items() if k in r and k not in ("iters_per_s", "val_miou")}
+        assert {k: r[k] for k in same} == same  # every logged term as the run that logs every step
+    assert load_training_state(every / "checkpoint_last.pt")["loss_queue"] == \
+        load_training_state(sparse / "checkpoint_last.pt")["loss_queue"]
+
+
 def _with_old_keys(cfg: dict) -> dict:
     """A resolved config as carbseg wrote it before the renames: data.resize (w, h), teacher.patch_size."""
     data = {("resize" if k == "scale_size" else k): (v[::-1] if k == "scale_size" else v)

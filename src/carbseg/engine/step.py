@@ -114,13 +114,14 @@ def segmenter_logits(model: torch.nn.Module, images: torch.Tensor, patch,
 
 def training_step(model: torch.nn.Module, teacher, batch: dict, cfg, generator: torch.Generator, *,
                   iteration: int, objective, single_path: bool, amp: torch.dtype | None = None,
-                  timer: Timer = _untimed):
+                  timer: Timer = _untimed, log_terms: bool = True):
     """Teacher views, segmenter forward and CARB objective of one (micro-)batch already on its device.
 
     ``objective`` is the run's ``carbseg.losses.carb.CARBObjective`` (warm-up rule, loss queue, c).
     Returns its ``CARBLoss`` -- ``total`` to back-propagate, the terms to log -- or None when a CE
     term is NaN/Inf on any process: checked before the objective pushes its queue, so nothing of
-    such a step is kept.
+    such a step is kept. ``log_terms=False`` says that nobody reads this step's terms: a warm-up step
+    then skips the CARB regions it does not back-propagate (``carb_loss(regions=False)``; same gradients).
     """
     from carbseg.losses import carb
 
@@ -135,7 +136,9 @@ def training_step(model: torch.nn.Module, teacher, batch: dict, cfg, generator: 
     with timer("forward"):
         logits, patch_logits = segmenter_logits(model, batch["images"], views.patch, amp)
     with timer("loss"):
-        terms = carb.carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"])
+        regions = log_terms or not objective.in_warmup(iteration)
+        terms = carb.carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
+                               regions=regions)
         if any_rank_nonfinite(terms.cross_entropies(), logits.device):
             return None  # before the queue push and backward: nothing of this step is kept
         return objective(terms, iteration)

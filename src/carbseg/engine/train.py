@@ -329,8 +329,10 @@ class Trainer:
         return self.run_dir.model
 
     # ---------------------------------------------------------------- step
-    def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool) -> dict[str, float] | None:
-        """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank."""
+    def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool,
+                   log_terms: bool = True) -> dict[str, float] | None:
+        """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank.
+        ``log_terms=False``: this iteration's terms are not logged (a warm-up step may skip its regions)."""
         cfg = self.cfg
         batch = batch_to_device(batch, self.device)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, micro, self.rank, 1))
@@ -338,13 +340,14 @@ class Trainer:
         sync = contextlib.nullcontext() if (self.ddp is None or last_micro) else self.ddp.no_sync()
         with sync:
             out = training_step(net, self.teacher, batch, cfg, generator, iteration=iteration,
-                                objective=self.objective, single_path=self.single_path, amp=self.amp)
+                                objective=self.objective, single_path=self.single_path, amp=self.amp,
+                                log_terms=log_terms)
             if out is None:
                 return None
             self.scaler.scale(out.total / cfg.train.grad_accum).backward()
         return out.scalars()
 
-    def train_iteration(self, batches: list[dict], iteration: int) -> dict[str, float]:
+    def train_iteration(self, batches: list[dict], iteration: int, log_terms: bool = True) -> dict[str, float]:
         cfg = self.cfg
         # Anything that draws from the global generators (dropout, a stochastic teacher) draws the
         # same numbers at this iteration whether or not the run was resumed.
@@ -354,7 +357,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro, batch in enumerate(batches):
-            values = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1)
+            values = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1,
+                                     log_terms=log_terms)
             if values is None:
                 break
             for k, v in values.items():
@@ -453,15 +457,15 @@ class Trainer:
                     if len(batches) < cfg.train.grad_accum:
                         continue
                     iteration = self.iteration
-                    values = self.train_iteration(batches, iteration)
-                    batches = []
-                    self.iteration = iteration + 1
-                    done = self.iteration
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values['total']:.3f}", c=f"{values['c']:.2f}")
+                    done = iteration + 1
                     evaluate_now = cfg.train.eval_interval > 0 and (
                         done % cfg.train.eval_interval == 0 or done == stop)
                     log_now = done % max(cfg.train.log_interval, 1) == 0 or done == stop or evaluate_now
+                    values = self.train_iteration(batches, iteration, log_terms=log_now)
+                    batches = []
+                    self.iteration = done
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['total']:.3f}", c=f"{values['c']:.2f}")
                     if log_now:
                         values = self._mean_over_ranks(values)
                         values["epoch"] = float(self.samples.epoch_of(iteration))

@@ -153,6 +153,7 @@ def carb_loss(
     teacher_patch: torch.Tensor | None,
     image_labels: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
+    regions: bool = True,
 ) -> CARBTerms:
     """Every term of the CARB objective for one batch (pure: no state, no weighting).
 
@@ -163,9 +164,22 @@ def carb_loss(
 
     The regions compare the teacher with the self-prediction restricted by -inf to the image-level
     classes; ``CARBTerms.warmup_loss`` / ``balanced_loss(c)`` add the terms up.
+
+    ``regions=False`` leaves the region terms out (zeros; ``consistent_share`` NaN): a warm-up step
+    back-propagates only the plain CE terms, so its regions serve its log line alone, and computing
+    them (the self-prediction over every pixel) was a fifth of the demo's warm-up step.
     """
     zero = global_logits.new_zeros(())
     zero_count = torch.zeros((), dtype=torch.long, device=global_logits.device)
+    if not regions:
+        valid = teacher_global != ignore_index
+        global_ce, _ = _region_mean(_pixel_cross_entropy(global_logits, teacher_global, ignore_index), valid)
+        patch_ce = zero
+        if patch_logits is not None and teacher_patch is not None:
+            patch_ce, _ = _region_mean(_pixel_cross_entropy(patch_logits, teacher_patch, ignore_index),
+                                       teacher_patch != ignore_index)
+        return CARBTerms(global_ce, patch_ce, zero, zero, zero, zero, zero_count, zero_count, zero_count, zero_count,
+                         torch.tensor(float("nan")))
 
     with torch.no_grad():
         prediction = restricted_argmax(global_logits, image_labels)
