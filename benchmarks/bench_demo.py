@@ -14,6 +14,9 @@ another in fresh processes, the demo as it ran before issue 12's speed work (fp3
 ``CARBSEG_CPU_PRECISION=fp32``, glibc's own allocator thresholds with ``CARBSEG_ALLOCATOR=default``) and the
 demo as ``carbseg demo`` runs it now, in ``OUT/baseline_seedS`` and ``OUT/current_seedS``, and prints one table
 with each seed's ratio: the item-3 measurement in one command (about 3 + 2.5 minutes per seed on 2 AMX cores).
+``--baseline-src CLONE/src`` runs the baseline from another checkout instead (e.g. a clone pinned to the commit
+before issue 12's speed work: its own code, fp32, glibc's thresholds), so that the speed-ups that have no
+switch (channels-last, the logits' upsampling, the batched teacher, the decoded-frame cache) count as well.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ import time
 from pathlib import Path
 
 BASELINE_ENV = {"CARBSEG_CPU_PRECISION": "fp32", "CARBSEG_ALLOCATOR": "default"}
+BASELINE_DEMO = """
+import dataclasses, sys, time
+from carbseg.demo import QUICK, DemoSettings, run_demo
+settings = QUICK if sys.argv[3] == "quick" else DemoSettings()
+settings = dataclasses.replace(settings, overrides=(*settings.overrides, f"seed={sys.argv[2]}"))
+run_demo(sys.argv[1], settings, progress=False)
+"""
 
 
 def main() -> None:
@@ -40,6 +50,8 @@ def main() -> None:
     parser.add_argument("--against-baseline", action="store_true",
                         help="baseline (fp32, glibc's allocator defaults) and current demo per seed, one table")
     parser.add_argument("--seeds", default="0", help="with --against-baseline: comma-separated training seeds")
+    parser.add_argument("--baseline-src", default=None,
+                        help="with --against-baseline: the src folder of another checkout to run the baseline from")
     args = parser.parse_args()
 
     if args.against_baseline:
@@ -92,6 +104,10 @@ def compare(args) -> None:
             cmd = [sys.executable, __file__, "--out", str(folder), "--seed", str(seed)]
             cmd += ["--quick"] if args.quick else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
+            if kind == "baseline" and args.baseline_src:
+                # That checkout's own demo (it may predate this script's helpers): run_demo with the seed.
+                env["PYTHONPATH"] = str(Path(args.baseline_src).resolve())
+                cmd = [sys.executable, "-c", BASELINE_DEMO, str(folder), str(seed), "quick" if args.quick else ""]
             if not (folder / "report.json").exists():
                 print(f"seed {seed}, {kind}: {' '.join(f'{k}={v}' for k, v in env.items() if k in BASELINE_ENV)} "
                       f"{' '.join(cmd[1:])}", flush=True)
@@ -99,6 +115,8 @@ def compare(args) -> None:
             reports[kind] = json.loads((folder / "report.json").read_text(encoding="utf-8"))
         rows.append((seed, reports))
     print(f"measured on: {rows[0][1]['current'].get('machine', 'not recorded')}")
+    if args.baseline_src:
+        print(f"baseline: the demo of the checkout at {args.baseline_src}")
     print("| seed | demo | precision | test mIoU | val mIoU | train (s) | total (s) | vs baseline |")
     print("|--:|---|---|--:|--:|--:|--:|--:|")
     for seed, reports in rows:
@@ -106,7 +124,7 @@ def compare(args) -> None:
         for kind, report in reports.items():
             stages = report["first_run_timings_s"]
             total = sum(stages.values())
-            precision = (report.get("training_precision") or {}).get("model", "?")
+            precision = (report.get("training_precision") or {}).get("model", "not recorded")
             print(f"| {seed} | {kind} | {precision} | {report['miou']:.1f} | {report['val_miou']:.1f} | "
                   f"{stages['train']:.1f} | {total:.1f} | {sum(base.values()) / total:.2f}x |")
 
