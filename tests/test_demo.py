@@ -274,3 +274,28 @@ def test_bench_demo_against_baseline_runs_both_demos_per_seed(tmp_path):
     assert baseline["machine"].count("allocator default (CARBSEG_ALLOCATOR=default)") == 1
     assert baseline["training_precision"]["model"] == "fp32"
     assert "CARBSEG_ALLOCATOR=default" not in current["machine"]
+
+
+@pytest.mark.slow
+def test_bench_demo_runs_the_baseline_from_another_checkout(tmp_path):
+    """--baseline-src: the baseline demo runs that checkout's own code (a copy of this src whose demo writes
+    another teacher note, so the report shows which code ran)."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    other = tmp_path / "other" / "src"
+    shutil.copytree(repo / "src", other, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    demo_py = other / "carbseg" / "demo.py"
+    demo_py.write_text(demo_py.read_text().replace('TEACHER_NOTE = ("SIMULATED', 'TEACHER_NOTE = ("COPY SIMULATED'))
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_demo.py"), "--out", str(tmp_path / "cmp"),
+                          "--against-baseline", "--seeds", "0", "--quick", "--baseline-src", str(other)],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"baseline: the demo of the checkout at {other}" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["baseline", "current"]
+    baseline = json.loads((tmp_path / "cmp" / "baseline_seed0" / "report.json").read_text())
+    current = json.loads((tmp_path / "cmp" / "current_seed0" / "report.json").read_text())
+    assert baseline["teacher"]["note"].startswith("COPY SIMULATED")  # the other checkout's code ran
+    assert current["teacher"]["note"].startswith("SIMULATED")
+    assert baseline["settings"]["overrides"][-1] == "seed=0" and baseline["split"] == "test"

@@ -49,8 +49,8 @@ _SLOW_ITERATIONS = """
 import sys, time
 from carbseg.engine import train
 original = train.Trainer.train_iteration
-def slow(self, batches, iteration):
-    values = original(self, batches, iteration)
+def slow(self, batches, iteration, **kwargs):
+    values = original(self, batches, iteration, **kwargs)
     time.sleep(0.25)
     return values
 train.Trainer.train_iteration = slow

@@ -166,8 +166,8 @@ def carb_loss(
     classes; ``CARBTerms.warmup_loss`` / ``balanced_loss(c)`` add the terms up.
 
     ``regions=False`` leaves the region terms out (zeros; ``consistent_share`` NaN): a warm-up step
-    back-propagates only the plain CE terms, so its regions serve its log line alone, and computing
-    them (the self-prediction over every pixel) was a fifth of the demo's warm-up step.
+    back-propagates only the plain CE terms, so its regions serve its log line alone; computing them
+    (the self-prediction over every pixel) took about 4 ms of the demo's 54 ms warm-up iteration.
     """
     zero = global_logits.new_zeros(())
     zero_count = torch.zeros((), dtype=torch.long, device=global_logits.device)
@@ -179,7 +179,7 @@ def carb_loss(
             patch_ce, _ = _region_mean(_pixel_cross_entropy(patch_logits, teacher_patch, ignore_index),
                                        teacher_patch != ignore_index)
         return CARBTerms(global_ce, patch_ce, zero, zero, zero, zero, zero_count, zero_count, zero_count, zero_count,
-                         torch.tensor(float("nan")))
+                         global_logits.new_full((), float("nan")))
 
     with torch.no_grad():
         prediction = restricted_argmax(global_logits, image_labels)
