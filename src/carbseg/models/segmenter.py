@@ -46,7 +46,7 @@ class Segmenter(nn.Module):
 
         Channels-last is what oneDNN (CPU) and cuDNN compute in natively; with (B, C, H, W) tensors oneDNN
         reorders the activations at every layer. Measured on a 2-core AMX Xeon (benchmarks/RESULTS.md):
-        the demo's training step 1.16x and EfficientNet-Lite0's 1.5x faster, inference 1.35-1.9x. The
+        the demo's training step 1.13-1.16x and EfficientNet-Lite0's 1.5x faster, inference 1.35-1.9x. The
         values are the same up to the order of floating-point sums. Returns the module (like ``to``).
         """
         self.memory_format = memory_format
