@@ -185,7 +185,7 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
         module.__class__ = _class_in_variant(name, module)
     if name in ("fp32", "optimised-nchw"):
         model.use_memory_format(torch.contiguous_format)
-    batch = batch_to_device(cpu_batch, device, channels_last=False)  # the segmenter brings it to its layout
+    batch = batch_to_device(cpu_batch, device)  # NCHW; the segmenter brings it to its layout
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     objective = CARBObjective(warmup_iters=0, fixed_coefficient=1.0)  # CARB after warm-up, c = 1
 

@@ -46,14 +46,12 @@ class TeacherViews(NamedTuple):
     patch_labels: torch.Tensor | None  # (B, h, w), the zoomed patch's labels at the patch size
 
 
-def batch_to_device(batch: dict, device: torch.device, channels_last: bool | None = None) -> dict:
-    """A collated training batch on ``device``, images as float (0..255); channels-last on a GPU
-    (``channels_last=None``), where cuDNN's convolutions are faster in that layout."""
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A collated training batch on ``device``, images as float (0..255) in the collated layout: the
+    segmenter brings its input to its own (``Segmenter.use_memory_format``)."""
     non_blocking = device.type == "cuda"
     batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
     batch["images"] = batch["images"].float()
-    if channels_last if channels_last is not None else device.type == "cuda":
-        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
     return batch
 
 
