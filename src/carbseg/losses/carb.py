@@ -171,34 +171,33 @@ def carb_loss(
     """
     zero = global_logits.new_zeros(())
     zero_count = torch.zeros((), dtype=torch.long, device=global_logits.device)
+    with_patch = patch_logits is not None and teacher_patch is not None
+
+    # The plain CE terms (the warm-up loss), over every valid pixel: the union of the two regions.
+    pixel_ce = _pixel_cross_entropy(global_logits, teacher_global, ignore_index)
+    global_ce, _ = _region_mean(pixel_ce, teacher_global != ignore_index)
+    patch_ce = zero
+    if with_patch:
+        patch_pixel_ce = _pixel_cross_entropy(patch_logits, teacher_patch, ignore_index)
+        patch_ce, _ = _region_mean(patch_pixel_ce, teacher_patch != ignore_index)
     if not regions:
-        valid = teacher_global != ignore_index
-        global_ce, _ = _region_mean(_pixel_cross_entropy(global_logits, teacher_global, ignore_index), valid)
-        patch_ce = zero
-        if patch_logits is not None and teacher_patch is not None:
-            patch_ce, _ = _region_mean(_pixel_cross_entropy(patch_logits, teacher_patch, ignore_index),
-                                       teacher_patch != ignore_index)
         return CARBTerms(global_ce, patch_ce, zero, zero, zero, zero, zero_count, zero_count, zero_count, zero_count,
                          global_logits.new_full((), float("nan")))
 
     with torch.no_grad():
         prediction = restricted_argmax(global_logits, image_labels)
         cons_region, incons_region = region_masks(teacher_global, prediction, ignore_index)
-    pixel_ce = _pixel_cross_entropy(global_logits, teacher_global, ignore_index)
-    global_ce, _ = _region_mean(pixel_ce, cons_region | incons_region)
     consistent, n_cons = _region_mean(pixel_ce, cons_region)
     inconsistent, n_incons = _region_mean(pixel_ce, incons_region)
 
-    patch_ce = patch_cons = patch_incons = zero
+    patch_cons = patch_incons = zero
     n_patch_cons = n_patch_incons = zero_count
-    if patch_logits is not None and teacher_patch is not None:
+    if with_patch:
         with torch.no_grad():
             patch_prediction = restricted_argmax(patch_logits, image_labels)
             patch_cons_region, patch_incons_region = region_masks(
                 teacher_patch, patch_prediction, ignore_index
             )
-        patch_pixel_ce = _pixel_cross_entropy(patch_logits, teacher_patch, ignore_index)
-        patch_ce, _ = _region_mean(patch_pixel_ce, patch_cons_region | patch_incons_region)
         patch_cons, n_patch_cons = _region_mean(patch_pixel_ce, patch_cons_region)
         patch_incons, n_patch_incons = _region_mean(patch_pixel_ce, patch_incons_region)
 
