@@ -32,7 +32,7 @@ from pathlib import Path
 
 BASELINE_ENV = {"CARBSEG_CPU_PRECISION": "fp32", "CARBSEG_ALLOCATOR": "default"}
 BASELINE_DEMO = """
-import dataclasses, sys, time
+import dataclasses, sys
 from carbseg.demo import QUICK, DemoSettings, run_demo
 settings = QUICK if sys.argv[3] == "quick" else DemoSettings()
 settings = dataclasses.replace(settings, overrides=(*settings.overrides, f"seed={sys.argv[2]}"))

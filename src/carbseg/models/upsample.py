@@ -11,7 +11,7 @@ holding the two interpolation weights of an output row / column. As two matrix p
 upsampling took 0.7 ms forward and 0.7 ms backward there. The weights are PyTorch's own
 (``area_pixel_compute_source_index``: source = (out + 0.5) * in / out - 0.5, clamped at 0, both taps
 clamped to the last input index), computed in fp32 as PyTorch computes them, so the two paths agree
-to fp32 rounding (sums in a different order; tests/test_models.py checks them against
+to fp32 rounding (sums in a different order; tests/test_upsample.py checks them against
 ``F.interpolate``). The products run in fp32 whatever the autocast: under bf16 the result is fp32,
 where ``F.interpolate`` rounded logits and their gradient to bf16.
 
