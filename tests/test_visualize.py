@@ -109,3 +109,27 @@ def test_error_key_shows_the_three_error_map_colours():
     key = error_key()
     assert [key[4 + 18 * row + 7, 4 + 7].tolist() for row in range(3)] == [
         list(CORRECT_COLOR), list(WRONG_COLOR), list(IGNORE_COLOR)]
+
+
+def test_overlay_legend_grows_with_a_large_picture():
+    from carbseg.visualize import LEGEND_REFERENCE_HEIGHT, legend_scale, overlay_with_legend
+
+    assert legend_scale(360) == 1.0 and legend_scale(4 * LEGEND_REFERENCE_HEIGHT) == 4.0
+    height = 4 * LEGEND_REFERENCE_HEIGHT
+    image = np.full((height, 8, 3), 100, np.uint8)
+    mask = np.zeros((height, 8), np.uint8)
+    mask[height // 2:] = 13
+    out = overlay_with_legend(image, mask, SYNTHETIC)
+    # At 4x: 16 px padding (also between picture and legend), 56 px swatches, rows 72 px apart.
+    x0 = 8 + 16
+    key = out[:, x0:]
+    assert key[16 + 28, 16 + 28].tolist() == [128, 64, 128]  # road swatch, centre
+    assert key[16 + 72 + 28, 16 + 28].tolist() == [0, 0, 142]  # car swatch one 72 px row lower
+    assert key[16 + 6, 16 + 55 - 6].tolist() == [128, 64, 128]  # inside the 56 px swatch and its 4 px outline
+    # The names are drawn at 4x the base text size: the road label's ink spans > 20 px in height.
+    text = key[16:16 + 56, 16 + 56 + 16:] < 128
+    rows = np.flatnonzero(text.any(axis=(1, 2)))
+    assert rows.size and rows[-1] - rows[0] > 20
+    # A picture no taller than the reference keeps the base legend.
+    small = overlay_with_legend(image[:40], mask[:40], SYNTHETIC)
+    np.testing.assert_array_equal(small[:4 + 18, 8 + 4:], legend(SYNTHETIC, [0], max_height=40)[:22])

@@ -141,11 +141,32 @@ def make_grid(rows: list[list[np.ndarray]], titles: list[str] | None = None, pad
     return grid
 
 
+def _font(size: int):
+    """PIL's default font at ``size`` pixels (scalable with FreeType, Pillow >= 10.1); the fixed
+    bitmap font where it cannot scale (then only the swatches grow)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+# A legend at scale 1 (14 px swatches, 10 px text) suits pictures up to this height; a taller one
+# gets a proportionally larger legend, so the legend keeps its share of the picture at any size.
+LEGEND_REFERENCE_HEIGHT = 512
+
+
+def legend_scale(picture_height: int) -> float:
+    """How much larger than the base size a legend beside a picture this tall is drawn (at least 1)."""
+    return max(1.0, picture_height / LEGEND_REFERENCE_HEIGHT)
+
+
 def key_panel(entries: list[tuple[tuple[int, int, int], str]], max_height: int | None = None, swatch: int = 14,
-              pad: int = 4) -> np.ndarray:
+              pad: int = 4, scale: float = 1.0) -> np.ndarray:
     """A white panel of colour swatches with their names, one per row; when ``max_height`` is given,
-    in as many columns as needed to stay within it (a legend beside a short picture stays short)."""
-    font = ImageFont.load_default()
+    in as many columns as needed to stay within it (a legend beside a short picture stays short).
+    ``scale`` enlarges swatches, padding and text together (a legend beside a large picture)."""
+    swatch, pad = max(1, round(swatch * scale)), max(1, round(pad * scale))
+    font = _font(round(10 * scale))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     row_h = swatch + pad
     per_column = max(1, len(entries))
@@ -158,23 +179,25 @@ def key_panel(entries: list[tuple[tuple[int, int, int], str]], max_height: int |
     height = pad + max(1, min(per_column, len(entries))) * row_h
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    outline = max(1, round(scale))
     for c, column in enumerate(columns):
         x = pad + sum(widths[:c])
         for row, (colour, name) in enumerate(column):
             y = pad + row * row_h
-            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(colour), outline=(0, 0, 0))
+            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(colour), outline=(0, 0, 0),
+                           width=outline)
             _, text_h = _text_size(draw, name, font)
             draw.text((x + pad + swatch, y + (swatch - text_h) // 2 - 1), name, fill=TITLE_COLOR, font=font)
     return np.asarray(canvas).copy()
 
 
 def legend(classes: ClassSet, present: list[int] | None = None, swatch: int = 14, pad: int = 4,
-           max_height: int | None = None) -> np.ndarray:
+           max_height: int | None = None, scale: float = 1.0) -> np.ndarray:
     """A white panel listing class colours and names (all classes, or only ``present`` ones)."""
     indices = list(range(classes.num_classes)) if present is None else sorted(set(int(i) for i in present))
     indices = [i for i in indices if 0 <= i < classes.num_classes]
     return key_panel([(tuple(classes.palette[i]), classes.names[i]) for i in indices], max_height=max_height,
-                     swatch=swatch, pad=pad)
+                     swatch=swatch, pad=pad, scale=scale)
 
 
 # What the colours of error_map mean, for a key beside or below the maps.
@@ -227,10 +250,13 @@ def below(picture: np.ndarray, panels: list[np.ndarray], pad: int = 4) -> np.nda
 def overlay_with_legend(image: np.ndarray, mask: np.ndarray, classes: ClassSet, alpha: float = 0.5,
                         all_classes: bool = False, even: bool = False) -> np.ndarray:
     """The overlay with a legend of its classes on the right (every class with ``all_classes``, so
-    that all frames of a video have one size), never taller than the picture."""
+    that all frames of a video have one size), never taller than the picture and scaled with it
+    (``legend_scale``: a 4000x3000 photo gets a legend as readable as a 480x360 frame's)."""
     picture = overlay(image, mask, classes, alpha=alpha)
     present = None if all_classes else present_classes(mask, classes=classes)
-    return beside(picture, legend(classes, present, max_height=picture.shape[0]), even=even)
+    scale = legend_scale(picture.shape[0])
+    key = legend(classes, present, max_height=picture.shape[0], scale=scale)
+    return beside(picture, key, pad=round(4 * scale), even=even)
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
