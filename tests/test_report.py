@@ -110,7 +110,9 @@ def test_qualitative_grid_layout_and_colours():
     from carbseg.visualize import colorize, error_key, error_map, legend, make_grid
 
     with_keys = qualitative_grid([QualitativeSample("f", image, GT, PRED, 50.0)], TINY)
-    grid = make_grid([[image, colorize(GT, TINY), colorize(PRED, TINY), error_map(PRED, GT)]],
+    # The order of the demo's scenes.png (image | pseudo-mask | prediction | ground truth), errors last.
+    assert QUALITATIVE_TITLES == ["image", "prediction", "ground truth", "errors"]
+    grid = make_grid([[image, colorize(PRED, TINY), colorize(GT, TINY), error_map(PRED, GT)]],
                      list(QUALITATIVE_TITLES))
     np.testing.assert_array_equal(with_keys[: grid.shape[0], : grid.shape[1]], grid)
     # Below the grid: the legend of the classes in GT or prediction, then the error-map key.
@@ -125,8 +127,8 @@ def test_qualitative_grid_layout_and_colours():
     bottom = grid[-pad - 3: -pad]  # the one row of pictures, just above the bottom padding
     cells = [bottom[:, pad + c * (4 + pad): pad + c * (4 + pad) + 4] for c in range(4)]
     np.testing.assert_array_equal(cells[0], image)
-    np.testing.assert_array_equal(cells[1][0, 0], TINY.palette[0])  # GT road
-    np.testing.assert_array_equal(cells[2][0, 1], TINY.palette[1])  # predicted pole
+    np.testing.assert_array_equal(cells[1][0, 1], TINY.palette[1])  # predicted pole
+    np.testing.assert_array_equal(cells[2][0, 1], TINY.palette[0])  # ground-truth road
     # errors: (0,1) wrong, (0,0) right, (2,3) ignored in GT -> three different colours
     assert len({tuple(cells[3][0, 1]), tuple(cells[3][0, 0]), tuple(cells[3][2, 3])}) == 3
 
@@ -136,3 +138,60 @@ def test_qualitative_grid_shrinks_large_frames():
     mask = np.zeros((512, 1024), dtype=np.uint8)
     grid = qualitative_grid([QualitativeSample("f", big, mask, mask, 100.0)], TINY, max_width=256)
     assert grid.shape[1] == 4 * 256 + 5 * 4
+
+
+def test_iou_bar_explains_the_small_object_mark():
+    from carbseg.engine.report import iou_bar_figure, pyplot
+
+    cm = _confusion()
+    fig = iou_bar_figure(cm.report(TINY.names), TINY)
+    try:
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["road", "pole*", "sky"]
+        assert ax.get_xlabel().startswith("* small-object class")
+    finally:
+        pyplot().close(fig)
+    plain = ClassSet(name="plain", names=TINY.names, text_names=TINY.text_names, palette=TINY.palette)
+    fig = iou_bar_figure(cm.report(plain.names), plain)
+    try:
+        assert fig.axes[0].get_xlabel() == ""  # no mark, nothing to explain
+    finally:
+        pyplot().close(fig)
+
+
+def _records(warmup_iters: int) -> list[dict]:
+    # Iterations 0, 2, 4, 6, 8; region terms logged throughout, as a run logs them.
+    return [{"iteration": i, "total": 2.0 - 0.1 * i, "global_ce": 1.0, "patch_ce": 0.0, "consistent": 0.5,
+             "inconsistent": 3.0, "patch_consistent": 0.0, "patch_inconsistent": 0.0,
+             **({"val_miou": 10.0 + i} if i == 8 else {})} for i in range(0, 10, 2)]
+
+
+def test_learning_curve_draws_region_terms_from_the_warm_up_end_only(tmp_path):
+    from carbseg.engine.report import (
+        learning_curve_figure,
+        learning_curve_series,
+        plot_learning_curve,
+        pyplot,
+    )
+
+    series = learning_curve_series(_records(5), warmup_iters=5)
+    # Warm-up (iterations 0..4) is plain CE: its terms from 0; CARB's regions from 5 on (6, 8);
+    # patch terms are 0 throughout (no GLV) and left out.
+    assert series == {"total": [(0, 2.0), (2, 1.8), (4, 1.6), (6, 1.4), (8, 1.2)],
+                      "global_ce": [(0, 1.0), (2, 1.0), (4, 1.0), (6, 1.0), (8, 1.0)],
+                      "consistent": [(6, 0.5), (8, 0.5)], "inconsistent": [(6, 3.0), (8, 3.0)]}
+    assert "inconsistent" not in learning_curve_series(_records(10), warmup_iters=10)  # still warming up
+    fig = learning_curve_figure(_records(5), 5, 20.0, "pseudo-masks")
+    try:
+        # Both legends right of their plots (they cannot cover a line), naming what is drawn.
+        fig.canvas.draw()
+        for ax, names in zip(fig.axes, (["total", "global_ce", "consistent", "inconsistent"],
+                                        ["segmenter, validation mIoU", "pseudo-masks"])):
+            key = ax.get_legend()
+            assert [t.get_text() for t in key.get_texts()] == names
+            assert key.get_window_extent().x0 >= ax.get_window_extent().x1
+    finally:
+        pyplot().close(fig)
+    plot_learning_curve(tmp_path / "curve.png", _records(5), 5, 20.0, "pseudo-masks")
+    with Image.open(tmp_path / "curve.png") as img:  # the saved picture keeps the legends (tight bbox)
+        assert img.size[0] > 830 and img.size[1] > 500

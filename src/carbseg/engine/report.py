@@ -19,7 +19,9 @@ from carbseg.io import atomic_path, write_json_atomic, write_text_atomic
 from carbseg.metrics import ConfusionMatrix
 
 SMALL_MARK = "*"
-QUALITATIVE_TITLES = ["image", "ground truth", "prediction", "errors"]
+# The column order of every picture grid (the demo's scenes add the pseudo-mask after the image):
+# image | [pseudo-mask] | prediction | ground truth | [errors].
+QUALITATIVE_TITLES = ["image", "prediction", "ground truth", "errors"]
 
 
 @dataclass
@@ -102,8 +104,15 @@ def pyplot():
     return plt
 
 
-def plot_iou_bars(path: Path, report: dict, classes: ClassSet) -> None:
-    """Per-class IoU bars in the class colours; classes without an IoU are labelled n/a."""
+def small_mark_footnote(classes: ClassSet) -> str | None:
+    """What the ``*`` after a class name means, for pictures that show it; None without small classes."""
+    if not classes.small_classes:
+        return None
+    return f"{SMALL_MARK} small-object class (one that Global-Local View training is meant to recover)"
+
+
+def iou_bar_figure(report: dict, classes: ClassSet):
+    """The matplotlib figure of ``plot_iou_bars`` (open; the caller saves or closes it)."""
     plt = pyplot()
     values = [report["iou"].get(n) for n in classes.names]
     colours = [tuple(v / 255.0 for v in c) for c in classes.palette]
@@ -122,7 +131,17 @@ def plot_iou_bars(path: Path, report: dict, classes: ClassSet) -> None:
     ax.set_ylim(0, 105)
     ax.set_ylabel("IoU (%)")
     ax.set_title(f"{classes.name}: per-class IoU ({report['num_images']} images)")
-    save_figure(fig, path)
+    footnote = small_mark_footnote(classes)
+    if footnote:
+        # As the x-axis label, matplotlib places it below the rotated class names, whatever their length.
+        ax.set_xlabel(footnote, loc="left", fontsize=8)
+    return fig
+
+
+def plot_iou_bars(path: Path, report: dict, classes: ClassSet) -> None:
+    """Per-class IoU bars in the class colours; classes without an IoU are labelled n/a; small-object
+    classes are marked ``*``, explained in a footnote of the picture."""
+    save_figure(iou_bar_figure(report, classes), path)
 
 
 def plot_confusion(path: Path, confusion: ConfusionMatrix, classes: ClassSet) -> None:
@@ -151,21 +170,35 @@ def plot_confusion(path: Path, confusion: ConfusionMatrix, classes: ClassSet) ->
 # objective's cross-entropies (carbseg.losses.carb.CARBTerms).
 LOSS_TERMS = ("total", "global_ce", "patch_ce", "consistent", "inconsistent", "patch_consistent",
               "patch_inconsistent")
+# CARB's region terms: logged during the warm-up too, but only back-propagated after it (the warm-up
+# is plain CE on the teacher masks), so the curves draw them from the warm-up's end on.
+REGION_TERMS = ("consistent", "inconsistent", "patch_consistent", "patch_inconsistent")
 
 
-def plot_learning_curve(path: Path, records: list[dict], warmup_iters: int, reference_miou: float | None = None,
-                        reference_label: str = "reference") -> None:
-    """Loss terms (top) and validation mIoU (bottom) of a run's log records against the iteration,
-    the end of the CARB warm-up marked; ``reference_miou`` (e.g. the pseudo-masks') as a dotted line."""
+def learning_curve_series(records: list[dict], warmup_iters: int) -> dict[str, list[tuple[int, float]]]:
+    """The (iteration, value) points that ``plot_learning_curve`` draws per loss term: region terms
+    from ``warmup_iters`` on only; terms that are 0 (or missing) throughout are left out."""
+    series = {}
+    for term in LOSS_TERMS:
+        first = warmup_iters if term in REGION_TERMS else 0
+        points = [(r["iteration"], r[term]) for r in records
+                  if r.get(term) is not None and r["iteration"] >= first]
+        if points and any(v for _, v in points):
+            series[term] = points
+    return series
+
+
+def learning_curve_figure(records: list[dict], warmup_iters: int, reference_miou: float | None = None,
+                          reference_label: str = "reference"):
+    """The matplotlib figure of ``plot_learning_curve`` (open; the caller saves or closes it)."""
     plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for term in LOSS_TERMS:
-        points = [(r["iteration"], r[term]) for r in records if r.get(term) is not None]
-        # Terms that are 0 throughout (e.g. the regions during the warm-up only) would only add clutter.
-        if points and any(v for _, v in points):
-            top.plot(*zip(*points), label=term, linewidth=1.2 if term == "total" else 0.9)
+    for term, points in learning_curve_series(records, warmup_iters).items():
+        top.plot(*zip(*points), label=term, linewidth=1.2 if term == "total" else 0.9)
     top.set_ylabel("loss")
-    top.legend(fontsize=7, ncol=2)
+    outside = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=7)
+    if top.get_lines():
+        top.legend(**outside)
     val = [(r["iteration"], r["val_miou"]) for r in records if r.get("val_miou") is not None]
     if val:
         bottom.plot(*zip(*val), marker="o", label="segmenter, validation mIoU")
@@ -173,11 +206,20 @@ def plot_learning_curve(path: Path, records: list[dict], warmup_iters: int, refe
         bottom.axhline(reference_miou, color="grey", linestyle=":", label=reference_label)
     bottom.set_ylabel("mIoU (%)")
     bottom.set_xlabel("iteration")
-    bottom.legend(fontsize=7)
+    if bottom.get_lines():
+        bottom.legend(**outside)
     for ax in (top, bottom):
         ax.axvline(warmup_iters, color="black", linestyle="--", linewidth=0.8)
-    top.set_title("CARB warm-up ends at the dashed line")
-    save_figure(fig, path)
+    top.set_title("warm-up (plain CE) until the dashed line, CARB's region terms after it")
+    return fig
+
+
+def plot_learning_curve(path: Path, records: list[dict], warmup_iters: int, reference_miou: float | None = None,
+                        reference_label: str = "reference") -> None:
+    """Loss terms (top) and validation mIoU (bottom) of a run's log records against the iteration,
+    the end of the CARB warm-up marked; ``reference_miou`` (e.g. the pseudo-masks') as a dotted line.
+    Legends sit right of the plots, so that they never cover a line."""
+    save_figure(learning_curve_figure(records, warmup_iters, reference_miou, reference_label), path)
 
 
 def _shrink(picture: np.ndarray, max_width: int) -> np.ndarray:
@@ -196,11 +238,11 @@ KEY_HEIGHT = 4 + 5 * 18
 
 
 def qualitative_grid(samples: list[QualitativeSample], classes: ClassSet, max_width: int = 512) -> np.ndarray:
-    """Rows of image | ground truth | prediction | errors, each picture at most ``max_width`` wide
+    """Rows of image | prediction | ground truth | errors, each picture at most ``max_width`` wide
     (full-resolution Cityscapes frames would make a grid of tens of megapixels)."""
     from carbseg.visualize import below, colorize, error_key, error_map, legend, make_grid, present_classes
 
-    rows = [[_shrink(p, max_width) for p in (s.image, colorize(s.gt, classes), colorize(s.pred, classes),
+    rows = [[_shrink(p, max_width) for p in (s.image, colorize(s.pred, classes), colorize(s.gt, classes),
                                               error_map(s.pred, s.gt, classes.ignore_index))]
             for s in samples]
     grid = make_grid(rows, list(QUALITATIVE_TITLES))
