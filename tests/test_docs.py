@@ -12,7 +12,6 @@ from conftest import PROJECT_ROOT
 
 DOCS = PROJECT_ROOT / "docs"
 CODE_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def _generator():
@@ -54,13 +53,61 @@ def test_api_examples_run_in_order(tmp_path, monkeypatch):
     assert (tmp_path / "demo_out" / "report.json").is_file()
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/README.md", "docs/reproducing.md", "docs/configuration.md",
-                                  "docs/api.md", "docs/troubleshooting.md"])
+# Every page a reader may open: the README, docs/ (studies' tables included) and the benchmark results.
+PAGES = sorted(["README.md", "benchmarks/RESULTS.md",
+                *(str(p.relative_to(PROJECT_ROOT)) for p in DOCS.rglob("*.md"))])
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+# How the work went is not reference: the wording a page must not use (the repository's stop hook greps it too).
+NARRATION = re.compile(r"(later|earlier|this|next|previous|last) session|\bstop [0-9]+|\bissue [0-9]+", re.I)
+
+
+def _prose(path) -> str:
+    """A page without its fenced code blocks (a '# comment' there is no heading, a '](x)' no link)."""
+    return FENCE.sub("", path.read_text(encoding="utf-8"))
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of ``text``: lower case, punctuation dropped (hyphens and
+    underscores kept), spaces as hyphens, ``-1``, ``-2`` ... for repeats."""
+    anchors: set[str] = set()
+    for title in re.findall(r"^#{1,6}\s+(.*?)\s*#*\s*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_heading_anchors_follow_github():
+    text = "# A first run on a CPU\n## Offline demo (`carbseg demo`, `benchmarks/bench_demo.py`)\n## Files\n## Files\n"
+    assert heading_anchors(text) == {"a-first-run-on-a-cpu", "offline-demo-carbseg-demo-benchmarksbench_demopy",
+                                     "files", "files-1"}
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_relative_links_resolve(page):
     path = PROJECT_ROOT / page
-    targets = [t for t in LINK.findall(path.read_text(encoding="utf-8")) if "://" not in t]
-    broken = [t for t in targets if not (path.parent / t).exists()]
-    assert broken == []
+    broken = []
+    for target in MARKDOWN_LINK.findall(_prose(path)):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        exists = linked.exists()
+        if not exists or (anchor and linked.suffix == ".md" and anchor not in heading_anchors(_prose(linked))):
+            broken.append(target)
+    assert broken == [], f"{page}: links to missing files or headings"
+
+
+def test_pages_are_reference_not_a_diary():
+    pages = ["README.md", "benchmarks/RESULTS.md", *(str(p.relative_to(PROJECT_ROOT)) for p in DOCS.rglob("*")
+                                                      if p.suffix in (".md", ".py"))]
+    found = [f"{page}: {m.group(0)}" for page in pages
+             for m in NARRATION.finditer((PROJECT_ROOT / page).read_text(encoding="utf-8"))]
+    assert found == []
 
 
 def test_readme_has_exactly_the_two_setup_commands():
