@@ -160,8 +160,9 @@ def test_iou_bar_explains_the_small_object_mark():
 
 
 def _records(warmup_iters: int) -> list[dict]:
-    # Iterations 0, 2, 4, 6, 8; region terms logged throughout, as a run logs them.
-    return [{"iteration": i, "total": 2.0 - 0.1 * i, "global_ce": 1.0, "patch_ce": 0.0, "consistent": 0.5,
+    # Records after 0, 2, 4, 6, 8 finished iterations; region terms logged throughout, as a run logs them.
+    return [{"iteration": i, "warmup": float(i <= warmup_iters), "total": 2.0 - 0.1 * i, "global_ce": 1.0,
+             "patch_ce": 0.0, "consistent": 0.5,
              "inconsistent": 3.0, "patch_consistent": 0.0, "patch_inconsistent": 0.0,
              **({"val_miou": 10.0 + i} if i == 8 else {})} for i in range(0, 10, 2)]
 
@@ -174,14 +175,15 @@ def test_learning_curve_draws_region_terms_from_the_warm_up_end_only(tmp_path):
         pyplot,
     )
 
-    series = learning_curve_series(_records(5), warmup_iters=5)
-    # Warm-up (iterations 0..4) is plain CE: its terms from 0; CARB's regions from 5 on (6, 8);
-    # patch terms are 0 throughout (no GLV) and left out.
+    series = learning_curve_series(_records(4), warmup_iters=4)
+    # A record counts the iterations finished: the one at 4 is the warm-up's last step (plain CE, as the
+    # log's "warmup" flag says), so CARB's regions start at 6; patch terms are 0 throughout (no GLV).
+    assert [r["warmup"] for r in _records(4)] == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert series == {"total": [(0, 2.0), (2, 1.8), (4, 1.6), (6, 1.4), (8, 1.2)],
                       "global_ce": [(0, 1.0), (2, 1.0), (4, 1.0), (6, 1.0), (8, 1.0)],
                       "consistent": [(6, 0.5), (8, 0.5)], "inconsistent": [(6, 3.0), (8, 3.0)]}
-    assert "inconsistent" not in learning_curve_series(_records(10), warmup_iters=10)  # still warming up
-    fig = learning_curve_figure(_records(5), 5, 20.0, "pseudo-masks")
+    assert "inconsistent" not in learning_curve_series(_records(8), warmup_iters=8)  # still warming up
+    fig = learning_curve_figure(_records(4), 4, 20.0, "pseudo-masks")
     try:
         # Both legends right of their plots (they cannot cover a line), naming what is drawn.
         fig.canvas.draw()
@@ -192,6 +194,6 @@ def test_learning_curve_draws_region_terms_from_the_warm_up_end_only(tmp_path):
             assert key.get_window_extent().x0 >= ax.get_window_extent().x1
     finally:
         pyplot().close(fig)
-    plot_learning_curve(tmp_path / "curve.png", _records(5), 5, 20.0, "pseudo-masks")
+    plot_learning_curve(tmp_path / "curve.png", _records(4), 4, 20.0, "pseudo-masks")
     with Image.open(tmp_path / "curve.png") as img:  # the saved picture keeps the legends (tight bbox)
         assert img.size[0] > 830 and img.size[1] > 500

@@ -177,12 +177,13 @@ REGION_TERMS = ("consistent", "inconsistent", "patch_consistent", "patch_inconsi
 
 def learning_curve_series(records: list[dict], warmup_iters: int) -> dict[str, list[tuple[int, float]]]:
     """The (iteration, value) points that ``plot_learning_curve`` draws per loss term: region terms
-    from ``warmup_iters`` on only; terms that are 0 (or missing) throughout are left out."""
+    only after the warm-up; terms that are 0 (or missing) throughout are left out. A record's
+    ``iteration`` counts the iterations finished, so the one at ``warmup_iters`` is the warm-up's last."""
     series = {}
     for term in LOSS_TERMS:
-        first = warmup_iters if term in REGION_TERMS else 0
+        after = warmup_iters if term in REGION_TERMS else -1
         points = [(r["iteration"], r[term]) for r in records
-                  if r.get(term) is not None and r["iteration"] >= first]
+                  if r.get(term) is not None and r["iteration"] > after]
         if points and any(v for _, v in points):
             series[term] = points
     return series
