@@ -176,6 +176,20 @@ def test_inference_and_export_on_cuda(tmp_path):
     assert next(gpu.model.parameters()).device.type == "cuda"  # the caller's model stays on its GPU
 
 
+def test_evaluation_ships_pinned_uint8_to_the_gpu(tmp_path):
+    from carbseg.engine.evaluate import evaluation_batches
+    from carbseg.engine.inference import evaluate_checkpoint
+    from test_inference import TinyDataset, _tiny_checkpoint
+
+    batches = list(evaluation_batches(TinyDataset(), batch_size=2, num_workers=2, pin_memory=True))
+    assert [len(group) for group, _ in batches] == [2, 1]  # a stacked batch and a single image's view
+    assert all(images.dtype == torch.uint8 and images.is_pinned() for _, images in batches)
+    path = _tiny_checkpoint(tmp_path)
+    on_gpu, _, _ = evaluate_checkpoint(TinyDataset(), path, device="cuda", batch_size=2, progress=False)
+    on_cpu, _, _ = evaluate_checkpoint(TinyDataset(), path, device="cpu", batch_size=2, progress=False)
+    assert on_gpu.num_images == 3 and on_gpu.matrix.sum() == on_cpu.matrix.sum()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL training needs two GPUs")
 def test_torchrun_nccl_training_with_syncbn(scenes, tmp_path):
     import yaml
