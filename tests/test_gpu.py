@@ -101,14 +101,10 @@ def test_cudnn_nchw_and_channels_last_agree():
     both compute in fp32 and the CPU test's tolerances hold."""
     from test_memory_format import compare_layouts
 
+    # Every convolution, the classifier's 1x1 included, is cuDNN's; no matmul takes part.
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            gen = torch.Generator().manual_seed(0)
-            compare_layouts((torch.rand(2, 3, 256, 512, generator=gen) * 255).cuda())
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        gen = torch.Generator().manual_seed(0)
+        compare_layouts((torch.rand(2, 3, 256, 512, generator=gen) * 255).cuda())
 
 
 def test_depthwise_convolutions_follow_autocast_on_cuda():
@@ -172,8 +168,14 @@ def test_inference_and_export_on_cuda(tmp_path):
     on_gpu = predict_whole(gpu.model, images.cuda())
     assert on_gpu.dtype == torch.float32
     assert (on_gpu.argmax(1).cpu() == predict_whole(cpu.model, images).argmax(1)).float().mean() > 0.95
-    export_onnx(gpu, tmp_path / "m.onnx", height=64, width=96)
+    onnx_path = export_onnx(gpu, tmp_path / "m.onnx", height=64, width=96)
     assert next(gpu.model.parameters()).device.type == "cuda"  # the caller's model stays on its GPU
+    pytest.importorskip("onnxruntime")
+    from carbseg.engine.export import onnx_parity
+
+    gpu.model.train()
+    assert onnx_parity(gpu.model, onnx_path, images[:1, :, :48, :80].cuda()) < 1e-4  # CUDA images, free size
+    assert gpu.model.training and next(gpu.model.parameters()).device.type == "cuda"
 
 
 def test_evaluation_ships_pinned_uint8_to_the_gpu(tmp_path):

@@ -60,6 +60,8 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert "opset 13 is too old" in capsys.readouterr().err
     assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--fixed-size", "1024"]) == 2
     assert "--fixed-size '1024': expected HEIGHTxWIDTH" in capsys.readouterr().err
+    assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "512"]) == 2
+    assert "fix it with --fixed-size HxW" in capsys.readouterr().err
 
 
 def test_cli_export_takes_any_frame_size_by_default(tmp_path, capsys):

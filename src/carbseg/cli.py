@@ -471,8 +471,11 @@ def _add_export_onnx(sub) -> None:
     p.add_argument("--fixed-size", default=None, metavar="HxW",
                    help="fix the input to 1 x 3 x H x W, e.g. 512x1024 (height first, as the tensor); the "
                         "runtime then refuses any other size (default: batch, height and width free)")
-    # Free sizes are the default; the flag that asked for them is still accepted.
+    # Free sizes are the default; the flag that asked for them is still accepted, and the size flags
+    # of a fixed export point to --fixed-size.
     p.add_argument("--dynamic", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--height", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--width", default=None, help=argparse.SUPPRESS)
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.set_defaults(func=_run_export_onnx)
 
@@ -489,6 +492,9 @@ def _parse_height_width(text: str, flag: str) -> tuple[int, int]:
 def _run_export_onnx(args) -> int:
     from carbseg.engine.export import export_onnx
 
+    if args.height is not None or args.width is not None:
+        raise UserError("--height and --width are not options of export-onnx: the input size is free by default; "
+                        "fix it with --fixed-size HxW, e.g. --fixed-size 512x1024")
     if args.fixed_size is not None and args.dynamic:
         raise UserError("--fixed-size and --dynamic contradict each other; give one (free sizes are the default)")
     if args.fixed_size is None:
