@@ -200,7 +200,8 @@ class _Decoding(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, str, torch.Tensor, torch.Tensor]:
         sample = self.dataset[index]
-        # (3, H, W) contiguous, the layout the images had as float before: the same values reach the model.
+        # (3, H, W) contiguous, as images_to_tensor lays out the images it makes float: the model sees the
+        # same values in the same layout whichever loader decoded them.
         image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).contiguous()
         return index, sample.id, image, torch.from_numpy(np.ascontiguousarray(sample.mask))
 
