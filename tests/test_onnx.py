@@ -60,8 +60,9 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert "opset 13 is too old" in capsys.readouterr().err
     assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--fixed-size", "1024"]) == 2
     assert "--fixed-size '1024': expected HEIGHTxWIDTH" in capsys.readouterr().err
-    assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "512"]) == 2
-    assert "fix it with --fixed-size HxW" in capsys.readouterr().err
+    assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--fixed-size", "24x40",
+                 "--height", "24"]) == 2
+    assert "--fixed-size HxW is the whole size request" in capsys.readouterr().err
 
 
 def test_cli_export_takes_any_frame_size_by_default(tmp_path, capsys):
@@ -77,18 +78,29 @@ def test_cli_export_takes_any_frame_size_by_default(tmp_path, capsys):
         assert onnx_parity(model, out, images) < 1e-4, shape
 
 
-def test_cli_fixed_size_is_height_by_width(tmp_path, capsys):
+@pytest.mark.parametrize("size_flags", [["--fixed-size", "24x40"], ["--height", "24", "--width", "40"]])
+def test_cli_fixed_size_is_height_by_width(tmp_path, capsys, size_flags):
     import onnxruntime as ort
 
     checkpoint = _checkpoint(tmp_path, "learned")
     out = tmp_path / "fixed.onnx"
-    assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--fixed-size", "24x40"]) == 0
+    assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), *size_flags]) == 0
     assert "fixed (1, 3, 24, 40)" in capsys.readouterr().out
     dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 24, 40]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with pytest.raises(Exception, match="(?i)dimension"):  # a fixed file refuses another size
         session.run(["logits"], {"images": torch.zeros(1, 3, 40, 24).numpy()})
+
+
+def test_cli_size_flags_with_dynamic_only_set_the_traced_size(tmp_path, capsys):
+    checkpoint = _checkpoint(tmp_path, "learned")
+    out = tmp_path / "traced.onnx"
+    assert main(["export-onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "24", "--width",
+                 "40", "--dynamic"]) == 0
+    assert "batch, height and width free" in capsys.readouterr().out
+    images = torch.randint(0, 256, (1, 3, 360, 480), generator=torch.Generator().manual_seed(2)).float()
+    assert onnx_parity(load_model(checkpoint).model, out, images) < 1e-4
 
 
 class _PretendGpuTensor(torch.Tensor):

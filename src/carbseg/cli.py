@@ -471,11 +471,11 @@ def _add_export_onnx(sub) -> None:
     p.add_argument("--fixed-size", default=None, metavar="HxW",
                    help="fix the input to 1 x 3 x H x W, e.g. 512x1024 (height first, as the tensor); the "
                         "runtime then refuses any other size (default: batch, height and width free)")
-    # Free sizes are the default; the flag that asked for them is still accepted, and the size flags
-    # of a fixed export point to --fixed-size.
+    # Hidden, for scripts that use them: --height/--width ask for a fixed size as --fixed-size does
+    # (with --dynamic they are only the size the graph is traced at); --dynamic is the default.
     p.add_argument("--dynamic", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--height", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--width", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--height", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.set_defaults(func=_run_export_onnx)
 
@@ -492,18 +492,17 @@ def _parse_height_width(text: str, flag: str) -> tuple[int, int]:
 def _run_export_onnx(args) -> int:
     from carbseg.engine.export import export_onnx
 
-    if args.height is not None or args.width is not None:
-        raise UserError("--height and --width are not options of export-onnx: the input size is free by default; "
-                        "fix it with --fixed-size HxW, e.g. --fixed-size 512x1024")
-    if args.fixed_size is not None and args.dynamic:
-        raise UserError("--fixed-size and --dynamic contradict each other; give one (free sizes are the default)")
-    if args.fixed_size is None:
-        path = export_onnx(args.checkpoint, args.out, dynamic=True, opset=args.opset)
-        shape = "(B, 3, H, W), batch, height and width free"
+    size_flags = args.height is not None or args.width is not None
+    if args.fixed_size is not None and (args.dynamic or size_flags):
+        raise UserError("--fixed-size HxW is the whole size request: give it without --dynamic, --height or --width")
+    if args.fixed_size is not None:
+        (height, width), dynamic = _parse_height_width(args.fixed_size, "--fixed-size"), False
+    elif size_flags:
+        height, width, dynamic = args.height or 512, args.width or 1024, args.dynamic
     else:
-        height, width = _parse_height_width(args.fixed_size, "--fixed-size")
-        path = export_onnx(args.checkpoint, args.out, height=height, width=width, dynamic=False, opset=args.opset)
-        shape = f"fixed (1, 3, {height}, {width})"
+        height, width, dynamic = 512, 1024, True  # free sizes; traced at the release's crop
+    path = export_onnx(args.checkpoint, args.out, height=height, width=width, dynamic=dynamic, opset=args.opset)
+    shape = "(B, 3, H, W), batch, height and width free" if dynamic else f"fixed (1, 3, {height}, {width})"
     print(f"carbseg export-onnx: wrote {path} (input {shape})")
     return 0
 
