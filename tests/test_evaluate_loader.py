@@ -41,7 +41,7 @@ def _matrix_decoding_in_this_process(dataset, path) -> np.ndarray:
     return confusion.matrix
 
 
-def _synthetic_checkpoint(tmp_path, dataset):
+def _random_tiny_checkpoint(tmp_path, dataset):
     from carbseg.config import Config, ModelConfig
     from carbseg.engine.checkpoint import save_model
     from carbseg.models.segmenter import build_segmenter
@@ -56,7 +56,7 @@ def _synthetic_checkpoint(tmp_path, dataset):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_scores_equal_decoding_in_the_main_process(scenes, tmp_path, workers):
-    path = _synthetic_checkpoint(tmp_path, scenes)
+    path = _random_tiny_checkpoint(tmp_path, scenes)
     confusion, stats, samples = evaluate_checkpoint(scenes, path, num_workers=workers, progress=False,
                                                     keep_samples=1)
     expected = _matrix_decoding_in_this_process(scenes, path)
@@ -121,3 +121,13 @@ def test_config_sets_the_number_of_workers(tmp_path, monkeypatch):
     loaded.config.eval.num_workers = 1
     evaluate_checkpoint(TinyDataset(), loaded, progress=False)
     assert asked == [2, 1]
+
+
+def test_real_camvid_frames_score_as_decoded_in_the_main_process(camvid_root, tmp_path):
+    from carbseg.data.base import Subset
+
+    dataset = Subset(build_dataset("camvid", camvid_root, "val"), [0, 1, 2])  # real 360x480 PNG frames
+    path = _random_tiny_checkpoint(tmp_path, dataset)
+    confusion, _, _ = evaluate_checkpoint(dataset, path, num_workers=2, progress=False)
+    np.testing.assert_array_equal(confusion.matrix, _matrix_decoding_in_this_process(dataset, path))
+    assert confusion.num_images == 3
