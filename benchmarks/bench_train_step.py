@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import resource
 import statistics
@@ -238,7 +239,7 @@ def time_interleaved(built: dict, steps: int, warmup: int, device: torch.device)
     peaks: dict[str, float | None] = {name: None for name in names}
     for _ in range(steps):
         for name, (step, _) in built.items():
-            peak = peak_mib_of(device, lambda: step(parts[name], generators[name]))  # called at once
+            peak = peak_mib_of(device, functools.partial(step, parts[name], generators[name]))
             if peak is not None:
                 peaks[name] = max(peak, peaks[name] or 0.0)
     step_times: dict[str, list[float]] = {name: [] for name in names}
