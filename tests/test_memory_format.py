@@ -14,7 +14,9 @@ ill-conditioned that fp32 and fp64 gradients differ by 5% in either layout). Log
 elementwise. Gradients are compared as vectors (norm of the difference over the norm): a ReLU whose
 input lies within rounding of zero can switch between the two layouts (2 of 5.5 million did here,
 none against fp64 in (B, C, H, W)), and passes or stops its whole gradient, which an elementwise
-maximum reads as a 1% error although the gradient as a whole agrees to 2e-4.
+maximum reads as a 1% error although the gradient as a whole agrees to 2e-4. The logits, where a
+switch changes nothing (ReLU is continuous), agreed to 1.6e-6 of their scale; the bounds leave room
+for other CPUs' summation orders and still fail a layout that computes something else by far.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def run_in_layout(name: str, images: torch.Tensor, target: torch.Tensor):
     return logits.detach(), grads, dilations
 
 
-def compare_layouts(images: torch.Tensor, logit_tol: float = 1e-5, grad_tol: float = 5e-3,
+def compare_layouts(images: torch.Tensor, logit_tol: float = 5e-5, grad_tol: float = 5e-3,
                     tensor_grad_tol: float = 2e-2) -> None:
     """Both layouts from the same weights and images: the largest logit difference within ``logit_tol``
     of the logits' scale; the whole gradient within ``grad_tol`` and each parameter's within
