@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import resource
 import statistics
@@ -205,32 +206,55 @@ def build_variant(name: str, args, device: torch.device, cpu_batch: dict):
 
 
 def run_interleaved(names: list[str], args, device: torch.device, cpu_batch: dict) -> dict:
-    """Warm-up steps, then ``args.steps`` rounds of one step per variant in turn (parts timed with
-    device synchronisation), then as many rounds of end-to-end steps without it; medians."""
+    """Build every variant, then time them interleaved (``time_interleaved``)."""
     built = {name: build_variant(name, args, device, cpu_batch) for name in names}
+    return time_interleaved(built, args.steps, args.warmup, device)
+
+
+def peak_mib_of(device: torch.device, run) -> float | None:
+    """The device's peak allocated memory (MiB) while ``run()`` runs; None off CUDA.
+
+    The counter is reset right before, so the figure is this call's own peak, not an earlier one's:
+    with the variants interleaved, one reset for all of them gave every row the largest variant's peak.
+    It counts every tensor resident on the device, the other variants' weights and optimizer states too.
+    """
+    if device.type != "cuda":
+        run()
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def time_interleaved(built: dict, steps: int, warmup: int, device: torch.device) -> dict:
+    """Warm-up steps, then ``steps`` rounds of one step per variant in turn (parts timed with device
+    synchronisation, each variant's peak memory taken over its own steps), then as many rounds of
+    end-to-end steps without them; medians. ``built`` maps a variant's name to (step, precision)."""
+    names = list(built)
     generators = {name: torch.Generator().manual_seed(0) for name in names}
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         for name, (step, _) in built.items():
             step(Timer(device, False), generators[name])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     parts = {name: Timer(device, True) for name in names}
-    for _ in range(args.steps):
+    peaks: dict[str, float | None] = {name: None for name in names}
+    for _ in range(steps):
         for name, (step, _) in built.items():
-            step(parts[name], generators[name])
+            peak = peak_mib_of(device, functools.partial(step, parts[name], generators[name]))
+            if peak is not None:
+                peaks[name] = max(peak, peaks[name] or 0.0)
     step_times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.steps):
+    for _ in range(steps):
         for name, (step, _) in built.items():
             sync(device)
             start = time.perf_counter()
             step(Timer(device, False), generators[name])
             sync(device)
             step_times[name].append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {name: {"parts": {k: v / args.steps for k, v in parts[name].times.items()},
-                   "step": statistics.median(step_times[name]), "steps": step_times[name], "peak_mib": peak,
-                   "precision": built[name][1]}
+    # On a CPU the process's maximum resident set: it cannot be reset, so it is cumulative over the variants.
+    cpu_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {name: {"parts": {k: v / steps for k, v in parts[name].times.items()},
+                   "step": statistics.median(step_times[name]), "steps": step_times[name],
+                   "peak_mib": cpu_peak if peaks[name] is None else peaks[name], "precision": built[name][1]}
             for name in names}
 
 

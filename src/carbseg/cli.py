@@ -464,22 +464,46 @@ def _add_export_onnx(sub) -> None:
     p = sub.add_parser(
         "export-onnx", help="export a checkpoint to ONNX (input images 0..255, output logits)",
         description="Exports the whole segmenter (normalisation and upsampling included): input 'images' "
-                    "float32 (B, 3, H, W) RGB in 0..255, output 'logits' (B, C, H, W).")
+                    "float32 (B, 3, H, W) RGB in 0..255, output 'logits' (B, C, H, W). The batch size, height "
+                    "and width are free unless --fixed-size is given.")
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by carbseg train")
     p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--height", type=int, default=512, help="export height (default 512)")
-    p.add_argument("--width", type=int, default=1024, help="export width (default 1024)")
-    p.add_argument("--dynamic", action="store_true", help="free batch size, height and width")
+    p.add_argument("--fixed-size", default=None, metavar="HxW",
+                   help="fix the input to 1 x 3 x H x W, e.g. 512x1024 (height first, as the tensor); the "
+                        "runtime then refuses any other size (default: batch, height and width free)")
+    # Hidden, for scripts that use them: --height/--width ask for a fixed size as --fixed-size does
+    # (with --dynamic they are only the size the graph is traced at); --dynamic is the default.
+    p.add_argument("--dynamic", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--height", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.set_defaults(func=_run_export_onnx)
+
+
+def _parse_height_width(text: str, flag: str) -> tuple[int, int]:
+    """'512x1024' -> (512, 1024): height first, as in the (B, 3, H, W) input."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 1:
+        raise UserError(f"{flag} {text!r}: expected HEIGHTxWIDTH in pixels such as 512x1024")
+    height, width = (int(p) for p in parts)
+    return height, width
 
 
 def _run_export_onnx(args) -> int:
     from carbseg.engine.export import export_onnx
 
-    path = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, dynamic=args.dynamic,
-                       opset=args.opset)
-    print(f"carbseg export-onnx: wrote {path}")
+    size_flags = args.height is not None or args.width is not None
+    if args.fixed_size is not None and (args.dynamic or size_flags):
+        raise UserError("--fixed-size HxW is the whole size request: give it without --dynamic, --height or --width")
+    if args.fixed_size is not None:
+        (height, width), dynamic = _parse_height_width(args.fixed_size, "--fixed-size"), False
+    elif size_flags:
+        height, width, dynamic = args.height or 512, args.width or 1024, args.dynamic
+    else:
+        height, width, dynamic = 512, 1024, True  # free sizes; traced at the release's crop
+    path = export_onnx(args.checkpoint, args.out, height=height, width=width, dynamic=dynamic, opset=args.opset)
+    shape = "(B, 3, H, W), batch, height and width free" if dynamic else f"fixed (1, 3, {height}, {width})"
+    print(f"carbseg export-onnx: wrote {path} (input {shape})")
     return 0
 
 

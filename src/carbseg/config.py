@@ -126,6 +126,7 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     batch_size: int = 1
+    num_workers: int = 2  # DataLoader processes decoding images and masks while the model predicts
 
 
 @dataclass
@@ -162,6 +163,7 @@ MINIMUMS = {
     "train.max_iters": 1,
     "train.grad_accum": 1,
     "eval.batch_size": 1,
+    "eval.num_workers": 0,
     "carb.queue_size": 1,
     "teacher.grid_cell": 1,
 }

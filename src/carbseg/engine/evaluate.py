@@ -6,17 +6,24 @@ abstains) counts as a miss on every evaluated pixel (see ``carbseg.metrics``). P
 
 PNG decoding dominates the cost, so images are read in a thread pool (PIL releases the GIL while it
 decodes) and counted with one ``bincount`` each.
+
+``evaluation_batches`` is the loader of a model's evaluation (``evaluate_checkpoint``: ``carbseg
+evaluate --checkpoint`` and the trainer's validation): DataLoader workers decode each image and its
+ground truth while the model predicts the previous ones, and ship them as uint8 (a quarter of the
+bytes of float32), in pinned memory when they go to a GPU, where they become float.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from carbseg.console import show_progress
@@ -168,3 +175,66 @@ def qualitative_from_predictions(stats: list[ImageStats], kept, count: int = 4) 
         return QualitativeSample(id=k.id, image=k.image, gt=k.mask, pred=k.pred, miou=s.miou)
 
     return {"worst": [row(s) for s in worst], "best": [row(s) for s in best]}
+
+
+# ---------------------------------------------------------------- the loader of a model's evaluation
+@dataclass
+class DecodedSample:
+    """One image of the dataset as a worker decoded it."""
+
+    index: int  # position in the dataset
+    id: str
+    image: torch.Tensor  # uint8 (3, H, W)
+    mask: torch.Tensor  # uint8 (H, W) train ids, 255 = ignore
+
+
+class _Decoding(torch.utils.data.Dataset):
+    """Image ``index`` of ``dataset`` and its validated ground truth as uint8 tensors (built in a worker:
+    tensors travel back through shared memory; a PNG decoded in the main process stalls the model)."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, str, torch.Tensor, torch.Tensor]:
+        sample = self.dataset[index]
+        # (3, H, W) contiguous, as images_to_tensor lays out the images it makes float: the model sees the
+        # same values in the same layout whichever loader decoded them.
+        image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).contiguous()
+        return index, sample.id, image, torch.from_numpy(np.ascontiguousarray(sample.mask))
+
+
+def _as_is(item):
+    return item
+
+
+def evaluation_batches(dataset: SegmentationDataset, batch_size: int, num_workers: int = 0,
+                       pin_memory: bool = False) -> Iterator[tuple[list[DecodedSample], torch.Tensor]]:
+    """Consecutive images of ``dataset`` in dataset order, grouped into batches of one size (at most
+    ``batch_size``; sizes may vary in a dataset): the samples and their images as one uint8 (B, 3, H, W)
+    tensor, to be moved to the device and made float there.
+
+    ``num_workers`` DataLoader processes decode ahead (0: in this process). ``pin_memory`` (for a GPU)
+    puts the images in page-locked memory, so the copy to the device can run asynchronously.
+    """
+    loader = torch.utils.data.DataLoader(
+        _Decoding(dataset), batch_size=None, shuffle=False, num_workers=min(num_workers, len(dataset)),
+        collate_fn=_as_is, pin_memory=pin_memory,
+    )
+    group: list[DecodedSample] = []
+    for index, image_id, image, mask in loader:
+        if group and (len(group) == batch_size or group[0].image.shape != image.shape):
+            yield group, _stacked(group, pin_memory)
+            group = []
+        group.append(DecodedSample(index, image_id, image, mask))
+    if group:
+        yield group, _stacked(group, pin_memory)
+
+
+def _stacked(group: list[DecodedSample], pin_memory: bool) -> torch.Tensor:
+    if len(group) == 1:
+        return group[0].image[None]  # a view: still in the loader's pinned memory
+    images = torch.stack([s.image for s in group])
+    return images.pin_memory() if pin_memory else images

@@ -2,8 +2,10 @@
 
 The exported graph is the whole segmenter, normalisation and final bilinear upsampling included:
 input ``images`` float32 (B, 3, H, W) RGB in 0..255, output ``logits`` float32 (B, C, H, W) at the
-input size; the argmax over C is the train-id prediction. With ``dynamic=True`` the batch, height
-and width are free; otherwise they are fixed to the export size (some runtimes optimise better).
+input size; the argmax over C is the train-id prediction. By default (``dynamic=True``) the batch,
+height and width are free, so one file takes a 360x480 CamVid frame and a 1024x2048 Cityscapes one
+alike (``height`` x ``width`` is then only the size the graph is traced at); ``dynamic=False`` fixes the
+input to 1 x 3 x ``height`` x ``width`` (some runtimes optimise better) and onnxruntime refuses any other.
 
 The TorchScript-based exporter is used because it needs nothing beyond torch and onnx (the newer
 torch.export-based exporter needs ``onnxscript``).
@@ -33,7 +35,7 @@ def export_onnx(
     out_path: str | os.PathLike,
     height: int = 512,
     width: int = 1024,
-    dynamic: bool = False,
+    dynamic: bool = True,
     opset: int = MIN_OPSET,
 ) -> Path:
     """Write ``out_path`` (atomically) and check it with ``onnx.checker``; returns the path."""
@@ -67,11 +69,18 @@ def export_onnx(
 
 
 def onnx_parity(model: torch.nn.Module, onnx_path: str | os.PathLike, images: torch.Tensor) -> float:
-    """Max absolute difference between PyTorch's and onnxruntime's logits on ``images`` (0..255)."""
+    """Max absolute difference between PyTorch's and onnxruntime's logits on ``images`` (0..255).
+
+    Both run on the CPU in fp32, as the exported graph does. PyTorch's side runs on a copy of
+    ``model``, so the caller's model keeps its device, dtype and training mode (the trainer's, or
+    one on a GPU), and ``images`` may live on any device.
+    """
     import onnxruntime as ort
 
+    images = images.detach().cpu().float()  # numpy() reads host memory only
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_logits = session.run([OUTPUT_NAME], {INPUT_NAME: images.float().numpy()})[0]
+    onnx_logits = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
+    reference = copy.deepcopy(model).to("cpu").float().eval()
     with torch.inference_mode():
-        torch_logits = model.to("cpu").eval()(images.float()).numpy()
+        torch_logits = reference(images).numpy()
     return float(np.abs(onnx_logits - torch_logits).max())

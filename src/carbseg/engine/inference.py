@@ -33,7 +33,7 @@ from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
-from carbseg.engine.evaluate import ImageStats, image_stats, rank_images
+from carbseg.engine.evaluate import ImageStats, evaluation_batches, image_stats, rank_images
 from carbseg.errors import UserError
 from carbseg.metrics import ConfusionMatrix, confusion_counts
 from carbseg.precision import autocast, inference_autocast_dtype
@@ -217,19 +217,6 @@ class PredictionSample:
     pred: np.ndarray  # uint8 (H, W) prediction, train ids
 
 
-def _same_size_batches(dataset, batch_size: int):
-    """Consecutive samples grouped into batches of one image size (sizes may vary in a dataset)."""
-    batch: list = []
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        if batch and (len(batch) == batch_size or batch[0][1].image.shape != sample.image.shape):
-            yield batch
-            batch = []
-        batch.append((index, sample))
-    if batch:
-        yield batch
-
-
 def evaluate_checkpoint(
     dataset: SegmentationDataset,
     checkpoint: str | os.PathLike | LoadedModel,
@@ -240,13 +227,15 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     progress: bool = True,
     keep_samples: int = 8,
+    num_workers: int | None = None,
 ) -> tuple[ConfusionMatrix, list[ImageStats], list[PredictionSample]]:
     """Predict every image of ``dataset`` with a checkpoint and count it against the ground truth.
 
     ``checkpoint`` is a ``model.safetensors`` path or an already loaded model (the trainer's
     validation passes its own, so its mIoU is the one ``carbseg evaluate --checkpoint`` reports).
-    ``mode``, ``scales``, ``flip`` and ``batch_size`` default to the checkpoint's ``eval`` config,
-    as do the sliding window's crop and stride. Returns the accumulated
+    ``mode``, ``scales``, ``flip``, ``batch_size`` and ``num_workers`` (the processes decoding images,
+    ``carbseg.engine.evaluate.evaluation_batches``) default to the checkpoint's ``eval`` config, as do
+    the sliding window's crop and stride. Returns the accumulated
     ``ConfusionMatrix``, per-image ``ImageStats`` in dataset order (as ``evaluate_predictions``),
     and the ``keep_samples`` worst and best images (by ``rank_images``) with their predictions.
     """
@@ -270,6 +259,8 @@ def evaluate_checkpoint(
     mode = eval_cfg.mode if mode is None else mode
     scales = list(eval_cfg.scales if scales is None else scales)
     flip = eval_cfg.flip if flip is None else flip
+    num_workers = eval_cfg.num_workers if num_workers is None else num_workers
+    pin_memory = device.type == "cuda"
     if mode not in ("whole", "slide"):
         raise UserError(f"inference mode {mode!r} is not valid; choose whole or slide")
 
@@ -278,17 +269,20 @@ def evaluate_checkpoint(
     kept: dict[int, PredictionSample] = {}
     bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not show_progress(progress), leave=False)
     try:
-        for batch in _same_size_batches(dataset, batch_size):
-            images = images_to_tensor([s.image for _, s in batch])
+        for batch, images in evaluation_batches(dataset, batch_size, num_workers, pin_memory):
+            # uint8 to the device (asynchronously from pinned memory); predict makes it float there.
+            images = images.to(device, non_blocking=pin_memory)
             logits = predict(model, images, mode=mode, crop_hw=eval_cfg.crop_size, stride_hw=eval_cfg.stride,
                              num_classes=num_classes, scales=scales, flip=flip)
             preds = class_argmax(logits).to(torch.uint8).cpu().numpy()
-            for (index, sample), pred in zip(batch, preds):
-                matrix, missed = confusion_counts(pred, sample.mask, num_classes, IGNORE_INDEX)
+            for sample, pred in zip(batch, preds):
+                mask = sample.mask.numpy()
+                matrix, missed = confusion_counts(pred, mask, num_classes, IGNORE_INDEX)
                 confusion.add_counts(matrix, missed)
-                stats.append(image_stats(index, sample.id, matrix, missed))
+                stats.append(image_stats(sample.index, sample.id, matrix, missed))
                 if keep_samples > 0:
-                    kept[index] = PredictionSample(index, sample.id, sample.image, sample.mask, pred)
+                    image = sample.image.permute(1, 2, 0).numpy()  # a view; copied below if kept
+                    kept[sample.index] = PredictionSample(sample.index, sample.id, image, mask, pred)
                     worst, best = rank_images(stats, keep_samples)
                     wanted = {s.index for s in worst} | {s.index for s in best}
                     kept = {i: s for i, s in kept.items() if i in wanted}
@@ -296,4 +290,6 @@ def evaluate_checkpoint(
     finally:
         bar.close()
     samples = [kept[i] for i in sorted(kept)]
+    for sample in samples:
+        sample.image = np.ascontiguousarray(sample.image)  # (H, W, 3), as the report's pictures read it
     return confusion, stats, samples

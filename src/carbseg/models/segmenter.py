@@ -86,12 +86,15 @@ def build_segmenter(
     num_classes: int,
     class_embeddings: torch.Tensor | None = None,
     load_pretrained: bool = True,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> Segmenter:
     """The segmenter described by ``cfg`` for ``num_classes`` classes.
 
     ``classifier == "text"`` needs the (C, D) class text embeddings; with ``load_pretrained=False``
     and no embeddings, a zero placeholder (C, cfg.embed_dim) is created for a checkpoint to fill.
-    ``load_pretrained=False`` reads and downloads no weights at all.
+    ``load_pretrained=False`` reads and downloads no weights at all. ``memory_format`` is the layout
+    it runs in (``Segmenter.use_memory_format``): channels-last, what training and inference use;
+    ``torch.contiguous_format`` (B, C, H, W) to compare against it.
     """
     backbone = build_backbone(
         cfg.backbone, cfg.output_stride, cfg.pretrained, load_pretrained=load_pretrained
@@ -121,7 +124,7 @@ def build_segmenter(
         classifier = LearnedClassifier(cfg.head_channels, num_classes)
     else:
         raise UserError(f"model.classifier = {cfg.classifier!r} is not valid; choose one of text, learned")
-    return Segmenter(backbone, head, projection, classifier, num_classes).use_memory_format(torch.channels_last)
+    return Segmenter(backbone, head, projection, classifier, num_classes).use_memory_format(memory_format)
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
