@@ -84,7 +84,7 @@ def _add_convert_wilddash2(sub) -> None:
     p = sub.add_parser(
         "convert-wilddash2", help="convert the public WildDash2 panoptic release to train-id masks (25 classes)",
         description="Reads the extracted WildDash2 release (images/, panoptic/, panoptic.json) and writes "
-                    "OUT/images/SPLIT and OUT/masks/SPLIT (train ids, 255 = ignore) for --dataset wilddash2, "
+                    "OUT/images/SPLIT and OUT/labels/SPLIT (train ids, 255 = ignore) for --dataset wilddash2, "
                     "with a seeded train/val split. Existing outputs are skipped (resumable).")
     p.add_argument("--src", required=True, help="extracted release: images/, panoptic/, panoptic.json")
     p.add_argument("--out", required=True, help="output root for --dataset wilddash2 (resumable)")
