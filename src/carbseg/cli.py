@@ -204,6 +204,7 @@ def _run_pseudo_masks(args) -> int:
     from carbseg import distributed
     from carbseg.data.labels import read_labels_json
     from carbseg.devices import process_device
+    from carbseg.engine.run_dir import folder_lock
     from carbseg.io import check_output_dir
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
@@ -226,17 +227,20 @@ def _run_pseudo_masks(args) -> int:
         def refine(image, mask):
             return dense_crf(image, mask, num_classes)
 
-    # The process group first: it binds this rank to its GPU before the teacher touches CUDA.
-    distributed.init_from_env(device.type)
-    try:
-        # Weights are resolved here, before the output folder exists: missing weights write nothing.
-        teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
-        report = generate_pseudo_masks(dataset, labels, teacher, args.out, device=device,
-                                       batch_size=args.batch_size, num_workers=args.workers, refine=refine,
-                                       progress=not args.no_progress and distributed.is_main_process())
-    finally:
-        distributed.barrier(device)
-        distributed.shutdown()
+    # One process (rank 0 for all of torchrun's) writes into --out at a time; the folder the lock
+    # makes is removed again if nothing was written, so missing weights still leave no output folder.
+    with folder_lock(args.out, "pseudo-masks"):
+        # The process group first: it binds this rank to its GPU before the teacher touches CUDA.
+        distributed.init_from_env(device.type)
+        try:
+            # Weights are resolved here, before any mask is written: missing weights write nothing.
+            teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
+            report = generate_pseudo_masks(dataset, labels, teacher, args.out, device=device,
+                                           batch_size=args.batch_size, num_workers=args.workers, refine=refine,
+                                           progress=not args.no_progress and distributed.is_main_process())
+        finally:
+            distributed.barrier(device)
+            distributed.shutdown()
     print(f"pseudo-masks: wrote {report.written}, skipped {report.skipped} existing, "
           f"{report.total} images in the split -> {args.out}")
     return 0

@@ -41,7 +41,7 @@ from carbseg.console import show_progress
 from carbseg.data.classes import ClassSet
 from carbseg.devices import process_device
 from carbseg.engine.guards import NonFiniteGuard
-from carbseg.engine.run_dir import RunDir, warn_config_changes
+from carbseg.engine.run_dir import RunDir, folder_lock, warn_config_changes
 from carbseg.engine.schedule import set_poly_lr
 from carbseg.engine.seeds import derive_seed, numpy_rng_state, set_numpy_rng_state
 from carbseg.engine.signals import StopSignal, TrainingInterrupted
@@ -547,13 +547,15 @@ def train(cfg: Config, out_dir: str | Path, max_iters: int | None = None, resume
         raise UserError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     joined_here = not dist.is_distributed()  # leave a process group the caller made alone
     try:
-        trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
-        if trainer.is_main:
-            log.info("%s", trainer.setup_line(stop))
-        if trainer.iteration >= stop:
-            log.warning("checkpoint is already at iteration %d >= %d: nothing to train", trainer.iteration, stop)
-            return trainer.save_model()
-        return trainer.run(stop)
+        # The run folder is this process's (rank 0's under torchrun) before anything is read or written there.
+        with folder_lock(out_dir, "train", what="run directory"):
+            trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
+            if trainer.is_main:
+                log.info("%s", trainer.setup_line(stop))
+            if trainer.iteration >= stop:
+                log.warning("checkpoint is already at iteration %d >= %d: nothing to train", trainer.iteration, stop)
+                return trainer.save_model()
+            return trainer.run(stop)
     finally:
         if joined_here:
             dist.shutdown()
