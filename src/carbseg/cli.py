@@ -17,6 +17,10 @@ from carbseg.console import close_progress_bars
 from carbseg.data.datasets import DATASET_NAMES
 from carbseg.errors import UserError, one_line
 
+# Where stderr is not a terminal (a log file, nohup) these commands log plain progress lines instead of a bar.
+_NO_PROGRESS_LINES = ("no progress bar on a terminal, and no progress lines (INFO, every log interval or 30 s) "
+                      "where stderr is not a terminal")
+
 
 def _add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout and class set")
@@ -183,8 +187,7 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2; 0 loads "
                    "in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_pseudo_masks)
 
 
@@ -307,8 +310,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--exclude-fit-set", default=None, metavar="PROXY_WEIGHTS",
                    help="leave out the images a proxy teacher was fitted on (its weight file lists them): "
                         "needed to score its pseudo-masks honestly, which skip those images")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -326,6 +328,8 @@ def _parse_scales(text: str | None, option: str) -> list[float] | None:
 
 
 def _run_evaluate(args) -> int:
+    import logging
+
     from carbseg.engine.evaluate import (
         evaluate_predictions,
         load_qualitative_samples,
@@ -334,6 +338,8 @@ def _run_evaluate(args) -> int:
     from carbseg.engine.report import print_table, write_report
     from carbseg.io import check_output_dir, write_json_atomic
 
+    # INFO: the progress lines that replace the bar when stderr is not a terminal.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.report:
         check_output_dir(args.report, "--report")
     if args.scales is not None and args.checkpoint is None:
@@ -382,8 +388,7 @@ def _add_train(sub) -> None:
                    help="auto (GPU if any), cpu, cuda, cuda:N; the same as the override device=DEVICE")
     p.add_argument("--workers", type=int, default=None,
                    help="image-loading worker processes; the same as the override data.num_workers=N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_train)
 
 
@@ -447,15 +452,18 @@ def _add_predict(sub) -> None:
                    help="test-time augmentation: horizontal flip and several scales (the checkpoint's "
                         "eval.scales, or 0.5..1.75 when it names one)")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args) -> int:
+    import logging
+
     from carbseg.engine.predict import predict_path
     from carbseg.io import check_output_dir
 
+    # INFO: the progress lines that replace the bar when stderr is not a terminal.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_output_dir(args.out)
     summary = predict_path(args.checkpoint, args.input, args.out, fmt=args.format, mode=args.mode, tta=args.tta,
                            device=args.device, progress=not args.no_progress)

@@ -16,6 +16,7 @@ GIFs only need Pillow.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from PIL import Image, ImageSequence
 from tqdm import tqdm
 
 from carbseg.class_argmax import class_argmax
-from carbseg.console import show_progress
+from carbseg.console import ProgressLog, progress_lines, show_progress
 from carbseg.data.base import check_unique_ids
 from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
@@ -37,6 +38,8 @@ from carbseg.engine.inference import images_to_tensor, predict
 from carbseg.errors import UserError
 from carbseg.io import IMAGE_EXTENSIONS, atomic_path, read_image, write_png_atomic
 from carbseg.visualize import overlay_with_legend
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 # Multi-scale + flip test-time augmentation used by --tta when the checkpoint's eval config names a
@@ -149,11 +152,13 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
         # <city>_<seq>_<frame>*.png: an overlay/<id>.png would count as a second prediction.
         overlays = False
     summary = PredictSummary()
+    lines = ProgressLog(log, "predict", len(paths), enabled=progress_lines(progress))  # without a terminal
     for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not show_progress(progress)):
         label_path = out_dir / (cityscapes_file_name(image_id) if fmt == "cityscapes" else f"{image_id}.png")
         overlay_path = out_dir / "overlay" / f"{image_id}.png"
         if label_path.is_file() and (not overlays or overlay_path.is_file()):
             summary.skipped += 1
+            lines.update()
             continue
         image = read_image(path)
         pred = segment(loaded, settings, [image])[0]
@@ -162,6 +167,7 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
         if overlays:
             write_png_atomic(overlay_path, overlay_with_legend(image, pred, loaded.classes))
         summary.written += 1
+        lines.update()
     return summary
 
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from carbseg import distributed as dist
 from carbseg.config import Config, dump_config
-from carbseg.console import show_progress
+from carbseg.console import iteration_line, progress_lines, show_progress
 from carbseg.data.classes import ClassSet
 from carbseg.devices import process_device
 from carbseg.engine.guards import NonFiniteGuard
@@ -448,6 +448,9 @@ class Trainer:
         loader = training_loader(self.samples, start, stop, cfg.data.num_workers)
         bar = tqdm(total=stop, initial=start, desc="train", unit="it", dynamic_ncols=True,
                    disable=not show_progress(self.progress and self.is_main))
+        # Without a terminal (a log file, nohup) a plain line at each logged iteration takes the bar's
+        # place, made of the values already converted for the log: it adds no device sync.
+        lines = progress_lines(self.progress and self.is_main)
         batches: list[dict] = []
         started = time.perf_counter()
         with StopSignal() as stop_signal, _event_writer_errors_reported_here():
@@ -475,6 +478,8 @@ class Trainer:
                             if values["val_miou"] is not None:
                                 log.info("iteration %d: val mIoU %.1f", done, values["val_miou"])
                         self.log_scalars(done, values)
+                        if lines:
+                            log.info("%s", iteration_line(done, stop, values))
                     if done % max(cfg.train.checkpoint_interval, 1) == 0 and done != stop:
                         self.save_checkpoint()
                     signum = stop_signal.any_rank_stopped(self.device)
