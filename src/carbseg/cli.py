@@ -438,7 +438,9 @@ def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict", help="segment an image, a folder of images or a video",
         description="Writes OUT/IMAGE_ID.png (train ids) and OUT/overlay/IMAGE_ID.png; for a video, "
-                    "OUT/overlay/NAME.mp4 (.gif for a GIF). Existing outputs are skipped (resumable).")
+                    "OUT/overlay/NAME.mp4 (.gif for a GIF). Existing outputs are skipped (resumable). Every "
+                    "image is read upright (EXIF orientation), predicted rescaled to fit the model's "
+                    "data.scale_size (aspect kept), and its labels brought back to its own size.")
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by carbseg train")
     p.add_argument("--input", required=True,
                    help="image file, folder of images (searched recursively), or video file (mp4 etc. need PyAV)")
