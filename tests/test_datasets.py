@@ -160,8 +160,21 @@ def test_camvid_bad_value_is_named(tmp_path):
     _png(tmp_path / "train/x.png", _rgb(2, 3))
     _png(tmp_path / "trainannot/x.png", np.array([[0, 1, 2], [3, 12, 4]], dtype=np.uint8))
     ds = build_dataset("camvid", tmp_path, "train")
-    with pytest.raises(UserError, match=r"x.png: label value 12 is outside the 11-class set"):
+    with pytest.raises(UserError, match=r"x.png: label value 12 is outside the 11-class set") as err:
         ds[0]
+    # The fix for CamVid's raw format is named, as the class set is CamVid's.
+    assert "raw CamVid masks use 11 for void: read them with --dataset camvid, which maps it to 255" in str(err.value)
+
+
+def test_camvid_void_hint_only_for_the_camvid_class_set():
+    from carbseg.data.base import validate_train_ids
+
+    bad = np.array([[0, 200]], dtype=np.uint8)
+    with pytest.raises(UserError, match=r"label value 200 .*valid 0\.\.10 and 255.*raw CamVid masks use 11"):
+        validate_train_ids(bad, 11, "m.png", "camvid")
+    with pytest.raises(UserError) as err:
+        validate_train_ids(bad, 19, "m.png", "cityscapes")
+    assert "CamVid" not in str(err.value)
 
 
 # ---------------------------------------------------------------- folder datasets

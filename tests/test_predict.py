@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from carbseg.cli import main
@@ -25,8 +26,9 @@ from carbseg.models.segmenter import build_segmenter
 from carbseg.visualize import legend, overlay_with_legend
 
 
-def _checkpoint(tmp_path, classes=CAMVID, name="model.safetensors"):
+def _checkpoint(tmp_path, classes=CAMVID, name="model.safetensors", scale_hw=(32, 64)):
     cfg = Config(name="predict-test")
+    cfg.data.scale_size = list(scale_hw)  # predict rescales every image to fit it, aspect kept
     cfg.model = ModelConfig(backbone="tiny", pretrained="none", classifier="learned", head_channels=32,
                             aspp_dilations=[1, 2])
     torch.manual_seed(0)
@@ -36,10 +38,13 @@ def _checkpoint(tmp_path, classes=CAMVID, name="model.safetensors"):
     return save_model(tmp_path / name, model, cfg, classes)
 
 
-def _expected_train_ids(checkpoint, image: np.ndarray) -> np.ndarray:
+def _expected_train_ids(checkpoint, image: np.ndarray, test_hw: tuple[int, int]) -> np.ndarray:
+    """The image resized (bilinear) to ``test_hw``, predicted whole, the logits resized back, argmax."""
     model = load_model(checkpoint).model
     tensor = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
-    return predict_whole(model, tensor).argmax(1)[0].numpy().astype(np.uint8)
+    resized = F.interpolate(tensor, size=test_hw, mode="bilinear", align_corners=False)
+    logits = F.interpolate(predict_whole(model, resized), size=image.shape[:2], mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].numpy().astype(np.uint8)
 
 
 def _write_images(folder, specs):
@@ -63,9 +68,11 @@ def test_folder_prediction_writes_train_ids_and_overlays_and_resumes(tmp_path):
     assert (summary.written, summary.skipped) == (2, 0)
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png"]
     seen = set()
-    for image_id in ("a", "b"):
+    # Fitted into data.scale_size 32x64 (h, w), aspect kept: 24x40 by min(64/40, 32/24) = 4/3 -> 32x53;
+    # 32x32 by min(64/32, 32/32) = 1 -> as it is.
+    for image_id, test_hw in (("a", (32, 53)), ("b", (32, 32))):
         image = np.asarray(Image.open(inputs / ("a.png" if image_id == "a" else "sub/b.jpg")).convert("RGB"))
-        expected = _expected_train_ids(checkpoint, image)
+        expected = _expected_train_ids(checkpoint, image, test_hw)
         pred = read_label_png(out / f"{image_id}.png")
         np.testing.assert_array_equal(pred, expected)
         np.testing.assert_array_equal(np.asarray(Image.open(out / "overlay" / f"{image_id}.png")),
@@ -98,7 +105,7 @@ def test_cityscapes_format_uses_label_ids_and_server_file_names(tmp_path):
     assert fnmatch.fnmatch(written[0], f"{gt.city}_{gt.sequenceNb}_{gt.frameNb}*.png")
     label_ids = read_label_png(out / written[0])
     image = np.asarray(Image.open(inputs / "berlin_000123_000019_leftImg8bit.png"))
-    expected_train = _expected_train_ids(checkpoint, image)
+    expected_train = _expected_train_ids(checkpoint, image, (32, 64))  # 24x48 fitted into 32x64
     # Every pixel maps back to its train id through the official table, and only evaluated ids occur.
     back = np.vectorize(lambda v: id2label[int(v)].trainId)(label_ids)
     np.testing.assert_array_equal(back, expected_train)

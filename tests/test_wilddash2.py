@@ -160,3 +160,15 @@ def test_cli_convert_wilddash2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("carbseg convert-wilddash2: error:") and "panoptic.json: not found" in err
     assert "\n" not in err
+
+
+def test_cli_convert_wilddash2_help_names_the_folders_it_writes(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert-wilddash2", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "OUT/images/SPLIT and OUT/labels/SPLIT" in text and "masks" not in text
+    # ... which are the folders the conversion writes.
+    src, out = tmp_path / "release", tmp_path / "wd2"
+    _write_release(src)
+    convert_wilddash2(src, out, val_fraction=0)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["images", "labels"]

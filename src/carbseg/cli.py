@@ -17,6 +17,10 @@ from carbseg.console import close_progress_bars
 from carbseg.data.datasets import DATASET_NAMES
 from carbseg.errors import UserError, one_line
 
+# Where stderr is not a terminal (a log file, nohup) these commands log plain progress lines instead of a bar.
+_NO_PROGRESS_LINES = ("no progress bar on a terminal, and no progress lines (INFO, every log interval or 30 s) "
+                      "where stderr is not a terminal")
+
 
 def _add_dataset_args(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout and class set")
@@ -84,7 +88,7 @@ def _add_convert_wilddash2(sub) -> None:
     p = sub.add_parser(
         "convert-wilddash2", help="convert the public WildDash2 panoptic release to train-id masks (25 classes)",
         description="Reads the extracted WildDash2 release (images/, panoptic/, panoptic.json) and writes "
-                    "OUT/images/SPLIT and OUT/masks/SPLIT (train ids, 255 = ignore) for --dataset wilddash2, "
+                    "OUT/images/SPLIT and OUT/labels/SPLIT (train ids, 255 = ignore) for --dataset wilddash2, "
                     "with a seeded train/val split. Existing outputs are skipped (resumable).")
     p.add_argument("--src", required=True, help="extracted release: images/, panoptic/, panoptic.json")
     p.add_argument("--out", required=True, help="output root for --dataset wilddash2 (resumable)")
@@ -183,8 +187,7 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2; 0 loads "
                    "in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_pseudo_masks)
 
 
@@ -204,6 +207,7 @@ def _run_pseudo_masks(args) -> int:
     from carbseg import distributed
     from carbseg.data.labels import read_labels_json
     from carbseg.devices import process_device
+    from carbseg.engine.run_dir import folder_lock
     from carbseg.io import check_output_dir
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.generate import generate_pseudo_masks
@@ -226,17 +230,20 @@ def _run_pseudo_masks(args) -> int:
         def refine(image, mask):
             return dense_crf(image, mask, num_classes)
 
-    # The process group first: it binds this rank to its GPU before the teacher touches CUDA.
-    distributed.init_from_env(device.type)
-    try:
-        # Weights are resolved here, before the output folder exists: missing weights write nothing.
-        teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
-        report = generate_pseudo_masks(dataset, labels, teacher, args.out, device=device,
-                                       batch_size=args.batch_size, num_workers=args.workers, refine=refine,
-                                       progress=not args.no_progress and distributed.is_main_process())
-    finally:
-        distributed.barrier(device)
-        distributed.shutdown()
+    # One process (rank 0 for all of torchrun's) writes into --out at a time; the folder the lock
+    # makes is removed again if nothing was written, so missing weights still leave no output folder.
+    with folder_lock(args.out, "pseudo-masks"):
+        # The process group first: it binds this rank to its GPU before the teacher touches CUDA.
+        distributed.init_from_env(device.type)
+        try:
+            # Weights are resolved here, before any mask is written: missing weights write nothing.
+            teacher = build_teacher(cfg, dataset.classes, device, precision=args.precision, seed=args.seed)
+            report = generate_pseudo_masks(dataset, labels, teacher, args.out, device=device,
+                                           batch_size=args.batch_size, num_workers=args.workers, refine=refine,
+                                           progress=not args.no_progress and distributed.is_main_process())
+        finally:
+            distributed.barrier(device)
+            distributed.shutdown()
     print(f"pseudo-masks: wrote {report.written}, skipped {report.skipped} existing, "
           f"{report.total} images in the split -> {args.out}")
     return 0
@@ -303,8 +310,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--exclude-fit-set", default=None, metavar="PROXY_WEIGHTS",
                    help="leave out the images a proxy teacher was fitted on (its weight file lists them): "
                         "needed to score its pseudo-masks honestly, which skip those images")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -322,6 +328,8 @@ def _parse_scales(text: str | None, option: str) -> list[float] | None:
 
 
 def _run_evaluate(args) -> int:
+    import logging
+
     from carbseg.engine.evaluate import (
         evaluate_predictions,
         load_qualitative_samples,
@@ -330,6 +338,8 @@ def _run_evaluate(args) -> int:
     from carbseg.engine.report import print_table, write_report
     from carbseg.io import check_output_dir, write_json_atomic
 
+    # INFO: the progress lines that replace the bar when stderr is not a terminal.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.report:
         check_output_dir(args.report, "--report")
     if args.scales is not None and args.checkpoint is None:
@@ -378,8 +388,7 @@ def _add_train(sub) -> None:
                    help="auto (GPU if any), cpu, cuda, cuda:N; the same as the override device=DEVICE")
     p.add_argument("--workers", type=int, default=None,
                    help="image-loading worker processes; the same as the override data.num_workers=N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_train)
 
 
@@ -429,7 +438,9 @@ def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict", help="segment an image, a folder of images or a video",
         description="Writes OUT/IMAGE_ID.png (train ids) and OUT/overlay/IMAGE_ID.png; for a video, "
-                    "OUT/overlay/NAME.mp4 (.gif for a GIF). Existing outputs are skipped (resumable).")
+                    "OUT/overlay/NAME.mp4 (.gif for a GIF). Existing outputs are skipped (resumable). Every "
+                    "image is read upright (EXIF orientation), predicted rescaled to fit the model's "
+                    "data.scale_size (aspect kept), and its labels brought back to its own size.")
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by carbseg train")
     p.add_argument("--input", required=True,
                    help="image file, folder of images (searched recursively), or video file (mp4 etc. need PyAV)")
@@ -443,15 +454,18 @@ def _add_predict(sub) -> None:
                    help="test-time augmentation: horizontal flip and several scales (the checkpoint's "
                         "eval.scales, or 0.5..1.75 when it names one)")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
-                   "a terminal)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args) -> int:
+    import logging
+
     from carbseg.engine.predict import predict_path
     from carbseg.io import check_output_dir
 
+    # INFO: the progress lines that replace the bar when stderr is not a terminal.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_output_dir(args.out)
     summary = predict_path(args.checkpoint, args.input, args.out, fmt=args.format, mode=args.mode, tta=args.tta,
                            device=args.device, progress=not args.no_progress)

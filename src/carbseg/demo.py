@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from carbseg.config import Config, config_from_yaml_text, config_to_dict
-from carbseg.engine.run_dir import RunDir
+from carbseg.engine.run_dir import LOCK_FILE, RunDir, folder_lock
 from carbseg.errors import UserError
 from carbseg.io import write_json_atomic, write_text_atomic
 
@@ -105,7 +105,7 @@ class _State:
                 raise UserError(f"{path}: this folder holds a demo of other settings ({saved.get('settings')}); "
                                 "choose another --out or delete the folder")
             return cls(path, wanted, saved.get("done", {}))
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
             raise UserError(f"{out}: folder is not empty and holds no carbseg demo; choose another --out")
         state = cls(path, wanted)
         state.save()  # first, so that a run killed in its first stage is still recognised as a demo
@@ -130,8 +130,12 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), progr
 
     ``announce`` receives one line per stage (start, reused, done); by default it logs them.
     """
-    say = announce or log.info
     out = Path(out_dir)
+    with folder_lock(out, "demo"):  # one demo at a time in a folder (rank 0's under torchrun)
+        return _run_demo(out, settings, progress, announce or log.info)
+
+
+def _run_demo(out: Path, settings: DemoSettings, progress: bool, say: Callable[[str], None]) -> dict:
     data_root, run = out / "data", RunDir(out / "run")
     state = _State.open(out, settings)  # refuses a foreign folder before the (slow) imports below
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carbseg.data.classes import IGNORE_INDEX, ClassSet
+from carbseg.data.classes import CAMVID, IGNORE_INDEX, ClassSet
 from carbseg.errors import UserError
 from carbseg.io import list_images, read_image, read_label_png
 
@@ -65,7 +65,7 @@ class SegmentationDataset:
                 f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                 f"{image_shape[1]}x{image_shape[0]}; regenerate or resize the mask with nearest neighbour"
             )
-        validate_train_ids(mask, self.classes.num_classes, where)
+        validate_train_ids(mask, self.classes.num_classes, where, self.classes.name)
         return mask.astype(np.uint8)
 
     def __getitem__(self, index: int) -> Sample:
@@ -74,8 +74,15 @@ class SegmentationDataset:
         return Sample(id=self.ids[index], image=image, mask=mask)
 
 
-def validate_train_ids(mask: np.ndarray, num_classes: int, where) -> None:
-    """Raise UserError naming ``where`` and the first bad value if ``mask`` has values outside 0..C-1/255."""
+# The void value of CamVid's released masks (0..10 are its classes); ``carbseg.data.camvid`` maps it to ignore.
+CAMVID_RAW_VOID = 11
+
+
+def validate_train_ids(mask: np.ndarray, num_classes: int, where, class_set: str | None = None) -> None:
+    """Raise UserError naming ``where`` and the first bad value if ``mask`` has values outside 0..C-1/255.
+
+    ``class_set`` (the class set's name) adds the fix for a known raw format: CamVid's released masks
+    use 11 for void, which ``--dataset camvid`` maps to 255 but a folder of raw masks does not."""
     if mask.dtype == np.uint8:
         # Every sample of a training run is checked: a histogram of the 256 byte values is ~30x
         # cheaper than np.unique's sort and names the same values.
@@ -88,6 +95,9 @@ def validate_train_ids(mask: np.ndarray, num_classes: int, where) -> None:
         raise UserError(
             f"{where}: label value {value} is outside the {num_classes}-class set (valid 0..{num_classes - 1} "
             f"and {IGNORE_INDEX} = ignore); check the dataset name or convert the masks to train ids"
+            + (f" (raw CamVid masks use {CAMVID_RAW_VOID} for void: read them with --dataset camvid, which maps it "
+               f"to {IGNORE_INDEX}, or map {CAMVID_RAW_VOID} to {IGNORE_INDEX} yourself)"
+               if class_set == CAMVID.name else "")
         )
 
 

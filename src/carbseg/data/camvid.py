@@ -13,12 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from carbseg.data.base import FileListDataset, images_with_optional_masks, require_folder, require_split
+from carbseg.data.base import (
+    CAMVID_RAW_VOID,
+    FileListDataset,
+    images_with_optional_masks,
+    require_folder,
+    require_split,
+)
 from carbseg.data.classes import CAMVID, IGNORE_INDEX
 from carbseg.errors import UserError
 
 SPLITS = ("train", "val", "test")
-VOID = 11
+VOID = CAMVID_RAW_VOID
 SEGNET_LAYOUT = "SegNet layout ROOT/<split>/*.png with masks in ROOT/<split>annot/*.png"
 AUTHORS_LAYOUT = "authors' layout ROOT/img/<split>/*.png with masks in ROOT/mask/<split>/*.png"
 

@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from carbseg.console import show_progress
@@ -28,7 +27,7 @@ from carbseg.data.base import SegmentationDataset
 from carbseg.data.cityscapes import normalize_image_id
 from carbseg.data.classes import ClassSet
 from carbseg.errors import UserError
-from carbseg.io import write_json_atomic
+from carbseg.io import read_image_size, write_json_atomic
 
 
 def image_labels_from_mask(mask: np.ndarray, num_classes: int, min_pixels: int = 1) -> list[int]:
@@ -44,13 +43,7 @@ def _image_shape(dataset: SegmentationDataset, index: int) -> tuple[int, int]:
     path = dataset.image_path(index)
     if path is None:
         return dataset.load_image(index).shape[:2]
-    try:
-        with Image.open(path) as img:  # reads the header only: much cheaper than decoding the image
-            return img.size[1], img.size[0]
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file not found") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read image ({err}); re-download or remove this file") from None
+    return read_image_size(path)  # the header only; EXIF-rotated as read_image returns the image
 
 
 def compute_image_labels(dataset: SegmentationDataset, min_pixels: int = 1,

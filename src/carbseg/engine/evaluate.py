@@ -15,6 +15,7 @@ bytes of float32), in pinned memory when they go to a GPU, where they become flo
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from carbseg.console import show_progress
+from carbseg.console import ProgressLog, progress_lines, show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.engine.report import QualitativeSample
 from carbseg.errors import UserError
 from carbseg.io import read_label_png
 from carbseg.metrics import ConfusionMatrix, confusion_counts, iou_from_counts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,6 +128,7 @@ def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | os.PathLi
     indices = range(len(dataset))
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not show_progress(progress), leave=False)
+    lines = ProgressLog(log, "evaluate", len(dataset), enabled=progress_lines(progress))  # without a terminal
     try:
         # map() keeps dataset order and re-raises a worker's UserError here.
         evaluate_one = partial(_evaluate_one, dataset, pred_dir)
@@ -133,6 +137,7 @@ def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | os.PathLi
             confusion.add_counts(matrix, missed)
             stats.append(image_stats(i, dataset.ids[i], matrix, missed))
             bar.update()
+            lines.update()
     finally:
         bar.close()
         if pool:

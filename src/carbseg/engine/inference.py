@@ -17,6 +17,7 @@ covered each pixel) and the multi-scale / flip TTA are provided for memory-bound
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from carbseg.class_argmax import class_argmax
-from carbseg.console import show_progress
+from carbseg.console import ProgressLog, progress_lines, show_progress
 from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.devices import parse_device
@@ -37,6 +38,8 @@ from carbseg.engine.evaluate import ImageStats, evaluation_batches, image_stats,
 from carbseg.errors import UserError
 from carbseg.metrics import ConfusionMatrix, confusion_counts
 from carbseg.precision import autocast, inference_autocast_dtype
+
+log = logging.getLogger(__name__)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -268,6 +271,7 @@ def evaluate_checkpoint(
     stats: list[ImageStats] = []
     kept: dict[int, PredictionSample] = {}
     bar = tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not show_progress(progress), leave=False)
+    lines = ProgressLog(log, "evaluate", len(dataset), enabled=progress_lines(progress))  # without a terminal
     try:
         for batch, images in evaluation_batches(dataset, batch_size, num_workers, pin_memory):
             # uint8 to the device (asynchronously from pinned memory); predict makes it float there.
@@ -287,6 +291,7 @@ def evaluate_checkpoint(
                     wanted = {s.index for s in worst} | {s.index for s in best}
                     kept = {i: s for i, s in kept.items() if i in wanted}
                 bar.update()
+                lines.update()
     finally:
         bar.close()
     samples = [kept[i] for i in sorted(kept)]

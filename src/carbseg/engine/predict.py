@@ -16,6 +16,7 @@ GIFs only need Pillow.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -29,14 +30,17 @@ from PIL import Image, ImageSequence
 from tqdm import tqdm
 
 from carbseg.class_argmax import class_argmax
-from carbseg.console import show_progress
+from carbseg.console import ProgressLog, progress_lines, show_progress
 from carbseg.data.base import check_unique_ids
+from carbseg.data.transforms import rescaled_size
 from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
-from carbseg.engine.inference import images_to_tensor, predict
+from carbseg.engine.inference import images_to_tensor, predict, resize_logits
 from carbseg.errors import UserError
 from carbseg.io import IMAGE_EXTENSIONS, atomic_path, read_image, write_png_atomic
 from carbseg.visualize import overlay_with_legend
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 # Multi-scale + flip test-time augmentation used by --tta when the checkpoint's eval config names a
@@ -55,13 +59,24 @@ class PredictSummary:
 
 @dataclass
 class InferenceSettings:
-    """How to run the model: mode, sliding-window geometry, TTA, batching; from the checkpoint's eval config."""
+    """How to run the model: the test-time resize, mode, sliding-window geometry, TTA; from the checkpoint's config.
+
+    An image of any size is first rescaled, aspect kept, to fit ``scale_hw`` (the run's
+    ``data.scale_size``: the scale the model was trained at, ratio 1), as mmsegmentation's test
+    pipeline does (``Resize(img_scale, keep_ratio=True)``), and the prediction is brought back to the
+    image's size. ``scales`` are ratios of that size (TTA). A single ``eval.scales`` value is not one:
+    it is the factor that brings the dataset's own frames to that same trained scale (2.0 for CamVid's
+    480x360 frames under a 960x720 ``scale_size``), which the resize already did, so it becomes 1.
+    """
 
     mode: str
     crop_hw: tuple[int, int]
     stride_hw: tuple[int, int]
     scales: tuple[float, ...]
     flip: bool
+    scale_hw: tuple[int, int] | None = None  # None: predict at the image's own size
+    ratio_range: tuple[float, float] = (1.0, 1.0)  # the training scales: scale_hw times these ratios
+    output_stride: int = 8
 
     @classmethod
     def from_checkpoint(cls, loaded: LoadedModel, mode: str | None = None, tta: bool = False) -> InferenceSettings:
@@ -70,18 +85,55 @@ class InferenceSettings:
         if mode not in ("whole", "slide"):
             raise UserError(f"inference mode {mode!r} is not valid; choose whole or slide")
         scales = tuple(cfg.scales)
-        if tta and len(scales) == 1:
-            scales = DEFAULT_TTA_SCALES
+        if len(scales) == 1:
+            scales = DEFAULT_TTA_SCALES if tta else (1.0,)
+        data = loaded.config.data
         return cls(mode=mode, crop_hw=tuple(cfg.crop_size), stride_hw=tuple(cfg.stride), scales=scales,
-                   flip=cfg.flip or tta)
+                   flip=cfg.flip or tta, scale_hw=tuple(data.scale_size), ratio_range=tuple(data.ratio_range),
+                   output_stride=loaded.config.model.output_stride)
+
+    def test_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the model sees an image of (height, width) at: rescaled to fit ``scale_hw``, aspect kept."""
+        return (height, width) if self.scale_hw is None else rescaled_size(height, width, self.scale_hw)
+
+    def scale_warning(self, height: int, width: int) -> str | None:
+        """Why an image of this size will predict poorly, or None: smaller than one cell of the output
+        grid, or far (more than 2x) outside the range of scales the model was trained at."""
+        if min(height, width) < self.output_stride:
+            return (f"{width}x{height} is smaller than one cell of the model's output grid ({self.output_stride} "
+                    f"px): too little of a scene to segment; the prediction is one blurred guess")
+        if self.scale_hw is None:
+            return None
+        test_h, test_w = self.test_size(height, width)
+        enlarged = test_h / height  # > 1: the image is enlarged to reach the trained scale
+        low, high = self.ratio_range
+        trained = f"data.scale_size {self.scale_hw[1]}x{self.scale_hw[0]} times {low:g}..{high:g}"
+        if enlarged > 2.0 / low:
+            return (f"{width}x{height} is {enlarged:.1f}x smaller than the scale the model was trained at "
+                    f"({trained}); it is enlarged to {test_w}x{test_h}, which adds no detail: expect a coarse "
+                    f"prediction")
+        if enlarged < 1.0 / (2.0 * high):
+            return (f"{width}x{height} is {1 / enlarged:.1f}x larger than the scale the model was trained at "
+                    f"({trained}); it is reduced to {test_w}x{test_h}, so details smaller than about "
+                    f"{self.output_stride / enlarged:.0f} px of the image are lost")
+        return None
 
 
 def segment(loaded: LoadedModel, settings: InferenceSettings, images: list[np.ndarray]) -> np.ndarray:
-    """uint8 RGB images of one size -> uint8 train-id maps (B, H, W)."""
-    logits = predict(loaded.model, images_to_tensor(images), mode=settings.mode, crop_hw=settings.crop_hw,
+    """uint8 RGB images of one size -> uint8 train-id maps (B, H, W) at that size.
+
+    The images are resized (bilinear) to ``settings.test_size`` and the logits bilinearly back to the
+    images' size before the argmax, as evaluation's ``eval.scales`` resize a dataset frame: a frame
+    that evaluation brings to the trained scale gets the same labels from both."""
+    batch = images_to_tensor(images)
+    size = tuple(batch.shape[-2:])
+    test_hw = settings.test_size(*size)
+    # Bilinear without antialiasing, as evaluation's eval.scales resize a frame (and mmseg's cv2 resize):
+    # an enlarged copy of a frame reduced back this way is that frame again, up to interpolation.
+    logits = predict(loaded.model, resize_logits(batch, test_hw), mode=settings.mode, crop_hw=settings.crop_hw,
                      stride_hw=settings.stride_hw, num_classes=loaded.classes.num_classes,
                      scales=settings.scales, flip=settings.flip)
-    return class_argmax(logits).to(torch.uint8).cpu().numpy()
+    return class_argmax(resize_logits(logits, size)).to(torch.uint8).cpu().numpy()
 
 
 # ---------------------------------------------------------------- Cityscapes test-server format
@@ -149,20 +201,36 @@ def predict_images(loaded: LoadedModel, settings: InferenceSettings, paths: list
         # <city>_<seq>_<frame>*.png: an overlay/<id>.png would count as a second prediction.
         overlays = False
     summary = PredictSummary()
+    warned: set[tuple[int, int]] = set()
+    lines = ProgressLog(log, "predict", len(paths), enabled=progress_lines(progress))  # without a terminal
     for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=not show_progress(progress)):
         label_path = out_dir / (cityscapes_file_name(image_id) if fmt == "cityscapes" else f"{image_id}.png")
         overlay_path = out_dir / "overlay" / f"{image_id}.png"
         if label_path.is_file() and (not overlays or overlay_path.is_file()):
             summary.skipped += 1
+            lines.update()
             continue
         image = read_image(path)
+        _warn_about_scale(settings, image.shape[:2], path, warned)
         pred = segment(loaded, settings, [image])[0]
         label = train_ids_to_cityscapes_ids(pred) if fmt == "cityscapes" else pred
         write_png_atomic(label_path, label)
         if overlays:
             write_png_atomic(overlay_path, overlay_with_legend(image, pred, loaded.classes))
         summary.written += 1
+        lines.update()
     return summary
+
+
+def _warn_about_scale(settings: InferenceSettings, size_hw: tuple[int, int], where: Path,
+                      warned: set[tuple[int, int]]) -> None:
+    """One warning line per image size of a run (a folder of photos from one camera gets one line)."""
+    if size_hw in warned:
+        return
+    warned.add(size_hw)
+    reason = settings.scale_warning(*size_hw)
+    if reason is not None:
+        log.warning("%s: %s", where, reason)
 
 
 # ---------------------------------------------------------------- videos
@@ -261,7 +329,9 @@ def predict_video(loaded: LoadedModel, settings: InferenceSettings, path: Path, 
                 bar.update(len(batch))
                 batch.clear()
 
+            warned: set[tuple[int, int]] = set()
             for frame in frames:
+                _warn_about_scale(settings, frame.shape[:2], path, warned)
                 if batch and (len(batch) == batch_size or batch[0].shape != frame.shape):
                     flush()
                 batch.append(frame)

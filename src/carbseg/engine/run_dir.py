@@ -6,19 +6,25 @@
 - ``checkpoint_last.pt``: the full training state (weights, optimizer, CARB loss queue, AMP scaler,
   RNG state, iteration) that ``--resume`` continues from;
 - ``model.safetensors``: the final weights with the config and class set embedded;
-- ``log.jsonl``: one JSON line per logged iteration; ``tb/``: the same scalars for TensorBoard.
+- ``log.jsonl``: one JSON line per logged iteration; ``tb/``: the same scalars for TensorBoard;
+- ``.carbseg.lock`` while a run writes there (``FolderLock``; ``pseudo-masks --out`` and ``demo --out``
+  take the same lock on their folders).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from carbseg.config import Config, config_to_dict, load_saved_config
 from carbseg.errors import UserError
-from carbseg.io import remove_stale_temporaries, write_text_atomic
+from carbseg.io import check_output_dir, remove_stale_temporaries, write_error, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,7 @@ CHECKPOINT_FILE = "checkpoint_last.pt"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tb"
+LOCK_FILE = ".carbseg.lock"
 
 
 @dataclass
@@ -109,7 +116,8 @@ class RunDir:
                 f"{self.checkpoint}: no checkpoint to resume from; start without --resume "
                 "(or point --out to the run directory of the run to continue)"
             )
-        if self.path.exists() and any(self.path.iterdir()) and not self.holds_no_training():
+        if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()) \
+                and not self.holds_no_training():
             raise UserError(
                 f"{self.path}: run directory is not empty; pass --resume to continue that run, "
                 "or choose another --out"
@@ -154,3 +162,168 @@ def warn_config_changes(saved: Path, cfg: Config) -> None:
     ]
     if changed:
         log.warning("resuming with a config that differs from %s in: %s", saved, ", ".join(changed))
+
+
+# ---------------------------------------------------------------- one process per output folder
+class FolderLock:
+    """``DIR/.carbseg.lock``: the one process that writes ``DIR`` (a run, pseudo-masks, a demo).
+
+    Two processes writing one folder would interleave their outputs (one ``log.jsonl`` holding every
+    iteration twice, two TensorBoard event files), so the second is refused with one line naming the
+    holder. The lock file holds the holder's pid, host, start time and command; it is published
+    complete with a hard link (atomic, and refused when the name exists), so no reader sees it half
+    written. A lock whose holder no longer runs (``kill -9``, a power loss; only decidable for a holder
+    on this host) is taken over with a warning. Under torchrun only rank 0 takes it (``takes_lock``).
+    """
+
+    def __init__(self, folder: str | os.PathLike, command: str, option: str = "--out", what: str = "folder"):
+        self.folder = Path(folder)
+        self.what = what
+        self.path = self.folder / LOCK_FILE
+        self.command = command
+        self.option = option
+        self.record: dict | None = None
+        self._created_folder = False
+
+    def acquire(self) -> FolderLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.folder}: is a file, not a {self.what}; choose another {self.option}")
+        check_output_dir(self.folder, self.option)  # nor below a file
+        self._created_folder = not self.folder.exists()
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": self.command}
+        text = json.dumps(record) + "\n"
+        for _ in range(10):  # another process may take the lock over between two tries
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                published = self._publish(text)
+            except OSError as err:
+                raise write_error(self.path, err) from None
+            if published:
+                self.record = record
+                self._remove_dead_leftovers()
+                return self
+            holder_text = self._read()
+            if holder_text is None:
+                continue  # released meanwhile
+            holder = _parse_lock(holder_text)
+            if holder is not None and not _is_stale(holder):
+                self._release_folder()
+                raise UserError(
+                    f"{self.folder}: in use by carbseg {holder.get('command', '?')} (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('started')}); wait for it to end or choose another "
+                    f"{self.option}" + ("" if holder.get("host") == socket.gethostname() else
+                                        f" (if that process is gone, delete {self.path})"))
+            if self._take_over(holder_text):
+                log.warning("%s: taking over the lock of carbseg %s (pid %s on %s, since %s), which no longer "
+                            "runs", self.folder, (holder or {}).get("command", "?"), (holder or {}).get("pid"),
+                            (holder or {}).get("host"), (holder or {}).get("started"))
+        self._release_folder()
+        raise UserError(f"{self.path}: could not take the folder's lock (other processes keep taking it); "
+                        f"choose another {self.option}")
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's, and the folder if acquiring made it and it stayed empty."""
+        if self.record is None:
+            return
+        text = self._read()
+        if text is not None and _parse_lock(text) == self.record:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self.record = None
+        self._release_folder()
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _release_folder(self) -> None:
+        if self._created_folder:
+            with contextlib.suppress(OSError):  # not empty (outputs were written), or gone
+                self.folder.rmdir()
+
+    def _publish(self, text: str) -> bool:
+        tmp = self.folder / f"{LOCK_FILE}.{os.getpid()}.{time.monotonic_ns()}"
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
+    def _remove_dead_leftovers(self) -> None:
+        """Files ``_publish`` and ``_take_over`` of a process killed mid-way left (their names hold its pid)."""
+        for leftover in self.folder.glob(f"{LOCK_FILE}.*"):
+            pid = leftover.name[len(LOCK_FILE) + 1:].removeprefix("stale.").split(".")[0]
+            if pid.isdigit() and _is_stale({"host": socket.gethostname(), "pid": int(pid)}):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
+    def _read(self) -> str | None:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def _take_over(self, stale_text: str) -> bool:
+        """Move the stale lock aside; if another process replaced it meanwhile, put that one back."""
+        aside = self.folder / f"{LOCK_FILE}.stale.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = aside.read_text(encoding="utf-8")
+        if moved != stale_text:  # a live lock taken over by someone else: restore it
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            aside.unlink()
+            return False
+        aside.unlink()
+        return True
+
+
+def _parse_lock(text: str) -> dict | None:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # not a lock this code wrote (it publishes complete files only): treated as stale
+    return record if isinstance(record, dict) else None
+
+
+def _is_stale(holder: dict) -> bool:
+    """The holder ran on this host and its pid no longer exists (another host's process cannot be asked)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return True
+    return False
+
+
+def takes_lock() -> bool:
+    """Whether this process takes its output folder's lock: the only one, or rank 0 under torchrun
+    (read from the environment, so it can be decided before the process group exists)."""
+    from carbseg import distributed
+
+    if distributed.is_distributed():
+        return distributed.is_main_process()
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str, option: str = "--out", what: str = "folder"):
+    """Hold ``FolderLock(folder)`` for the block (nothing under torchrun's ranks other than 0)."""
+    if not takes_lock():
+        yield None
+        return
+    with FolderLock(folder, command, option, what) as lock:
+        yield lock

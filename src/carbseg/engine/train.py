@@ -37,11 +37,11 @@ from tqdm import tqdm
 
 from carbseg import distributed as dist
 from carbseg.config import Config, dump_config
-from carbseg.console import show_progress
+from carbseg.console import iteration_line, progress_lines, show_progress
 from carbseg.data.classes import ClassSet
 from carbseg.devices import process_device
 from carbseg.engine.guards import NonFiniteGuard
-from carbseg.engine.run_dir import RunDir, warn_config_changes
+from carbseg.engine.run_dir import RunDir, folder_lock, warn_config_changes
 from carbseg.engine.schedule import set_poly_lr
 from carbseg.engine.seeds import derive_seed, numpy_rng_state, set_numpy_rng_state
 from carbseg.engine.signals import StopSignal, TrainingInterrupted
@@ -448,6 +448,9 @@ class Trainer:
         loader = training_loader(self.samples, start, stop, cfg.data.num_workers)
         bar = tqdm(total=stop, initial=start, desc="train", unit="it", dynamic_ncols=True,
                    disable=not show_progress(self.progress and self.is_main))
+        # Without a terminal (a log file, nohup) a plain line at each logged iteration takes the bar's
+        # place, made of the values already converted for the log: it adds no device sync.
+        lines = progress_lines(self.progress and self.is_main)
         batches: list[dict] = []
         started = time.perf_counter()
         with StopSignal() as stop_signal, _event_writer_errors_reported_here():
@@ -475,6 +478,8 @@ class Trainer:
                             if values["val_miou"] is not None:
                                 log.info("iteration %d: val mIoU %.1f", done, values["val_miou"])
                         self.log_scalars(done, values)
+                        if lines:
+                            log.info("%s", iteration_line(done, stop, values))
                     if done % max(cfg.train.checkpoint_interval, 1) == 0 and done != stop:
                         self.save_checkpoint()
                     signum = stop_signal.any_rank_stopped(self.device)
@@ -547,13 +552,15 @@ def train(cfg: Config, out_dir: str | Path, max_iters: int | None = None, resume
         raise UserError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     joined_here = not dist.is_distributed()  # leave a process group the caller made alone
     try:
-        trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
-        if trainer.is_main:
-            log.info("%s", trainer.setup_line(stop))
-        if trainer.iteration >= stop:
-            log.warning("checkpoint is already at iteration %d >= %d: nothing to train", trainer.iteration, stop)
-            return trainer.save_model()
-        return trainer.run(stop)
+        # The run folder is this process's (rank 0's under torchrun) before anything is read or written there.
+        with folder_lock(out_dir, "train", what="run directory"):
+            trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
+            if trainer.is_main:
+                log.info("%s", trainer.setup_line(stop))
+            if trainer.iteration >= stop:
+                log.warning("checkpoint is already at iteration %d >= %d: nothing to train", trainer.iteration, stop)
+                return trainer.save_model()
+            return trainer.run(stop)
     finally:
         if joined_here:
             dist.shutdown()

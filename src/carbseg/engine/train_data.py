@@ -136,7 +136,7 @@ class TrainingSamples(torch.utils.data.Dataset):
                     f"{path}: pseudo-mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                     f"{image.shape[1]}x{image.shape[0]}; regenerate the pseudo-masks for this dataset"
                 )
-            validate_train_ids(mask, self.dataset.classes.num_classes, path)
+            validate_train_ids(mask, self.dataset.classes.num_classes, path, self.dataset.classes.name)
             return mask.astype(np.uint8)
         if self.read_gt:
             mask = self.dataset.load_mask(index, image.shape[:2])

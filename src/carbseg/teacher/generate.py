@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from carbseg import distributed
-from carbseg.console import show_progress
+from carbseg.console import ProgressLog, progress_lines, show_progress
 from carbseg.data.base import SegmentationDataset, WithoutIds
 from carbseg.data.frames import FrameMaps
 from carbseg.data.labels import labels_to_multi_hot
@@ -116,6 +116,7 @@ def generate_pseudo_masks(dataset: SegmentationDataset, labels: dict[str, list[i
     loader = DataLoader(_Views(dataset, indices, teacher.reads_ground_truth), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=_as_list)
     bar = tqdm(total=len(indices), unit="img", desc="pseudo-masks", disable=not show_progress(progress), dynamic_ncols=True)
+    lines = ProgressLog(log, "pseudo-masks", len(indices), enabled=progress_lines(progress))  # without a terminal
     with torch.inference_mode():
         for batch in loader:
             for group in _same_size_groups(batch):
@@ -132,5 +133,6 @@ def generate_pseudo_masks(dataset: SegmentationDataset, labels: dict[str, list[i
                     write_png_atomic(mask_path(out_dir, image_id), mask)
                     report.written += 1
                 bar.update(len(group))
+                lines.update(len(group))
     bar.close()
     return report
