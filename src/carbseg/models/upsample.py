@@ -37,7 +37,10 @@ import torch.nn.functional as F
 # From the measured points: 20 (the demo, 3.5x faster forward, 7x backward) and 35 (CamVid 240x320 crops,
 # 4x faster) pay; 160 (Cityscapes 128x256 -> 1024x2048: 1.6x slower) and 280 (its scale 1.75: 2.4x
 # slower) lose. A power law through the two losing points, ratio ~ (cost / 160) ** 0.72 * 1.6, crosses
-# 1.0 near 83; this limit keeps a margin below it (F.interpolate when unsure).
+# 1.0 near 83. benchmarks/bench_fastpaths.py, once at one thread on a loaded 2-core AMD EPYC (ratios only):
+# costs 16-52.5 (demo, CamVid crops and frames) 1.4-1.8x faster, 80 (Cityscapes 512x1024 crops) 0.90x,
+# 160 0.66-0.79x, 280 0.45x. The limit lies between the largest cost that won (52.5) and the smallest that
+# lost (80), below the fitted crossing: F.interpolate when unsure.
 MATRIX_PRODUCTS_MAX_COST_PER_PIXEL = 64
 # The products may hold at most this multiple of what F.interpolate's output holds.
 MATRIX_PRODUCTS_MAX_MEMORY_RATIO = 1.2
