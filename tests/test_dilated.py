@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -311,3 +315,25 @@ def test_the_aspp_casts_its_input_once_under_cpu_autocast_with_the_same_result()
         once = aspp(x)
         per_branch = sum(branch(x) for branch in aspp.branches)
     assert torch.equal(once, per_branch)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_phase_split_without_gradients_peaks_at_two_maps_of_its_size():
+    """Phases, their convolution and the interleaved output are each the layer's size; each copy is
+    dropped once the next exists, so inference holds two of them, not four (measured with the peak of
+    benchmarks/bench_fastpaths.py, in a child process: it changes glibc's thresholds)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fastpaths.py"
+    code = (
+        "import importlib.util, sys, torch\n"
+        f"spec = importlib.util.spec_from_file_location('bench', {str(script)!r})\n"
+        "bench = sys.modules['bench'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)\n"
+        "bench._return_freed_memory()\n"
+        "from carbseg.models.dilated import PhaseSplitDepthwiseConv2d\n"
+        "conv = PhaseSplitDepthwiseConv2d(64, 64, 5, padding=8, dilation=4, groups=64, bias=False)\n"
+        "x = torch.randn(1, 64, 128, 256).contiguous(memory_format=torch.channels_last)\n"
+        "with torch.no_grad():\n"
+        "    conv(x)\n"
+        "    print(max(bench.peak_bytes(lambda: conv(x)) for _ in range(2)) / (x.numel() * 4))\n"
+    )
+    maps = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert 1.9 <= maps <= 2.4, maps

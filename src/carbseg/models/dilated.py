@@ -87,8 +87,12 @@ class PhaseSplitDepthwiseConv2d(Fp32DepthwiseConv2d):
         # (b, hh, dh, ww, dw, c) -> (b, dh, dw, hh, ww, c): phase (i, j) is x[..., i::d, j::d].
         phases = (pixels.reshape(b, hh, dh, ww, dw, c).permute(0, 2, 4, 1, 3, 5)
                   .reshape(b * dh * dw, hh, ww, c).permute(0, 3, 1, 2))
+        # Each copy is dropped once the next exists (autograd keeps what a backward needs): without
+        # gradients the layer then peaks at two maps of its size beside its input, not three or four.
+        del pixels
         kh, kw = self.kernel_size
         y = nn.functional.conv2d(phases, self.weight, self.bias, 1, ((kh - 1) // 2, (kw - 1) // 2), 1, self.groups)
+        del phases
         y = (y.permute(0, 2, 3, 1).reshape(b, dh, dw, hh, ww, c).permute(0, 3, 1, 4, 2, 5)
              .reshape(b, hh * dh, ww * dw, c))
         if ph or pw:
