@@ -232,13 +232,17 @@ def test_demo_rejects_zero_threads(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the real demo
+# The README's target is 40 test mIoU; it depends on the CPU: 39.9 was measured on an AVX2 CPU (fp32),
+# 40.8-42.7 on an AMX CPU (bf16, channels-last, seeds 0-2; benchmarks/RESULTS.md). The floor sits below
+# every measured CPU, so a crash, a refusal or a real regression fails while the CPU's spread does not.
+REAL_DEMO_MIOU_FLOOR = 38.0
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the test mIoU depends on the CPU: 39.9 measured on an AVX2 CPU (fp32), 40.8-42.7 on an AMX "
-                          "CPU (bf16, channels-last, seeds 0-2; benchmarks/RESULTS.md); target 40, README", strict=False)
-def test_real_demo_reaches_40_miou_on_the_test_scenes(tmp_path):
+def test_real_demo_reaches_the_miou_floor_on_the_test_scenes(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "demo" / "report.json").read_text(encoding="utf-8"))
-    assert report["miou"] >= 40.0, report["iou"]
+    assert report["miou"] >= REAL_DEMO_MIOU_FLOOR, report["iou"]
 
 
 def test_a_demo_stopped_by_a_signal_says_how_to_resume_in_one_line(monkeypatch, tmp_path, capsys):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -119,7 +123,7 @@ def _pair(in_channels, out_channels, dilation, kernel=3, bias=False):
 
 
 @pytest.mark.parametrize("size, dilation, kernel, bias", [
-    ((12, 16), 6, 3, False),   # 12 rows: the vertical taps read 6 rows each
+    ((12, 16), 9, 3, False),   # 12 rows: the vertical taps read 3 rows each
     ((15, 20), 18, 3, False),  # dilation >= height: the vertical taps read padding only
     ((9, 7), 4, 5, True),      # 5x5 kernel, bias, odd sizes
     ((1, 30), 24, 3, False),   # one row
@@ -153,11 +157,32 @@ def test_padding_skipping_runs_the_taps_only_when_they_save(monkeypatch):
     _, skipping = _pair(3, 4, dilation=2)
     skipping(torch.randn(1, 3, 40, 40))  # dilation 2 on 40x40: 90% of the products read the image
     assert calls == []
-    skipping(torch.randn(1, 3, 4, 4))  # 4x4 at dilation 2: (4 + 2 * 2)^2 / (9 * 16) = 44%
+    _, skipping = _pair(3, 4, dilation=3)
+    skipping(torch.randn(1, 3, 4, 4))  # 4x4 at dilation 3: (4 + 2 * 1)^2 / (9 * 16) = 25%
     assert calls == [1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         skipping(torch.randn(1, 3, 4, 4))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("size, dilation, share, taps", [
+    ((16, 32), 24, 1 / 6, True),  # measured 2.2-4.1x faster
+    ((30, 40), 24, 42 * 72 / (9 * 30 * 40), True),  # 28%: 1.26-1.30x
+    ((16, 32), 12, 24 * 72 / (9 * 16 * 32), False),  # 38%: 0.90-1.10x, unsure: the dense convolution
+    ((30, 40), 12, 66 * 96 / (9 * 30 * 40), False),  # 59%: 0.66-0.96x
+])
+def test_padding_skipping_is_taken_at_the_measured_shares_where_it_won(monkeypatch, size, dilation, share, taps):
+    import carbseg.models.dilated as dilated
+
+    assert valid_share(*size, (3, 3), (dilation, dilation)) == pytest.approx(share)
+    calls = []
+    original = dilated._PaddingSkippingConvolution.apply
+    monkeypatch.setattr(dilated._PaddingSkippingConvolution, "apply",
+                        lambda *args: calls.append(1) or original(*args))
+    reference, skipping = _pair(3, 4, dilation)
+    x = torch.randn(1, 3, *size)
+    torch.testing.assert_close(skipping(x), reference(x), rtol=0, atol=1e-5)
+    assert calls == ([1] if taps else [])
 
 
 def test_padding_skipping_without_grad_and_in_inference_mode():
@@ -290,3 +315,25 @@ def test_the_aspp_casts_its_input_once_under_cpu_autocast_with_the_same_result()
         once = aspp(x)
         per_branch = sum(branch(x) for branch in aspp.branches)
     assert torch.equal(once, per_branch)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_phase_split_without_gradients_peaks_at_two_maps_of_its_size():
+    """Phases, their convolution and the interleaved output are each the layer's size; each copy is
+    dropped once the next exists, so inference holds two of them, not four (measured with the peak of
+    benchmarks/bench_fastpaths.py, in a child process: it changes glibc's thresholds)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fastpaths.py"
+    code = (
+        "import importlib.util, sys, torch\n"
+        f"spec = importlib.util.spec_from_file_location('bench', {str(script)!r})\n"
+        "bench = sys.modules['bench'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)\n"
+        "bench._return_freed_memory()\n"
+        "from carbseg.models.dilated import PhaseSplitDepthwiseConv2d\n"
+        "conv = PhaseSplitDepthwiseConv2d(64, 64, 5, padding=8, dilation=4, groups=64, bias=False)\n"
+        "x = torch.randn(1, 64, 128, 256).contiguous(memory_format=torch.channels_last)\n"
+        "with torch.no_grad():\n"
+        "    conv(x)\n"
+        "    print(max(bench.peak_bytes(lambda: conv(x)) for _ in range(2)) / (x.numel() * 4))\n"
+    )
+    maps = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert 1.9 <= maps <= 2.4, maps

@@ -144,6 +144,52 @@ def test_fit_round_trip_metadata_and_determinism(folder, features, tmp_path):
     assert weights.fit_pixel_accuracy > 0.6
 
 
+class _RecordingFeatures:
+    """The random-weight features, recording every view they are asked for."""
+
+    def __init__(self, features):
+        self.features, self.views = features, []
+        self.out_channels = features.out_channels
+
+    def __call__(self, x):
+        self.views.append(x.clone())
+        return self.features(x)
+
+
+def test_fit_sees_every_zoom_and_its_mirror_with_matching_targets(folder, features, tmp_path, monkeypatch):
+    import carbseg.teacher.proxy as proxy
+
+    dataset = _dataset(folder)
+    targets_of = []
+    cell_targets_used = proxy.cell_targets
+    monkeypatch.setattr(proxy, "cell_targets",
+                        lambda gt, grid, c: targets_of.append(gt.clone()) or cell_targets_used(gt, grid, c))
+    recording = _RecordingFeatures(features)
+    scales = (1.0, 1.5)  # not the default zooms
+    weights = fit_proxy_teacher(dataset, "folder", "train", 2, seed=3, progress=False, features=recording,
+                                scales=scales)
+    expected_views, expected_gts = [], []
+    for image_id in weights.fit_ids:
+        index = dataset.ids.index(image_id)
+        frame = torch.from_numpy(dataset.load_image(index)).permute(2, 0, 1)[None].float()
+        gt = torch.from_numpy(dataset.load_mask(index, (64, 96))).long()
+        for size in ((64, 96), (96, 144)):  # 64x96 at zoom 1 and 1.5
+            view = torch.nn.functional.interpolate(frame, size=size, mode="bilinear", align_corners=False)
+            view_gt = torch.nn.functional.interpolate(gt[None, None].float(), size=size, mode="nearest-exact")[0, 0]
+            expected_views += [view, view.flip(-1)]  # each zoom, then its mirror image
+            expected_gts += [view_gt.long(), view_gt.long().flip(-1)]  # the mirror's targets mirrored too
+    assert [tuple(v.shape[-2:]) for v in recording.views] == [tuple(v.shape[-2:]) for v in expected_views]
+    for seen, expected in zip(recording.views, expected_views):
+        assert torch.allclose(seen, expected, atol=1e-4)
+    assert len(targets_of) == len(expected_gts)
+    for seen, expected in zip(targets_of, expected_gts):
+        assert torch.equal(seen, expected)
+    # The weight file names the zooms actually used, not the default ones.
+    path = tmp_path / "proxy.safetensors"
+    weights.save(path)
+    assert weights.fit_scales == scales and ProxyWeights.load(path).fit_scales == scales
+
+
 def test_wrong_files_and_classes_are_refused(folder, features, tmp_path):
     with pytest.raises(UserError, match="not found"):
         ProxyWeights.load(tmp_path / "missing.safetensors")
@@ -254,13 +300,20 @@ def test_proxy_labels_are_the_same_in_another_process(folder, tmp_path):
     assert torch.equal(here, torch.tensor([int(v) for v in there.strip().split(",")]).view_as(here))
 
 
-def test_training_with_the_online_proxy_teacher_leaves_its_fit_images_out(folder, caplog):
+def test_training_with_the_online_proxy_teacher_leaves_its_fit_images_out(folder, caplog, monkeypatch):
     import logging
 
     import yaml
 
+    from carbseg.data.base import FileListDataset
+
     weights = folder / "proxy.safetensors"
     assert main(_fit(folder, weights, "--num-images", "2")) == 0
+    fit_ids = ProxyWeights.load(weights).fit_ids
+    # Every image the training run reads (num_workers 0: all in this process), by id.
+    read, load_image = [], FileListDataset.load_image
+    monkeypatch.setattr(FileListDataset, "load_image",
+                        lambda self, index: read.append(self.ids[index]) or load_image(self, index))
     config = folder / "proxy.yaml"
     config.write_text(yaml.safe_dump({
         "name": "proxy", "seed": 0, "device": "cpu",
@@ -276,4 +329,6 @@ def test_training_with_the_online_proxy_teacher_leaves_its_fit_images_out(folder
     with caplog.at_level(logging.WARNING):
         assert main(["train", "--config", str(config), "--out", str(folder / "run"), "--no-progress"]) == 0
     assert "its 2 fit images are left out of training (4 images remain)" in caplog.text
+    # The warning alone is not the exclusion: the run must have read the other images and never a fit image.
+    assert read and set(read) <= {f"img{k}" for k in range(6)} - set(fit_ids)
     assert (folder / "run" / "model.safetensors").is_file()

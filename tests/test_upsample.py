@@ -1,4 +1,5 @@
-"""The CPU upsampling of the logits (two matrix products) against PyTorch's bilinear interpolation."""
+"""The CPU upsampling of the logits (two matrix products) against PyTorch's bilinear interpolation, and
+the size rule that decides where the products are taken."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carbseg.models.upsample import interpolation_matrix, upsample_bilinear
+from carbseg.models.upsample import (
+    interpolation_matrix,
+    matrix_products_cost_per_pixel,
+    matrix_products_memory,
+    matrix_products_pay,
+    upsample_bilinear,
+    upsample_by_matrix_products,
+)
 
 
 def reference(x: torch.Tensor, size) -> torch.Tensor:
@@ -29,7 +37,7 @@ def test_forward_and_gradient_equal_pytorchs_interpolation(size_in, size_out):
     torch.manual_seed(0)
     x = torch.randn(2, 3, *size_in, dtype=torch.float64).float().requires_grad_()
     grad = torch.randn(2, 3, *size_out)
-    ours = upsample_bilinear(x, size_out)
+    ours = upsample_by_matrix_products(x, size_out)
     (ours_grad,) = torch.autograd.grad(ours, x, grad)
     theirs = reference(x, size_out)
     (theirs_grad,) = torch.autograd.grad(theirs, x, grad)
@@ -38,32 +46,80 @@ def test_forward_and_gradient_equal_pytorchs_interpolation(size_in, size_out):
     assert torch.allclose(ours_grad, theirs_grad, rtol=1e-5, atol=1e-4)
 
 
-def test_under_bf16_autocast_the_result_is_fp32_and_closer_than_bf16_interpolation():
+def test_the_products_under_bf16_autocast_are_fp32_and_closer_than_bf16_interpolation():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 8, 16).bfloat16()
     exact = reference(logits.double(), (64, 128))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = upsample_bilinear(logits, (64, 128))
+        ours = upsample_by_matrix_products(logits, (64, 128))
         theirs = reference(logits, (64, 128))
+        # upsample_bilinear keeps bf16 logits to F.interpolate: an fp32 output would take twice the memory.
+        assert torch.equal(upsample_bilinear(logits, (64, 128)), theirs)
     assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
     assert (ours.double() - exact).abs().max() < 1e-6
     assert (theirs.double() - exact).abs().max() > 1e-3  # bf16's rounding of the output, gone here
 
 
+# (planes = batch x classes, logits size, image size): the shapes the rule was measured on.
+DEMO = (4 * 19, (16, 32), (128, 256))
+CAMVID_CPU = (4 * 11, (15, 20), (240, 320))  # output stride 16, 240x320 crops
+CAMVID_OS8 = (4 * 11, (30, 40), (240, 320))
+CITYSCAPES = (8 * 19, (128, 256), (1024, 2048))
+CITYSCAPES_1_75 = (19, (224, 448), (1792, 3584))  # the test-time scale 1.75, batch 1
+
+
+def test_cost_and_memory_of_the_products_by_hand():
+    # h + h * w / H multiply-adds per output pixel.
+    assert matrix_products_cost_per_pixel((16, 32), (128, 256)) == 20.0
+    assert matrix_products_cost_per_pixel((15, 20), (240, 320)) == 16.25
+    assert matrix_products_cost_per_pixel((128, 256), (1024, 2048)) == 160.0
+    assert matrix_products_cost_per_pixel((224, 448), (1792, 3584)) == 280.0
+    # Demo, fp32: weights 4 * (128 * 16 + 256 * 32) + planes * 4 * (16 * 256 + 128 * 256) against
+    # planes * 4 * 128 * 256 (1.129x); bf16: plus the input widened to fp32, against half the output.
+    assert matrix_products_memory(*DEMO, 4) == (40_960 + 76 * 4 * 36_864, 76 * 4 * 32_768)
+    assert matrix_products_memory(*DEMO, 2) == (40_960 + 76 * 4 * (36_864 + 512), 76 * 2 * 32_768)
+
+
+@pytest.mark.parametrize("shape,element_size,expected", [
+    (DEMO, 4, True),  # cost 20, memory 1.13x
+    (CAMVID_CPU, 4, True),  # cost 16.25, memory 1.07x
+    (CAMVID_OS8, 4, True),  # cost 35, memory 1.13x
+    (CITYSCAPES, 4, False),  # cost 160: 1.6x slower
+    ((19, (128, 256), (1024, 2048)), 4, False),  # batch 1, as slow per pixel
+    (CITYSCAPES_1_75, 4, False),  # cost 280: 2.4x slower
+    (DEMO, 2, False),  # bf16 logits: an fp32 output is 2.3x bf16 F.interpolate's memory
+    ((2, (3, 5), (11, 13)), 4, False),  # tiny: the weight matrices alone are half the output
+])
+def test_the_products_are_taken_only_where_they_pay(shape, element_size, expected):
+    assert matrix_products_pay(*shape, element_size) is expected
+
+
+def test_upsample_bilinear_follows_the_rule(monkeypatch):
+    calls, interpolate = [], F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: calls.append(a[0].shape) or interpolate(*a, **k))
+    demo = torch.randn(1, 19, 16, 32)
+    assert torch.allclose(upsample_bilinear(demo, (128, 256)), reference(demo, (128, 256)), atol=2e-6)
+    assert calls == [demo.shape]  # only the reference: the demo's shape takes the products
+    calls.clear()
+    cityscapes = torch.randn(1, 1, 128, 256)  # one plane at Cityscapes size: cost 160
+    upsample_bilinear(cityscapes, (1024, 2048))
+    assert calls == [cityscapes.shape]
+
+
 def test_a_matrix_first_built_in_inference_mode_serves_a_backward_later():
     interpolation_matrix.cache_clear()
     with torch.inference_mode():
-        upsample_bilinear(torch.randn(1, 2, 3, 5), (11, 13))
+        upsample_by_matrix_products(torch.randn(1, 2, 3, 5), (11, 13))
     x = torch.randn(1, 2, 3, 5, requires_grad=True)
-    upsample_bilinear(x, (11, 13)).sum().backward()  # raised "Inference tensors cannot be saved" before
+    upsample_by_matrix_products(x, (11, 13)).sum().backward()  # raised "Inference tensors cannot be saved" before
     assert torch.allclose(x.grad.sum(), torch.tensor(11.0 * 13 * 2), rtol=1e-5)
 
 
 def test_tracing_keeps_pytorchs_interpolation(monkeypatch):
     calls, interpolate = [], F.interpolate
     monkeypatch.setattr(F, "interpolate", lambda *a, **k: calls.append(k) or interpolate(*a, **k))
-    x = torch.randn(1, 2, 4, 4)
-    upsample_bilinear(x, (8, 8))
+    x = torch.randn(1, 19, 16, 32)  # the demo's logits: the rule takes the products
+    upsample_bilinear(x, (128, 256))
     assert calls == []  # on a CPU: the matrix products
-    torch.jit.trace(lambda t: upsample_bilinear(t, (8, 8)), (x,), check_trace=False)
+    torch.jit.trace(lambda t: upsample_bilinear(t, (128, 256)), (x,), check_trace=False)
     assert [call["mode"] for call in calls] == ["bilinear"]  # exported graphs keep a Resize node

@@ -26,12 +26,16 @@ from torch import nn
 
 from carbseg.models.depthwise import Fp32DepthwiseConv2d, is_depthwise
 
-# A tap restricted to its valid region costs ~1.1-1.4x the convolution's time per product on a CPU
-# (one matrix product per tap plus the slicing), measured at one thread on 4x320x{30x40, 15x20} maps
-# with 512 outputs (the ASPP of EfficientNet-Lite0 at 240x320): dilations whose taps keep at most
-# this share of the dense products ran 1.4-3.5x faster, except 15x20 at dilation 6 (59%: 0.96x, the
-# threshold's edge); at 71-96% they ran 0.65-0.96x as fast (30x40 at 78%: 1.17x).
-PADDING_SKIP_MAX_VALID_SHARE = 0.6
+# A tap restricted to its valid region costs more than the convolution's time per product on a CPU
+# (one matrix product per tap plus the slicing, worse for the thin windows of large dilations). At one
+# thread, 320 -> 512 channels (the ASPP of EfficientNet-Lite0), forward + backward: first measured on
+# 4x320x{30x40, 15x20} maps, shares up to 60% ran 1.4-3.5x faster except 15x20 at dilation 6 (59%:
+# 0.96x), 71-96% ran 0.65-0.96x (30x40 at 78%: 1.17x). benchmarks/bench_fastpaths.py, twice, on a loaded
+# 2-core AMD EPYC: 30x40 at dilation 12 (59%) lost both times (0.71x, 0.66x), 16x32 at dilation 12
+# (38%) lost once and won once (0.90x, 1.10x); 28% (30x40, dilation 24) won both times (1.26x, 1.30x)
+# and 17% (16x32, dilation 24) by 2.2-4.1x. The limit sits between the largest share that always won
+# and the smallest that ever lost: the dense convolution where unsure.
+PADDING_SKIP_MAX_VALID_SHARE = 0.35
 
 # Under CPU bf16 autocast oneDNN's dilated 3x3 convolution falls off a cliff above 1024 input channels
 # (a 2-core AMX Xeon, 2048 -> 512 channels on 64x128, inference: dilation 2 126 ms, dilation 4-24 512-1913 ms,
@@ -83,8 +87,12 @@ class PhaseSplitDepthwiseConv2d(Fp32DepthwiseConv2d):
         # (b, hh, dh, ww, dw, c) -> (b, dh, dw, hh, ww, c): phase (i, j) is x[..., i::d, j::d].
         phases = (pixels.reshape(b, hh, dh, ww, dw, c).permute(0, 2, 4, 1, 3, 5)
                   .reshape(b * dh * dw, hh, ww, c).permute(0, 3, 1, 2))
+        # Each copy is dropped once the next exists (autograd keeps what a backward needs): without
+        # gradients the layer then peaks at two maps of its size beside its input, not three or four.
+        del pixels
         kh, kw = self.kernel_size
         y = nn.functional.conv2d(phases, self.weight, self.bias, 1, ((kh - 1) // 2, (kw - 1) // 2), 1, self.groups)
+        del phases
         y = (y.permute(0, 2, 3, 1).reshape(b, dh, dw, hh, ww, c).permute(0, 3, 1, 4, 2, 5)
              .reshape(b, hh * dh, ww * dw, c))
         if ph or pw:

@@ -12,8 +12,15 @@ upsampling took 0.7 ms forward and 0.7 ms backward there. The weights are PyTorc
 (``area_pixel_compute_source_index``: source = (out + 0.5) * in / out - 0.5, clamped at 0, both taps
 clamped to the last input index), computed in fp32 as PyTorch computes them, so the two paths agree
 to fp32 rounding (sums in a different order; tests/test_upsample.py checks them against
-``F.interpolate``). The products run in fp32 whatever the autocast: under bf16 the result is fp32,
-where ``F.interpolate`` rounded logits and their gradient to bf16.
+``F.interpolate``). The products run in fp32 whatever the autocast (the result is fp32).
+
+The products do not pay everywhere: their cost per output pixel grows with the input size
+(``h + h * w / H`` multiply-adds, against a few for the interpolation kernel), and they hold an
+(h, W) intermediate and an fp32 output. At Cityscapes size (19 classes, 128x256 -> 1024x2048, batch
+1 and 8) they were 1.6x slower than ``F.interpolate``, at the test-time scale 1.75 2.4x slower, and
+for bf16 logits they took 2.3x its memory (an fp32 output against a bf16 one). So they are taken
+only where :func:`matrix_products_pay` says so, a rule on the shapes and the element size alone:
+never for bf16 logits, which keep ``F.interpolate`` and its bf16 rounding.
 
 On a GPU, and while tracing for ONNX export, ``F.interpolate`` is used as it is: cuDNN's kernel is
 fast, and the exported graph keeps a Resize node that works for any input size.
@@ -25,6 +32,49 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+# Multiply-adds per output pixel of the two products, ``h + h * w / H``, up to which they are taken.
+# From the measured points: 20 (the demo, 3.5x faster forward, 7x backward) and 35 (CamVid 240x320 crops,
+# 4x faster) pay; 160 (Cityscapes 128x256 -> 1024x2048: 1.6x slower) and 280 (its scale 1.75: 2.4x
+# slower) lose. A power law through the two losing points, ratio ~ (cost / 160) ** 0.72 * 1.6, crosses
+# 1.0 near 83. benchmarks/bench_fastpaths.py, once at one thread on a loaded 2-core AMD EPYC (ratios only):
+# costs 16-52.5 (demo, CamVid crops and frames) 1.4-1.8x faster, 80 (Cityscapes 512x1024 crops) 0.90x,
+# 160 0.66-0.79x, 280 0.45x. The limit lies between the largest cost that won (52.5) and the smallest that
+# lost (80), below the fitted crossing: F.interpolate when unsure.
+MATRIX_PRODUCTS_MAX_COST_PER_PIXEL = 64
+# The products may hold at most this multiple of what F.interpolate's output holds.
+MATRIX_PRODUCTS_MAX_MEMORY_RATIO = 1.2
+
+
+def matrix_products_cost_per_pixel(size_in: tuple[int, int], size_out: tuple[int, int]) -> float:
+    """Multiply-adds per output pixel: widening costs h * w * W, then the rows H * h * W, over H * W."""
+    (h, w), (height, _) = size_in, size_out
+    return h + h * w / height
+
+
+def matrix_products_memory(planes: int, size_in: tuple[int, int], size_out: tuple[int, int],
+                           element_size: int) -> tuple[int, int]:
+    """(bytes the products allocate, bytes of F.interpolate's output) for ``planes`` = B x C planes whose
+    elements take ``element_size`` bytes. The products: both weight matrices, the input widened to fp32
+    (unless it is fp32), the (h, W) intermediate and the fp32 output (their backward holds the same
+    intermediate's gradient). Measured peaks, fp32, 1 x 19 x 128x256 -> 1024x2048 and 4 x 11 x 30x40 ->
+    240x320: 1.125x and 1.115x F.interpolate's, as this model says (1.13x, 1.13x)."""
+    (h, w), (height, width) = size_in, size_out
+    products = 4 * (height * h + width * w) + 4 * planes * (h * width + height * width)
+    if element_size != 4:
+        products += 4 * planes * h * w
+    return products, planes * height * width * element_size
+
+
+def matrix_products_pay(planes: int, size_in: tuple[int, int], size_out: tuple[int, int],
+                        element_size: int = 4) -> bool:
+    """Whether the two products are taken on a CPU: cheap enough per output pixel
+    (``MATRIX_PRODUCTS_MAX_COST_PER_PIXEL``) and within ``MATRIX_PRODUCTS_MAX_MEMORY_RATIO`` of
+    F.interpolate's memory (under bf16 never: the fp32 output alone is twice bf16's)."""
+    if matrix_products_cost_per_pixel(size_in, size_out) > MATRIX_PRODUCTS_MAX_COST_PER_PIXEL:
+        return False
+    products, interpolation = matrix_products_memory(planes, size_in, size_out, element_size)
+    return products <= MATRIX_PRODUCTS_MAX_MEMORY_RATIO * interpolation
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,12 +105,20 @@ def _interpolation_matrix(size_in: int, size_out: int) -> torch.Tensor:
 def upsample_bilinear(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` for (B, C, h, w) ``x``.
 
-    On a CPU: two matrix products in fp32 (the result is fp32); elsewhere, and while exporting,
-    ``F.interpolate`` itself.
+    On a CPU where :func:`matrix_products_pay`: two matrix products in fp32 (the result is fp32);
+    elsewhere, and while exporting, ``F.interpolate`` itself.
     """
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         # ``size`` as given: while tracing, image.shape[-2:] are traced values (a dynamic ONNX export).
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    size_out = (int(size[0]), int(size[1]))
+    if not matrix_products_pay(x.shape[0] * x.shape[1], tuple(x.shape[-2:]), size_out, x.element_size()):
+        return F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    return upsample_by_matrix_products(x, size_out)
+
+
+def upsample_by_matrix_products(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The bilinear upsampling of (B, C, h, w) ``x`` as R @ x @ C^T in fp32 (any device; the result is fp32)."""
     height, width = int(size[0]), int(size[1])
     rows = interpolation_matrix(x.shape[-2], height)
     cols = interpolation_matrix(x.shape[-1], width)

@@ -167,7 +167,8 @@ class DenseCLIP(nn.Module):
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def last_block_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Keys of the last block (used only by MaskCLIP's key smoothing), (B, N, width)."""
+        """Keys of the last block, ``W_k ln_1(x) + b_k`` (B, N, width), used only by key smoothing: carbseg's
+        rule, which differs from MaskCLIP's released one (docs/teacher.md, "Key smoothing")."""
         block = self.visual.transformer.resblocks[-1]
         attn = block.attn
         d = attn.embed_dim

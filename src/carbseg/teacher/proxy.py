@@ -114,6 +114,7 @@ class ProxyWeights:
     fit_ids: list[str]
     seed: int
     fit_pixel_accuracy: float | None = None
+    fit_scales: tuple[float, ...] = FIT_SCALES  # the zooms the fit images were seen at (each also mirrored)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -127,7 +128,8 @@ class ProxyWeights:
             "note": "research instrument: a linear classifier fitted on the ground truth of fit_ids",
             "backbone": BACKBONE, "feature_levels": "8,16,32", "grid_stride": str(GRID_STRIDE),
             "classes": json.dumps(self.class_names), "dataset": self.dataset, "split": self.split,
-            "fit_ids": json.dumps(self.fit_ids), "fit_scales": ",".join(str(s) for s in FIT_SCALES), "num_fit_images": str(len(self.fit_ids)), "seed": str(self.seed),
+            "fit_ids": json.dumps(self.fit_ids), "fit_scales": ",".join(str(s) for s in self.fit_scales),
+            "num_fit_images": str(len(self.fit_ids)), "seed": str(self.seed),
             "fit_pixel_accuracy": "" if self.fit_pixel_accuracy is None else f"{self.fit_pixel_accuracy:.4f}",
         }
         with atomic_path(path) as tmp:
@@ -153,11 +155,13 @@ class ProxyWeights:
             raise UserError(f"{path}: proxy teacher format version {metadata.get('format_version')!r} is not "
                             f"{FORMAT_VERSION}; refit it with this version of carbseg")
         accuracy = metadata.get("fit_pixel_accuracy") or None
+        scales = metadata.get("fit_scales") or ",".join(str(s) for s in FIT_SCALES)
         return cls(
             classifier=ProxyClassifier(tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"]),
             class_names=json.loads(metadata["classes"]), dataset=metadata.get("dataset", ""),
             split=metadata.get("split", ""), fit_ids=json.loads(metadata.get("fit_ids", "[]")),
             seed=int(metadata.get("seed", 0)), fit_pixel_accuracy=None if accuracy is None else float(accuracy),
+            fit_scales=tuple(float(s) for s in scales.split(",")),
         )
 
 
@@ -331,4 +335,5 @@ def fit_proxy_teacher(dataset, dataset_name: str, split: str, num_images: int, s
     classifier = fit_classifier(x, t)
     predicted = classifier.scores(x.T[None, :, :, None])[0, :, :, 0].argmax(0)
     accuracy = float((t.argmax(1) == predicted).float().mean())
-    return ProxyWeights(classifier, list(dataset.classes.names), dataset_name, split, fit_ids, seed, accuracy)
+    return ProxyWeights(classifier, list(dataset.classes.names), dataset_name, split, fit_ids, seed, accuracy,
+                        fit_scales=tuple(float(s) for s in scales))

@@ -1,7 +1,9 @@
 """MaskCLIP's refinements of dense scores, and the authors' offline dense-CRF of finished masks.
 
 - Key smoothing: patches whose last-block *keys* are similar are likely the same object, so each
-  patch's scores are replaced by the affinity-weighted average of all patches' scores.
+  patch's scores are replaced by the affinity-weighted average of all patches' scores. MaskCLIP's
+  idea by carbseg's own rule (cosine >= 0.5, row-normalised, on the scores of every patch); its
+  released code computes it differently (docs/teacher.md, "Key smoothing").
 - Prompt denoising: a present class that is nowhere confidently the winner is most likely a
   false prompt; its scores are dropped (at least one class always remains).
 - Dense CRF (offline, ``pip install -e ".[crf]"`` in the checkout): label-based unaries and the authors'
