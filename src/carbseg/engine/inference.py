@@ -33,7 +33,7 @@ from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
-from carbseg.engine.evaluate import ImageStats, image_stats, rank_images
+from carbseg.engine.evaluate import ImageHook, ImageStats, image_stats, rank_images
 from carbseg.errors import UserError
 from carbseg.metrics import ConfusionMatrix, confusion_counts
 from carbseg.precision import autocast, inference_autocast_dtype
@@ -240,6 +240,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     progress: bool = True,
     keep_samples: int = 8,
+    on_image: ImageHook | None = None,
 ) -> tuple[ConfusionMatrix, list[ImageStats], list[PredictionSample]]:
     """Predict every image of ``dataset`` with a checkpoint and count it against the ground truth.
 
@@ -249,6 +250,7 @@ def evaluate_checkpoint(
     as do the sliding window's crop and stride. Returns the accumulated
     ``ConfusionMatrix``, per-image ``ImageStats`` in dataset order (as ``evaluate_predictions``),
     and the ``keep_samples`` worst and best images (by ``rank_images``) with their predictions.
+    ``on_image`` (``carbseg.engine.evaluate.ImageHook``) sees every image with its counts.
     """
     device = parse_device(device)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device=device)
@@ -287,6 +289,8 @@ def evaluate_checkpoint(
                 matrix, missed = confusion_counts(pred, sample.mask, num_classes, IGNORE_INDEX)
                 confusion.add_counts(matrix, missed)
                 stats.append(image_stats(index, sample.id, matrix, missed))
+                if on_image is not None:
+                    on_image(index, sample.image, pred, sample.mask, matrix, missed)
                 if keep_samples > 0:
                     kept[index] = PredictionSample(index, sample.id, sample.image, sample.mask, pred)
                     worst, best = rank_images(stats, keep_samples)
