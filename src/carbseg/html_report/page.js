@@ -64,6 +64,7 @@
 
   function renderConfusion() {
     const table = $("confusion");
+    if (!DATA.confusion) return;
     const head = el("tr", {}, [el("th")]);
     CLASSES.forEach((name) => head.append(el("th", { className: "col", textContent: name })));
     head.append(el("th", { className: "col", textContent: "ignore" }));

@@ -1,0 +1,172 @@
+"""The HTML report (``--html DIR``) without a browser: its data, files, replacement and refusals.
+The page itself is driven in a real browser in test_html_report_browser.py."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carbseg.cli import main
+from carbseg.data.datasets import build_dataset
+from carbseg.engine.evaluate import evaluate_predictions
+from carbseg.html_report import MARKER, HtmlReport, check_report_dir, image_hook
+from carbseg.html_report.builder import write_mask_page
+from carbseg.io import read_label_png
+from html_report_data import CAR, POLE, ROAD, ground_truth, make_dataset, page_data, prediction
+
+
+def _evaluate(root: Path, classes: Path, pred: Path, out: Path, *extra: str) -> int:
+    return main(["evaluate", "--dataset", "folder", "--root", str(root), "--split", "val", "--classes", str(classes),
+                 "--pred", str(pred), "--no-progress", "--html", str(out), *extra])
+
+
+def _labels_png(report: Path, n: int) -> np.ndarray:
+    """The (h, w, 3) label planes of image n: R prediction, G ground truth, B teacher."""
+    text = (report / "labels" / f"{n}.js").read_text(encoding="ascii")
+    uri = json.loads(text[text.index(",") + 1:text.rindex(")")])
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
+def test_page_data_holds_the_json_report_and_hand_computed_per_image_scores(tmp_path):
+    root = tmp_path / "data set ü"
+    classes, pred, ids = make_dataset(root, 3)
+    out = tmp_path / "report ß 1"
+    assert _evaluate(root, classes, pred, out, "--json", str(tmp_path / "e.json")) == 0
+    data = page_data(out)
+    # The page shows the --json file's own text.
+    assert data["report_json"] + "\n" == (tmp_path / "e.json").read_text(encoding="utf-8")
+    images = {im["id"]: im for im in data["images"]}
+    assert sorted(images) == ids
+    # Image 1 (no pole): one row of road (32 px) predicted as car; 8 road pixels have no GT.
+    one = images[ids[1]]
+    assert one["iou"] == [round(100 * 984 / 1016, 3), round(100 * 1024 / 1056, 3), None]
+    assert one["miou"] == round(100 * (984 / 1016 + 1024 / 1056) / 2, 3)
+    assert one["gt"] == [ROAD, CAR] and one["pred"] == [ROAD, CAR]
+    # Image 2: two road rows (64 px) and four pole columns (128 px) predicted as car.
+    two = images[ids[2]]
+    assert two["iou"] == [round(100 * 952 / 1016, 3), round(100 * 512 / 704, 3), 75.0]
+    assert two["gt"] == [ROAD, CAR, POLE]
+    assert images[ids[0]]["miou"] == 100.0
+    # Summed per-image counts are the whole evaluation's confusion matrix.
+    total = np.zeros((3, 3), dtype=np.int64)
+    for k in range(3):
+        gt, pr = ground_truth(k), prediction(k)
+        valid = gt != 255
+        np.add.at(total, (gt[valid], pr[valid]), 1)
+    assert data["confusion"] == total.tolist() and data["missed"] == [0, 0, 0]
+    # Files are named by position, never by id (ids hold spaces here).
+    n = images[ids[2]]["n"]
+    assert (out / "photos" / f"{n}.jpg").is_file() and (out / "thumbs" / f"{n}.jpg").is_file()
+    planes = _labels_png(out, n)
+    np.testing.assert_array_equal(planes[..., 0], prediction(2))
+    np.testing.assert_array_equal(planes[..., 1], ground_truth(2))
+    assert (planes[..., 2] == 255).all()  # no teacher given
+    assert (out / MARKER).is_file()
+
+
+def test_hook_sees_every_image_once_with_the_evaluations_counts(tmp_path):
+    classes, pred, ids = make_dataset(tmp_path / "d", 4)
+    dataset = build_dataset("folder", str(tmp_path / "d"), "val", classes_file=str(classes))
+    seen = {}
+
+    def on_image(index, image, pr, gt, matrix, missed):
+        assert image is None  # evaluate_predictions leaves the photo to the hook
+        seen[index] = matrix.copy()
+
+    confusion, _ = evaluate_predictions(dataset, pred, progress=False, on_image=on_image)
+    assert sorted(seen) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(sum(seen.values()), confusion.matrix)
+
+
+def test_layers_are_downsized_to_the_display_width_with_nearest_labels(tmp_path):
+    classes, pred, _ = make_dataset(tmp_path / "d", 3)
+    dataset = build_dataset("folder", str(tmp_path / "d"), "val", classes_file=str(classes))
+    out = tmp_path / "r"
+    with HtmlReport(out, dataset.classes, {"evaluated": "test"}, teacher_dir=pred, display_width=32,
+                    thumb_width=16) as html:
+        confusion, _ = evaluate_predictions(dataset, pred, progress=False, on_image=image_hook(html, dataset))
+        html.finish(confusion.report(dataset.classes.names), confusion)
+    data = page_data(out)
+    assert [(im["w"], im["h"], im["width"], im["height"]) for im in data["images"]] == [(32, 16, 64, 32)] * 3
+    planes = _labels_png(out, 2)
+    assert planes.shape == (16, 32, 3)
+    np.testing.assert_array_equal(planes[..., 0], prediction(2)[::2, ::2])  # nearest: every second pixel
+    np.testing.assert_array_equal(planes[..., 2], prediction(2)[::2, ::2])  # teacher = the same masks here
+    assert Image.open(out / "photos" / "2.jpg").size == (32, 16)
+    assert Image.open(out / "thumbs" / "2.jpg").size == (16, 8)
+    assert data["has_teacher"] is True
+
+
+def test_an_earlier_report_is_replaced_and_any_other_folder_refused(tmp_path, capsys):
+    root = tmp_path / "d"
+    classes, pred, _ = make_dataset(root, 2)
+    out = tmp_path / "out"
+    assert _evaluate(root, classes, pred, out) == 0
+    (out / "stale.txt").write_text("from the earlier report")
+    assert _evaluate(root, classes, pred, out) == 0
+    assert not (out / "stale.txt").exists() and (out / "index.html").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    capsys.readouterr()
+    assert _evaluate(root, classes, pred, other, "--json", str(tmp_path / "j.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a carbseg HTML report" in err and str(other) in err
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt"]
+    assert not (tmp_path / "j.json").exists()  # refused before any work
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check_report_dir(empty) == empty
+
+
+def test_a_failure_midway_leaves_neither_the_report_nor_a_temporary(tmp_path, capsys):
+    root = tmp_path / "d"
+    classes, pred, ids = make_dataset(root, 3)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    for name in ids[:2]:  # the third image's pseudo-mask is missing
+        (teacher / f"{name}.png").write_bytes((pred / f"{name}.png").read_bytes())
+    assert _evaluate(root, classes, pred, tmp_path / "out", "--teacher-masks", str(teacher)) == 2
+    assert "teacher pseudo-mask missing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "teacher"]
+
+
+def test_teacher_masks_need_html(tmp_path, capsys):
+    classes, pred, _ = make_dataset(tmp_path / "d", 1)
+    assert main(["evaluate", "--dataset", "folder", "--root", str(tmp_path / "d"), "--split", "val", "--classes",
+                 str(classes), "--pred", str(pred), "--teacher-masks", str(pred)]) == 2
+    assert "add --html DIR" in capsys.readouterr().err
+
+
+def test_mask_page_without_ground_truth_shows_masks_unscored(tmp_path):
+    root = tmp_path / "d"
+    classes, pred, ids = make_dataset(root, 2)
+    for mask in (root / "masks" / "val").iterdir():
+        mask.unlink()
+    (root / "masks" / "val").rmdir()
+    dataset = build_dataset("folder", str(root), "val", classes_file=str(classes))
+    page, report = write_mask_page(tmp_path / "r", dataset, pred, {"evaluated": "pseudo-masks"}, progress=False)
+    assert report is None and page == tmp_path / "r" / "index.html"
+    data = page_data(tmp_path / "r")
+    assert data["has_gt"] is False and data["report_json"] is None and data["prediction_name"] == "pseudo-mask"
+    assert [im["pred"] for im in data["images"]] == [[ROAD, CAR, POLE], [ROAD, CAR]]
+    assert "miou" not in data["images"][0]
+    np.testing.assert_array_equal(_labels_png(tmp_path / "r", 1)[..., 0], read_label_png(pred / f"{ids[1]}.png"))
+
+
+@pytest.mark.parametrize("text", ["</script><script>alert(1)</script>"])
+def test_ids_cannot_end_the_data_script(tmp_path, text):
+    root = tmp_path / "d"
+    classes, pred, _ = make_dataset(root, 1, names=["a"])
+    dataset = build_dataset("folder", str(root), "val", classes_file=str(classes))
+    with HtmlReport(tmp_path / "r", dataset.classes, {"evaluated": text}) as html:
+        html.finish(None)
+    page = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    assert text not in page and page_data(tmp_path / "r")["source"]["evaluated"] == text
