@@ -3,7 +3,9 @@
 Frames are 64 x 32 in flat colour blocks: road on the left half, car in columns 32..47, and in
 even-numbered images pole in columns 48..63 (car there otherwise). Image k's prediction is the
 ground truth with its top k rows of road predicted as car and, in pole images, the first 2k pole
-columns predicted as car, so per-image scores differ and are known in closed form.
+columns predicted as car, so per-image scores differ and are known in closed form; images 1, 5, 9,
+... have one spurious pole pixel (top right) in their prediction only; image 2 one pixel of
+car predicted as 255 (ignore), which counts as a miss.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def prediction(k: int) -> np.ndarray:
     pred[:k, :32] = CAR
     if k % 2 == 0:
         pred[:, 48:48 + 2 * k] = CAR
+    elif k % 4 == 1:
+        pred[0, 63] = POLE
     pred[pred == 255] = ROAD
+    if k == 2:
+        pred[31, 40] = 255  # a car pixel where the teacher abstained: a miss
     return pred
 
 

@@ -43,23 +43,24 @@ def test_page_data_holds_the_json_report_and_hand_computed_per_image_scores(tmp_
     assert data["report_json"] + "\n" == (tmp_path / "e.json").read_text(encoding="utf-8")
     images = {im["id"]: im for im in data["images"]}
     assert sorted(images) == ids
-    # Image 1 (no pole): one row of road (32 px) predicted as car; 8 road pixels have no GT.
+    # Image 1 (no pole): one row of road (32 px) predicted as car, one car pixel as pole (IoU 0);
+    # 8 road pixels have no GT.
     one = images[ids[1]]
-    assert one["iou"] == [round(100 * 984 / 1016, 3), round(100 * 1024 / 1056, 3), None]
-    assert one["miou"] == round(100 * (984 / 1016 + 1024 / 1056) / 2, 3)
-    assert one["gt"] == [ROAD, CAR] and one["pred"] == [ROAD, CAR]
-    # Image 2: two road rows (64 px) and four pole columns (128 px) predicted as car.
+    assert one["iou"] == [round(100 * 984 / 1016, 3), round(100 * 1023 / 1056, 3), 0.0]
+    assert one["miou"] == round(100 * (984 / 1016 + 1023 / 1056 + 0) / 3, 3)
+    assert one["gt"] == [ROAD, CAR] and one["pred"] == [ROAD, CAR, POLE]
+    # Image 2: two road rows (64 px) and four pole columns (128 px) predicted as car, one car pixel missed.
     two = images[ids[2]]
-    assert two["iou"] == [round(100 * 952 / 1016, 3), round(100 * 512 / 704, 3), 75.0]
+    assert two["iou"] == [round(100 * 952 / 1016, 3), round(100 * 511 / 704, 3), 75.0]
     assert two["gt"] == [ROAD, CAR, POLE]
     assert images[ids[0]]["miou"] == 100.0
     # Summed per-image counts are the whole evaluation's confusion matrix.
     total = np.zeros((3, 3), dtype=np.int64)
     for k in range(3):
         gt, pr = ground_truth(k), prediction(k)
-        valid = gt != 255
+        valid = (gt != 255) & (pr != 255)
         np.add.at(total, (gt[valid], pr[valid]), 1)
-    assert data["confusion"] == total.tolist() and data["missed"] == [0, 0, 0]
+    assert data["confusion"] == total.tolist() and data["missed"] == [0, 1, 0]
     # Files are named by position, never by id (ids hold spaces here).
     n = images[ids[2]]["n"]
     assert (out / "photos" / f"{n}.jpg").is_file() and (out / "thumbs" / f"{n}.jpg").is_file()
@@ -88,17 +89,22 @@ def test_layers_are_downsized_to_the_display_width_with_nearest_labels(tmp_path)
     classes, pred, _ = make_dataset(tmp_path / "d", 3)
     dataset = build_dataset("folder", str(tmp_path / "d"), "val", classes_file=str(classes))
     out = tmp_path / "r"
-    with HtmlReport(out, dataset.classes, {"evaluated": "test"}, teacher_dir=pred, display_width=32,
+    with HtmlReport(out, dataset.classes, {"evaluated": "test"}, teacher_dir=pred, display_width=48,
                     thumb_width=16) as html:
         confusion, _ = evaluate_predictions(dataset, pred, progress=False, on_image=image_hook(html, dataset))
         html.finish(confusion.report(dataset.classes.names), confusion)
     data = page_data(out)
-    assert [(im["w"], im["h"], im["width"], im["height"]) for im in data["images"]] == [(32, 16, 64, 32)] * 3
+    assert [(im["w"], im["h"], im["width"], im["height"]) for im in data["images"]] == [(48, 24, 64, 32)] * 3
     planes = _labels_png(out, 2)
-    assert planes.shape == (16, 32, 3)
-    np.testing.assert_array_equal(planes[..., 0], prediction(2)[::2, ::2])  # nearest: every second pixel
-    np.testing.assert_array_equal(planes[..., 2], prediction(2)[::2, ::2])  # teacher = the same masks here
-    assert Image.open(out / "photos" / "2.jpg").size == (32, 16)
+    assert planes.shape == (24, 48, 3)
+    # Nearest-neighbour: labels are picked, never blended (255 beside road, 255 beside car), and the
+    # blocks' insides keep their class (display x = 3/4 of the frame's x).
+    for plane, source in ((planes[..., 0], prediction(2)), (planes[..., 1], ground_truth(2))):
+        assert set(np.unique(plane)) <= set(np.unique(source))
+        for x, y in ((10, 20), (40, 16), (60, 16), (50, 16)):
+            assert plane[y * 3 // 4, x * 3 // 4] == source[y, x]
+    np.testing.assert_array_equal(planes[..., 2], planes[..., 0])  # teacher = the same masks here
+    assert Image.open(out / "photos" / "2.jpg").size == (48, 24)
     assert Image.open(out / "thumbs" / "2.jpg").size == (16, 8)
     assert data["has_teacher"] is True
 
@@ -156,7 +162,7 @@ def test_mask_page_without_ground_truth_shows_masks_unscored(tmp_path):
     assert report is None and page == tmp_path / "r" / "index.html"
     data = page_data(tmp_path / "r")
     assert data["has_gt"] is False and data["report_json"] is None and data["prediction_name"] == "pseudo-mask"
-    assert [im["pred"] for im in data["images"]] == [[ROAD, CAR, POLE], [ROAD, CAR]]
+    assert [im["pred"] for im in data["images"]] == [[ROAD, CAR, POLE], [ROAD, CAR, POLE]]
     assert "miou" not in data["images"][0]
     np.testing.assert_array_equal(_labels_png(tmp_path / "r", 1)[..., 0], read_label_png(pred / f"{ids[1]}.png"))
 

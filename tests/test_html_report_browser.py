@@ -126,8 +126,10 @@ def test_sort_and_filter_give_the_expected_order_and_count(browser, evaluated):
     assert _cards(browser) == _expected_order(None, None)  # worst mIoU first by default
     _choose(browser, "sort", "best")
     assert _cards(browser) == _expected_order(None, None)[::-1]
-    _choose(browser, "filter", f"class:{POLE}")
     _choose(browser, "sort", f"class:{POLE}")
+    # Images without a pole IoU (no pole in GT nor prediction) last; the spurious pole pixels score 0.
+    assert _cards(browser) == _expected_order(POLE, None)
+    _choose(browser, "filter", f"class:{POLE}")  # the ground truth holds pole, not just the prediction
     expected = _expected_order(POLE, POLE)
     assert expected == [4, 2, 0]  # 8, 4 and 0 pole columns predicted as car
     assert _cards(browser) == expected
