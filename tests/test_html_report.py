@@ -176,3 +176,27 @@ def test_ids_cannot_end_the_data_script(tmp_path, text):
         html.finish(None)
     page = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
     assert text not in page and page_data(tmp_path / "r")["source"]["evaluated"] == text
+
+
+def test_pseudo_masks_html_scores_the_masks_like_evaluate(tmp_path, capsys):
+    root = tmp_path / "d"
+    classes, _, ids = make_dataset(root, 3)
+    common = ["--dataset", "folder", "--root", str(root), "--split", "val", "--classes", str(classes)]
+    assert main(["labels", *common, "--out", str(tmp_path / "labels.json"), "--no-progress"]) == 0
+    masks, page = tmp_path / "masks", tmp_path / "page ü"
+    assert main(["pseudo-masks", *common, "--labels", str(tmp_path / "labels.json"), "--out", str(masks),
+                 "kind=simulated", "grid_cell=8", "--workers", "0", "--no-progress", "--html", str(page)]) == 0
+    assert main(["evaluate", *common, "--pred", str(masks), "--json", str(tmp_path / "e.json"),
+                 "--no-progress"]) == 0
+    data = page_data(page)
+    assert data["report_json"] + "\n" == (tmp_path / "e.json").read_text(encoding="utf-8")
+    assert [im["id"] for im in data["images"]] == ids and data["prediction_name"] == "pseudo-mask"
+    assert "simulated teacher" in data["source"]["evaluated"]
+    np.testing.assert_array_equal(_labels_png(page, 1)[..., 0], read_label_png(masks / f"{ids[1]}.png"))
+    # A folder in the way is refused before any mask is made.
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    capsys.readouterr()
+    assert main(["pseudo-masks", *common, "--labels", str(tmp_path / "labels.json"), "--out",
+                 str(tmp_path / "masks2"), "kind=simulated", "--no-progress", "--html", str(tmp_path / "taken")]) == 2
+    assert "is not a carbseg HTML report" in capsys.readouterr().err and not (tmp_path / "masks2").exists()
