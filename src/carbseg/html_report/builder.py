@@ -152,8 +152,8 @@ class HtmlReport:
         pred8 = np.asarray(pred, dtype=np.uint8)
         teacher = self._teacher_mask(image_id, pred8.shape)
         planes = [pred8, gt if gt is not None else None, teacher]
-        planes = [np.full_like(pred8, IGNORE_INDEX) if p is None else _resize_labels(np.asarray(p, np.uint8), size)
-                  for p in planes]
+        planes = [np.full(size[::-1], IGNORE_INDEX, np.uint8) if p is None
+                  else _resize_labels(np.asarray(p, np.uint8), size) for p in planes]
         buffer = io.BytesIO()
         Image.fromarray(np.dstack(planes)).save(buffer, format="PNG", compress_level=1)
         uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
