@@ -203,3 +203,16 @@ def test_pseudo_masks_html_scores_the_masks_like_evaluate(tmp_path, capsys):
     assert main(["pseudo-masks", *common, "--labels", str(tmp_path / "labels.json"), "--out",
                  str(tmp_path / "masks2"), "kind=simulated", "--no-progress", "--html", str(tmp_path / "taken")]) == 2
     assert "is not a carbseg HTML report" in capsys.readouterr().err and not (tmp_path / "masks2").exists()
+
+
+def test_bench_html_runs_at_a_tiny_size(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_html.py"), "--work",
+                          str(tmp_path), "--num", "3", "--size", "96x48", "--unique", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| evaluate + html: page build (s) |" in out and "| page folder (MB) |" in out
+    assert len(page_data(tmp_path / "report")["images"]) == 3

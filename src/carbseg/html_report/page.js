@@ -272,9 +272,15 @@
     };
     legend.append(el("h2", { textContent: "Classes" }));
     CLASSES.forEach((name, c) => entry(DATA.palette[c], name, c));
-    legend.append(el("h2", { textContent: "Error map / CARB regions" }));
-    entry(colors.correct, "right"); entry(colors.wrong, "wrong"); entry(colors.ignored, "ignored (no ground truth)");
-    entry(colors.consistent, "consistent (teacher = model)"); entry(colors.inconsistent, "inconsistent (teacher != model)");
+    if (DATA.has_gt) {
+      legend.append(el("h2", { textContent: "Error map" }));
+      entry(colors.correct, "right"); entry(colors.wrong, "wrong"); entry(colors.ignored, "ignored (no ground truth)");
+    }
+    if (DATA.has_teacher) {
+      legend.append(el("h2", { textContent: "CARB regions" }));
+      entry(colors.consistent, "consistent (teacher = model)");
+      entry(colors.inconsistent, "inconsistent (teacher != model)");
+    }
   }
 
   function drawLayer() {
