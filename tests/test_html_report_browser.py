@@ -213,3 +213,36 @@ def test_a_233_image_page_is_interactive_within_two_seconds(browser, tmp_path):
     assert browser.execute_script("return document.getElementById('count').dataset.count") == str(
         sum(1 for k in range(233) if k % 7 % 2 == 0))
     assert _errors(browser) == []
+
+
+def _wait_for(browser, script: str, expected, seconds: float = 5.0):
+    deadline = time.perf_counter() + seconds
+    while (value := browser.execute_script(script)) != expected and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def test_keyboard_moves_through_the_gallery_and_the_images(browser, evaluated):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    _open(browser, evaluated["out"] / "index.html")
+    order = _cards(browser)
+    browser.execute_script("document.querySelector(`#cards .card[data-n='${arguments[0]}']`).focus()", order[0])
+
+    def press(key):
+        ActionChains(browser).send_keys(key).perform()
+
+    press(Keys.ARROW_RIGHT)
+    assert browser.execute_script("return document.activeElement.dataset.n") == str(order[1])
+    press(Keys.ENTER)
+    assert _wait_for(browser, "return location.hash", f"#image-{order[1]}") == f"#image-{order[1]}"
+    press(Keys.ARROW_RIGHT)  # the next image of the gallery's order
+    assert _wait_for(browser, "return location.hash", f"#image-{order[2]}") == f"#image-{order[2]}"
+    press("3")  # layers: photo only, prediction, ground truth, ...
+    layer = "return document.getElementById('overlay').dataset.layer"
+    assert _wait_for(browser, layer, "gt") == "gt"
+    press(Keys.ESCAPE)
+    assert _wait_for(browser, "return document.getElementById('viewer').hidden", True) is True
+    assert browser.execute_script("return document.activeElement.dataset.n") == str(order[2])
+    assert _errors(browser) == []
