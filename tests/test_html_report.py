@@ -216,3 +216,19 @@ def test_bench_html_runs_at_a_tiny_size(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "| evaluate + html: page build (s) |" in out and "| page folder (MB) |" in out
     assert len(page_data(tmp_path / "report")["images"]) == 3
+
+
+def test_the_page_template_is_declared_as_package_data():
+    # Without this, a non-editable install (pip install .) would ship a report builder without its page.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from fnmatch import fnmatch
+
+    from conftest import PROJECT_ROOT
+
+    patterns = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "tool"]["setuptools"]["package-data"]["carbseg"]
+    templates = sorted(p.name for p in (PROJECT_ROOT / "src" / "carbseg" / "html_report").iterdir()
+                       if p.suffix in (".html", ".css", ".js"))
+    assert templates == ["page.css", "page.html", "page.js"]
+    for name in templates:
+        assert any(fnmatch(f"html_report/{name}", pattern) for pattern in patterns), name
