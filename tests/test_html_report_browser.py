@@ -27,24 +27,26 @@ from html_report_data import CAR, CLASSES, POLE, ROAD, ground_truth, make_datase
 
 pytestmark = pytest.mark.browser
 
+# Checked once for the module, so that a machine without them reads one skip line, not one per test.
+if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+    pytest.skip("needs chromium and chromium-driver (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e \".[dev]\")")
+
 COUNT = 6
 OPACITY = 0.6  # the page's default opacity slider position (60)
 
 
 def _chromium_driver():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e \".[dev]\")")
     from selenium.webdriver.chrome.service import Service
 
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if binary is None or driver is None:
-        pytest.skip("needs chromium and chromium-driver (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
-    options.binary_location = binary
+    options.binary_location = shutil.which("chromium")
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--window-size=1400,1000", "--force-device-scale-factor=1", "--hide-scrollbars"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(driver))
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
 
 
 @pytest.fixture(scope="module")
