@@ -1,7 +1,7 @@
 """The HTML report in a real browser: headless chromium driven by selenium over file://.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package (the dev extra);
-without them every test here skips with one line. The page of a few 64 x 32 frames
+without them the module skips with one line. The page of a few 64 x 32 frames
 (html_report_data.py) is checked against the --json report and against hand-computed orders and
 overlay colours; a 233-image page must become interactive within 2 s.
 """

@@ -151,9 +151,9 @@ class HtmlReport:
         size = _display_size(width, height, self.display_width)
         pred8 = np.asarray(pred, dtype=np.uint8)
         teacher = self._teacher_mask(image_id, pred8.shape)
-        planes = [pred8, gt if gt is not None else None, teacher]
+        # An absent plane (no ground truth, no teacher) is all ignore: the page draws nothing there.
         planes = [np.full(size[::-1], IGNORE_INDEX, np.uint8) if p is None
-                  else _resize_labels(np.asarray(p, np.uint8), size) for p in planes]
+                  else _resize_labels(np.asarray(p, np.uint8), size) for p in (pred8, gt, teacher)]
         buffer = io.BytesIO()
         Image.fromarray(np.dstack(planes)).save(buffer, format="PNG", compress_level=1)
         uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
