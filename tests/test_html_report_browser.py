@@ -95,6 +95,19 @@ def test_numbers_in_the_page_equal_the_json_report_without_console_errors(browse
     assert [(name, json.loads(value)) for name, value, _ in bars] == list(report["iou"].items())
     assert [text for _, _, text in bars] == [f"{v:.1f}" for v in report["iou"].values()]
     assert json.loads(read("return document.getElementById('json').textContent")) == report
+    # The heat map: each ground-truth row's pixels split by prediction (the last column: predicted 255),
+    # counted here from the frames themselves; every cell's hover text names its share and pixel count.
+    counts = np.zeros((3, 4), dtype=np.int64)
+    for k in range(COUNT):
+        gt, pred = ground_truth(k), prediction(k)
+        valid = gt != 255
+        np.add.at(counts, (gt[valid], np.where(pred[valid] == 255, 3, pred[valid])), 1)
+    shares = read("return [...document.querySelectorAll('#confusion tr')].slice(1).map(r => "
+                  "[...r.querySelectorAll('td')].map(td => [Number(td.dataset.share), td.title]))")
+    for g, row in enumerate(shares):
+        for p, (share, title) in enumerate(row):
+            assert share == pytest.approx(counts[g, p] / counts[g].sum(), abs=1e-12)
+            assert title.endswith(f"{100 * counts[g, p] / counts[g].sum():.2f} % ({counts[g, p]} px)")
     assert read("return document.querySelectorAll('.card').length") == COUNT
     assert _errors(browser) == []
 
