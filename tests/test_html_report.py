@@ -269,3 +269,14 @@ def test_evaluate_checkpoint_html_shows_the_checkpoints_predictions(tmp_path):
         planes = _labels_png(tmp_path / "page", sample.index)
         np.testing.assert_array_equal(planes[..., 0], sample.pred)
         np.testing.assert_array_equal(planes[..., 1], sample.mask)
+
+
+def test_photos_are_box_averaged_by_a_whole_factor_and_resized_otherwise():
+    from carbseg.html_report.builder import _resize_photo
+
+    photo = np.random.default_rng(0).integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    half = _resize_photo(photo, (8, 4))  # 2048 x 1024 -> 1024 x 512 in small
+    box = photo.reshape(4, 2, 8, 2, 3).astype(float).mean(axis=(1, 3))
+    assert half.shape == (4, 8, 3) and np.abs(half - box).max() <= 0.5
+    assert _resize_photo(photo, (12, 6)).shape == (6, 12, 3)
+    assert (_resize_photo(photo, (16, 8)) == photo).all()
