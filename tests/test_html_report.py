@@ -147,6 +147,13 @@ def test_a_failure_midway_leaves_neither_the_report_nor_a_temporary(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "teacher"]
 
 
+def test_html_and_report_need_their_own_folders(tmp_path, capsys):
+    root = tmp_path / "d"
+    classes, pred, _ = make_dataset(root, 1)
+    assert _evaluate(root, classes, pred, tmp_path / "out", "--report", str(tmp_path / "out")) == 2
+    assert "the same folder as --report" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_teacher_masks_need_html(tmp_path, capsys):
     classes, pred, _ = make_dataset(tmp_path / "d", 1)
     assert main(["evaluate", "--dataset", "folder", "--root", str(tmp_path / "d"), "--split", "val", "--classes",

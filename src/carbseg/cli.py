@@ -364,9 +364,13 @@ def _run_evaluate(args) -> int:
     if args.teacher_masks and not args.html:
         raise UserError("--teacher-masks is shown in the --html page; add --html DIR")
     if args.html:
+        from pathlib import Path
+
         from carbseg.html_report import check_report_dir
 
         check_report_dir(args.html)
+        if args.report and Path(args.report).resolve() == Path(args.html).resolve():
+            raise UserError(f"--html {args.html}: the same folder as --report; give each its own folder")
     dataset = _dataset_from_args(args)
     if args.exclude_fit_set:
         from carbseg.data.base import WithoutIds
