@@ -26,6 +26,7 @@ from carbseg.demo import (
 )
 from carbseg.engine.run_dir import RunDir, read_log
 from conftest import PROJECT_ROOT
+from html_report_data import page_data
 
 
 # ---------------------------------------------------------------- the demo config
@@ -129,6 +130,11 @@ def test_quick_demo_writes_every_file(quick_demo):
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "SIMULATED teacher" in markdown and "ground truth" in markdown
     assert "](scenes.png)" in markdown and "](learning_curve.png)" in markdown
+    # The browsable page of every test scene, model beside the teacher's pseudo-masks, linked from report.md.
+    assert "](html/index.html)" in markdown
+    page = page_data(out / "html")
+    assert len(page["images"]) == QUICK.num_test and page["has_teacher"] is True
+    assert json.loads(page["report_json"]) == json.loads((out / "evaluation" / "report.json").read_text())
 
 
 def test_quick_demo_report_contract(quick_demo):

@@ -7,6 +7,7 @@ Exit status: 0 on success; 2 on bad usage or bad input (one line on stderr, no t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import traceback
@@ -187,6 +188,9 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2; 0 loads "
                    "in the main process)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--html", default=None, metavar="DIR",
+                   help="also write DIR/index.html, a page to browse every pseudo-mask over its image (scored "
+                        "against the ground truth where the split has it); docs/html_report.md")
     p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_LINES)
     p.set_defaults(func=_run_pseudo_masks)
 
@@ -218,6 +222,10 @@ def _run_pseudo_masks(args) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = process_device(args.device)  # under torchrun: one GPU per rank
     check_output_dir(args.out)
+    if args.html:
+        from carbseg.html_report import check_report_dir
+
+        check_report_dir(args.html)
     dataset = _dataset_from_args(args)
     labels = read_labels_json(args.labels, dataset.classes)
     refine = None
@@ -246,6 +254,19 @@ def _run_pseudo_masks(args) -> int:
             distributed.shutdown()
     print(f"pseudo-masks: wrote {report.written}, skipped {report.skipped} existing, "
           f"{report.total} images in the split -> {args.out}")
+    if args.html and distributed.is_main_process():
+        from carbseg.data.base import WithoutIds
+        from carbseg.html_report.builder import machine_description, write_mask_page
+
+        fit_ids = set(getattr(teacher, "fit_ids", ()))
+        shown = WithoutIds(dataset, fit_ids) if fit_ids & set(dataset.ids) else dataset  # as generate_pseudo_masks
+        source = {"evaluated": f"pseudo-masks of the {cfg.kind} teacher", "masks": args.out,
+                  "dataset": f"{args.dataset} {args.root}", "split": args.split,
+                  "teacher": ", ".join(f"{k}={v}" for k, v in cfg.__dict__.items() if v not in (None, "", ())),
+                  "machine": machine_description(device)}
+        page, scores = write_mask_page(args.html, shown, args.out, source, progress=not args.no_progress)
+        print(f"pseudo-masks: HTML report {page}"
+              + (f" (pseudo-mask mIoU {scores['miou']:.2f})" if scores and scores["miou"] is not None else ""))
     return 0
 
 
@@ -303,6 +324,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", default=None, help="write the report as JSON here (miou, pixel_acc, iou, num_images)")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write report.md, report.json, IoU bars, confusion heat map and best/worst image grids here")
+    p.add_argument("--html", default=None, metavar="DIR",
+                   help="write DIR/index.html: a page to browse every image (sortable by per-image and per-class "
+                        "IoU, layers over the photo, the same numbers as --json); docs/html_report.md")
+    p.add_argument("--teacher-masks", default=None, metavar="DIR",
+                   help="with --html: the teacher's pseudo-masks (carbseg pseudo-masks --out DIR), shown beside "
+                        "the model with CARB's consistent and inconsistent regions")
     p.add_argument("--device", default="auto", help="with --checkpoint: auto (GPU if any), cpu, cuda, cuda:N")
     p.add_argument("--scales", default=None, metavar="S[,S...]",
                    help="with --checkpoint: test scales instead of the checkpoint's eval.scales, e.g. 2.0 for "
@@ -344,6 +371,16 @@ def _run_evaluate(args) -> int:
         check_output_dir(args.report, "--report")
     if args.scales is not None and args.checkpoint is None:
         raise UserError("--scales applies to --checkpoint (predictions in --pred are already made)")
+    if args.teacher_masks and not args.html:
+        raise UserError("--teacher-masks is shown in the --html page; add --html DIR")
+    if args.html:
+        from pathlib import Path
+
+        from carbseg.html_report import check_report_dir
+
+        check_report_dir(args.html)
+        if args.report and Path(args.report).resolve() == Path(args.html).resolve():
+            raise UserError(f"--html {args.html}: the same folder as --report; give each its own folder")
     dataset = _dataset_from_args(args)
     if args.exclude_fit_set:
         from carbseg.data.base import WithoutIds
@@ -351,23 +388,54 @@ def _run_evaluate(args) -> int:
 
         dataset = WithoutIds(dataset, read_fit_ids(args.exclude_fit_set))
         print(f"left out {len(dataset.excluded)} images of the proxy teacher's fit set; scoring {len(dataset)}")
-    if args.pred is not None:
-        confusion, stats = evaluate_predictions(dataset, args.pred, progress=not args.no_progress)
-        samples = load_qualitative_samples(dataset, args.pred, stats) if args.report else None
-    else:
-        from carbseg.engine.inference import evaluate_checkpoint
+    with contextlib.ExitStack() as stack:
+        html = stack.enter_context(_evaluation_page(args, dataset)) if args.html else None
+        on_image = None
+        if html is not None:
+            from carbseg.html_report import image_hook
 
-        confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device,
-                                                     scales=_parse_scales(args.scales, "--scales"),
-                                                     progress=not args.no_progress)
-        samples = qualitative_from_predictions(stats, kept)
-    report = confusion.report(dataset.classes.names)
-    print_table(report, dataset.classes)
-    if args.json:
-        write_json_atomic(args.json, report)
-    if args.report:
-        write_report(args.report, report, confusion, dataset.classes, samples)
+            on_image = image_hook(html, dataset)
+        if args.pred is not None:
+            confusion, stats = evaluate_predictions(dataset, args.pred, progress=not args.no_progress,
+                                                    on_image=on_image)
+            samples = load_qualitative_samples(dataset, args.pred, stats) if args.report else None
+        else:
+            from carbseg.engine.inference import evaluate_checkpoint
+
+            confusion, stats, kept = evaluate_checkpoint(dataset, args.checkpoint, device=args.device,
+                                                         scales=_parse_scales(args.scales, "--scales"),
+                                                         progress=not args.no_progress, on_image=on_image)
+            samples = qualitative_from_predictions(stats, kept)
+        report = confusion.report(dataset.classes.names)
+        print_table(report, dataset.classes)
+        if args.json:
+            write_json_atomic(args.json, report)
+        if args.report:
+            write_report(args.report, report, confusion, dataset.classes, samples)
+        if html is not None:
+            print(f"HTML report: {html.finish(report, confusion)}")
     return 0
+
+
+def _evaluation_page(args, dataset):
+    """The ``HtmlReport`` of ``carbseg evaluate --html``, with what is evaluated, where and how."""
+    from carbseg.html_report.builder import HtmlReport, machine_description
+
+    if args.pred is not None:
+        evaluated, device = f"predictions {args.pred}", "cpu"
+    else:
+        from carbseg.devices import parse_device
+
+        evaluated, device = f"checkpoint {args.checkpoint}", parse_device(args.device)
+    source = {"evaluated": evaluated, "dataset": f"{args.dataset} {args.root}", "split": args.split,
+              "scales": args.scales or ("the checkpoint's eval.scales" if args.checkpoint else "as predicted"),
+              "images": len(dataset)}
+    if args.exclude_fit_set:
+        source["left out"] = f"{len(dataset.excluded)} images of the proxy teacher's fit set"
+    if args.teacher_masks:
+        source["teacher"] = f"pseudo-masks {args.teacher_masks}"
+    source["machine"] = machine_description(device)
+    return HtmlReport(args.html, dataset.classes, source, teacher_dir=args.teacher_masks)
 
 
 # ---------------------------------------------------------------- train

@@ -11,9 +11,9 @@ The stages follow the design's data flow, each one resumable (a rerun reuses wha
 4. ``train``: the segmenter with Global-Local View training (GLV) and Consistency-Aware Region
    Balancing (CARB), the teacher in the loop (``configs/demo.yaml``, shipped inside the package);
 5. ``evaluate``: mIoU of the trained segmenter on the test scenes (and, named as such, the
-   validation scenes);
+   validation scenes), and ``OUT/html/index.html``, the browsable page of every test scene;
 6. ``report``: ``OUT/report.json``, ``OUT/report.md`` with a picture grid (image | pseudo-mask |
-   prediction | ground truth) and the learning curve of the run's ``log.jsonl``.
+   prediction | ground truth), the learning curve of the run's ``log.jsonl`` and a link to the page.
 
 The teacher is the simulated one: it READS THE GROUND TRUTH and corrupts it the way CLIP does
 (coarse patch grid, confusions between similar classes). It is a research instrument that needs no
@@ -231,11 +231,20 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool, say: Callable[[
         from carbseg.engine.evaluate import qualitative_from_predictions
         from carbseg.engine.inference import evaluate_checkpoint
         from carbseg.engine.report import write_report
+        from carbseg.html_report.builder import HtmlReport, image_hook, machine_description
 
         began = time.perf_counter()
-        confusion, stats, kept = evaluate_checkpoint(test_set, model_path, device=device, progress=progress,
-                                                     keep_samples=len(test_set))
-        evaluation = confusion.report(classes.names)
+        # The browsable page of the test scenes, from the same pass: the model beside the teacher's
+        # pseudo-masks of these scenes, with CARB's consistent / inconsistent regions.
+        source = {"evaluated": f"the demo's segmenter {model_path.name}", "dataset": "synthetic (generated scenes)",
+                  "split": "test", "teacher": f"pseudo-masks of the {TEACHER_NOTE}",
+                  "machine": machine_description(device)}
+        with HtmlReport(out / "html", classes, source, teacher_dir=mask_dirs["test"]) as html:
+            confusion, stats, kept = evaluate_checkpoint(test_set, model_path, device=device, progress=progress,
+                                                         keep_samples=len(test_set),
+                                                         on_image=image_hook(html, test_set))
+            evaluation = confusion.report(classes.names)
+            html.finish(evaluation, confusion)
         write_report(out / "evaluation", evaluation, confusion, classes, qualitative_from_predictions(stats, kept))
         shown = kept[: settings.grid_scenes]
         _save_scene_grid(out / "scenes.png", shown, mask_dirs["test"], classes)
@@ -365,7 +374,9 @@ def _report_markdown(report: dict, classes) -> str:
         lines.append(f"| {name} | {_percent(report['iou'].get(name))} | {_percent(report['pseudo_mask_iou'].get(name))} |")
     lines += ["", "n/a: the class is absent from both ground truth and prediction.", "",
               "More pictures (IoU bars, confusion matrix, best and worst scenes): [evaluation/report.md]"
-              "(evaluation/report.md). The training run (config, checkpoints, `log.jsonl`, TensorBoard) is in `run/`.",
+              "(evaluation/report.md). Every test scene, to sort by what went wrong and look at layer by layer "
+              "(prediction, ground truth, error map, teacher, CARB's regions): [html/index.html](html/index.html), "
+              "opened in a browser. The training run (config, checkpoints, `log.jsonl`, TensorBoard) is in `run/`.",
               ""]
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -91,12 +91,20 @@ def read_prediction(path: Path, num_classes: int, expected_shape: tuple[int, int
     return pred
 
 
-def _evaluate_one(dataset: SegmentationDataset, pred_dir: Path, index: int):
+# What evaluate_predictions / evaluate_checkpoint hand to ``on_image`` for every image, from the same pass
+# that counts it (e.g. the HTML report's per-image layers and scores):
+# on_image(index, image or None, pred, gt, matrix, missed); image is the photo when the caller has it.
+ImageHook = Callable[[int, "np.ndarray | None", np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def _evaluate_one(dataset: SegmentationDataset, pred_dir: Path, on_image: ImageHook | None, index: int):
     gt = dataset.load_mask(index)
     if gt is None:
         raise UserError(f"{dataset.ids[index]}: this split has no ground truth; evaluate on a split with masks")
     pred = read_prediction(prediction_path(pred_dir, dataset.ids[index]), dataset.classes.num_classes, gt.shape)
     matrix, missed = confusion_counts(pred, gt, dataset.classes.num_classes, IGNORE_INDEX)
+    if on_image is not None:  # in the worker thread: its work overlaps the other images' decoding
+        on_image(index, None, pred, gt, matrix, missed)
     return matrix, missed
 
 
@@ -112,10 +120,12 @@ def image_stats(index: int, image_id: str, matrix: np.ndarray, missed: np.ndarra
 
 
 def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | os.PathLike, progress: bool = True,
-                         workers: int = 2) -> tuple[ConfusionMatrix, list[ImageStats]]:
+                         workers: int = 2, on_image: ImageHook | None = None
+                         ) -> tuple[ConfusionMatrix, list[ImageStats]]:
     """Confusion counts of ``pred_dir/IMAGE_ID.png`` against every image of ``dataset``.
 
-    Returns the accumulated ``ConfusionMatrix`` and per-image scores (in dataset order).
+    ``on_image`` (see ``ImageHook``) sees every image's prediction, ground truth and counts, in
+    the worker threads. Returns the accumulated ``ConfusionMatrix`` and per-image scores (in dataset order).
     Raises UserError naming the file for a missing, unreadable, mis-sized or mis-encoded prediction.
     """
     pred_dir = Path(pred_dir)
@@ -131,7 +141,7 @@ def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | os.PathLi
     lines = ProgressLog(log, "evaluate", len(dataset), enabled=progress_lines(progress))  # without a terminal
     try:
         # map() keeps dataset order and re-raises a worker's UserError here.
-        evaluate_one = partial(_evaluate_one, dataset, pred_dir)
+        evaluate_one = partial(_evaluate_one, dataset, pred_dir, on_image)
         results = pool.map(evaluate_one, indices) if pool else map(evaluate_one, indices)
         for i, (matrix, missed) in zip(indices, results):
             confusion.add_counts(matrix, missed)

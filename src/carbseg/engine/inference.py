@@ -34,7 +34,7 @@ from carbseg.data.base import SegmentationDataset
 from carbseg.data.classes import IGNORE_INDEX
 from carbseg.devices import parse_device
 from carbseg.engine.checkpoint import LoadedModel, load_model
-from carbseg.engine.evaluate import ImageStats, evaluation_batches, image_stats, rank_images
+from carbseg.engine.evaluate import ImageHook, ImageStats, evaluation_batches, image_stats, rank_images
 from carbseg.errors import UserError
 from carbseg.metrics import ConfusionMatrix, confusion_counts
 from carbseg.precision import autocast, inference_autocast_dtype
@@ -231,6 +231,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     keep_samples: int = 8,
     num_workers: int | None = None,
+    on_image: ImageHook | None = None,
 ) -> tuple[ConfusionMatrix, list[ImageStats], list[PredictionSample]]:
     """Predict every image of ``dataset`` with a checkpoint and count it against the ground truth.
 
@@ -241,6 +242,7 @@ def evaluate_checkpoint(
     the sliding window's crop and stride. Returns the accumulated
     ``ConfusionMatrix``, per-image ``ImageStats`` in dataset order (as ``evaluate_predictions``),
     and the ``keep_samples`` worst and best images (by ``rank_images``) with their predictions.
+    ``on_image`` (``carbseg.engine.evaluate.ImageHook``) sees every image with its counts.
     """
     device = parse_device(device)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device=device)
@@ -284,8 +286,10 @@ def evaluate_checkpoint(
                 matrix, missed = confusion_counts(pred, mask, num_classes, IGNORE_INDEX)
                 confusion.add_counts(matrix, missed)
                 stats.append(image_stats(sample.index, sample.id, matrix, missed))
+                image = sample.image.permute(1, 2, 0).numpy()  # (H, W, 3) view of the decoded uint8 photo
+                if on_image is not None:
+                    on_image(sample.index, np.ascontiguousarray(image), pred, mask, matrix, missed)
                 if keep_samples > 0:
-                    image = sample.image.permute(1, 2, 0).numpy()  # a view; copied below if kept
                     kept[sample.index] = PredictionSample(sample.index, sample.id, image, mask, pred)
                     worst, best = rank_images(stats, keep_samples)
                     wanted = {s.index for s in worst} | {s.index for s in best}
