@@ -500,3 +500,30 @@ def test_a_checkpoint_from_before_the_probe_resumes_as_it_started(probe_env, mon
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+# ---------------------------------------------------------------- GPUs without native bf16: the teacher in fp16
+@pytest.mark.parametrize("capability, name, dtype", [
+    ((7, 0), "fp16", torch.float16), ((7, 5), "fp16", torch.float16),
+    ((8, 0), "bf16", torch.bfloat16), ((9, 0), "bf16", torch.bfloat16)])
+def test_the_clip_teacher_runs_in_fp16_on_gpus_without_native_bf16(monkeypatch, capability, name, dtype):
+    """V100 and T4 (compute capability 7.x) emulate bf16: the teacher's auto takes fp16 autocast there
+    (OpenAI's CLIP was trained in fp16), not fp32; from Ampere on bf16. PyTorch's emulation-counting
+    ``is_bf16_supported`` says yes everywhere and must not decide."""
+    from test_teacher_pseudo_masks import _tiny_teacher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cuda = torch.device("cuda", 0)
+    choice = precision.teacher_precision("auto", cuda)
+    assert (choice.name, choice.autocast_dtype) == (name, dtype)
+    if name == "fp16":
+        assert choice.reason == "bf16 is emulated on this GPU (compute capability < 8.0); CLIP was trained in fp16"
+    teacher = _tiny_teacher(precision="auto")[0]
+    assert teacher.resolved_precision(cuda) == choice
+    region = teacher._autocast(cuda)
+    assert isinstance(region, torch.autocast) and region.fast_dtype == dtype and region.device == "cuda"
+    assert precision.teacher_precision("fp32", cuda).autocast_dtype is None  # asked for: as asked
+    # By name too (benchmarks/bench_teacher.py hands its children the resolved answer).
+    assert _tiny_teacher(precision="fp16")[0]._autocast(cuda).fast_dtype == torch.float16
+    assert not isinstance(_tiny_teacher(precision="fp32")[0]._autocast(cuda), torch.autocast)
+

@@ -5,7 +5,8 @@ bf16 is only fast where the hardware has it: NVIDIA GPUs from Ampere on (compute
 and CPUs with AVX512-BF16 / AMX. Elsewhere it is emulated -- on a V100, T4 or RTX 20xx PyTorch still
 *accepts* bf16 (``torch.cuda.is_bf16_supported()`` is True there, by emulation) but convolutions
 run several times slower than in fp32 -- so on those GPUs the mixed precision of choice is fp16
-(with a GradScaler when training), and the CLIP teacher stays in fp32.
+(with a GradScaler when training), and the CLIP teacher runs under fp16 autocast (OpenAI's CLIP
+was trained in fp16).
 
 On a CPU the flags alone do not decide: ``auto`` is the answer of a short timed fp32-vs-bf16 probe
 of the operations that matter for each workload (:func:`cpu_choice`), cached per machine (keyed by
@@ -536,7 +537,9 @@ def clear_cache(path: Path | None = None) -> int | None:
 
 def teacher_precision(precision: str, device: torch.device | str) -> PrecisionChoice:
     """The CLIP teacher's precision for ``precision`` (auto | bf16 | fp32) on ``device``: auto is bf16
-    on GPUs with native bf16 (fp32 on older ones) and the probe's answer on a CPU."""
+    on GPUs with native bf16, fp16 on older CUDA GPUs (V100, T4: bf16 is emulated there, and OpenAI's
+    CLIP was trained in fp16; LayerNorm and softmax stay fp32 under autocast) and the probe's answer on
+    a CPU."""
     device = torch.device(device)
     if precision != "auto":
         return PrecisionChoice(precision, "asked for")
@@ -544,6 +547,9 @@ def teacher_precision(precision: str, device: torch.device | str) -> PrecisionCh
         return cpu_choice("teacher")
     if native_bf16(device):
         return PrecisionChoice("bf16", "native bf16 on this GPU")
+    if device.type == "cuda":
+        return PrecisionChoice("fp16", "bf16 is emulated on this GPU (compute capability < 8.0); "
+                                       "CLIP was trained in fp16")
     return PrecisionChoice("fp32", "no native bf16 on this device")
 
 
