@@ -500,6 +500,7 @@ def test_a_checkpoint_from_before_the_probe_resumes_as_it_started(probe_env, mon
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
 # ---------------------------------------------------------------- GPUs without native bf16: the teacher in fp16
 @pytest.mark.parametrize("capability, name, dtype", [
     ((7, 0), "fp16", torch.float16), ((7, 5), "fp16", torch.float16),
@@ -527,3 +528,83 @@ def test_the_clip_teacher_runs_in_fp16_on_gpus_without_native_bf16(monkeypatch, 
     assert _tiny_teacher(precision="fp16")[0]._autocast(cuda).fast_dtype == torch.float16
     assert not isinstance(_tiny_teacher(precision="fp32")[0]._autocast(cuda), torch.autocast)
 
+
+# ---------------------------------------------------------------- carbseg doctor: bf16 and the probe's answers
+class FakeGPUs:
+    """CUDA devices of the given compute capabilities, for ``torch.cuda`` monkeypatched: PyTorch's
+    ``is_bf16_supported`` answers for the current device and, like the real one, counts emulation unless
+    told ``including_emulation=False`` (``with_flag``; older PyTorch has no such parameter and says yes)."""
+
+    def __init__(self, monkeypatch, capabilities, with_flag: bool):
+        import contextlib
+        import types
+
+        self.capabilities, self.current = capabilities, 0
+
+        @contextlib.contextmanager
+        def device(index):
+            before, self.current = self.current, index
+            yield
+            self.current = before
+
+        def supported(including_emulation=True):
+            return tuple(self.capabilities[self.current]) >= (8, 0) or including_emulation
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported if with_flag else lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capabilities[index])
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(
+            name=["Tesla V100-SXM2-16GB", "NVIDIA A100-SXM4-40GB"][index], total_memory=16 * 2**30,
+            major=capabilities[index][0], minor=capabilities[index][1]))
+        monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+
+
+@pytest.mark.parametrize("with_flag", [True, False])
+def test_doctor_says_native_bf16_only_where_it_is_not_emulated(monkeypatch, capsys, with_flag):
+    """PyTorch's ``is_bf16_supported()`` says yes on a V100 (emulation); the doctor's line says no there."""
+    FakeGPUs(monkeypatch, [(7, 0), (8, 0)], with_flag)
+    assert [precision.cuda_bf16_native(i) for i in (0, 1)] == [False, True]
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "  cuda:0       Tesla V100-SXM2-16GB, 16 GiB, compute capability 7.0, native bf16: no\n" in out
+    assert "  cuda:1       NVIDIA A100-SXM4-40GB, 16 GiB, compute capability 8.0, native bf16: yes\n" in out
+
+
+def test_doctor_shows_the_cached_answers_and_reprobe_clears_them(probe_env, monkeypatch, capsys):
+    key = precision.machine_key()
+    cores = precision.os.cpu_count()
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (cores + 1.0, 1.0, 1.0))
+    precision.cpu_choice("teacher", measure_fn=lambda w, under_load: {"fp32": 0.02, "bf16": 0.008, "bf16_wins": 6,
+                                                                      "pairs": 7})
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    precision.cpu_choice("segmenter", measure_fn=FakeProbe(fp32=0.0315, bf16=0.045))
+    data = json.loads(probe_env.read_text())
+    data["Other CPU | bf16 flags none | 8 cores | torch 2.0 | 8 threads | probe 1"] = {
+        "segmenter": {"fp32": 0.1, "bf16": 0.7}}
+    probe_env.write_text(json.dumps(data))
+    assert main(["doctor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index(f"CPU precision: probe cache {probe_env}")
+    assert lines[start + 1:start + 6] == [
+        f"  this machine: {key}",
+        f"    teacher   -> bf16: fp32 20.0 ms, bf16 8.0 ms (2.50x; bf16 won 6 of 7 pairs; provisional: load average "
+        f"{cores + 1.0:.1f} >= {cores} cores)",
+        "    segmenter -> fp32: fp32 31.5 ms, bf16 45.0 ms (0.70x)",
+        "  other key: Other CPU | bf16 flags none | 8 cores | torch 2.0 | 8 threads | probe 1: segmenter fp32",
+        "  carbseg doctor --reprobe clears them all: the next CPU run measures again"]
+    assert main(["doctor", "--reprobe"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"CPU precision: cleared 3 cached probe answer(s) from {probe_env}; the next CPU run "
+                          "measures again\n")
+    assert f"  this machine: {key}\n    not measured yet: the first run on this CPU probes\n" in out
+    assert not probe_env.exists()
+    probe = FakeProbe(fp32=2.0, bf16=0.5)
+    assert precision.cpu_choice("teacher", measure_fn=probe).name == "bf16" and probe.calls == ["teacher"]
+    probe_env.unlink()
+    assert main(["doctor", "--reprobe"]) == 0
+    assert capsys.readouterr().out.startswith(f"CPU precision: no probe cache at {probe_env}; nothing to clear")
+    monkeypatch.setenv(precision.ENV_CHOICE, "fp32")
+    assert main(["doctor"]) == 0
+    assert f"CPU precision: forced by {precision.ENV_CHOICE}=fp32; probe cache {probe_env}\n" in capsys.readouterr().out

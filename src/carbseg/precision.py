@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
@@ -57,6 +58,17 @@ def native_bf16(device: torch.device | str) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+def cuda_bf16_native(index: int = 0) -> bool:
+    """True where CUDA device ``index`` computes bf16 natively (compute capability >= 8.0). PyTorch's
+    plain ``torch.cuda.is_bf16_supported()`` also says yes on a V100 or T4, where bf16 is emulated and
+    several times slower: its ``including_emulation=False`` (PyTorch >= 2.3) is asked where it exists,
+    else the capability."""
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        with torch.cuda.device(index):  # is_bf16_supported asks the current device
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return tuple(torch.cuda.get_device_capability(index)) >= AMPERE
 
 
 def fast_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
