@@ -183,6 +183,15 @@ def test_an_unwritable_cache_only_means_probing_again(probe_env):
     assert precision.cpu_choice("teacher", measure_fn=probe).name == "bf16" and probe.calls == ["teacher"]
 
 
+def test_without_fcntl_the_cache_works_unlocked(probe_env, monkeypatch):
+    """Windows has no fcntl: no lock file is opened (none left open), the probe's answer is still cached."""
+    monkeypatch.setattr(precision, "fcntl", None)
+    probe = FakeProbe(fp32=2.0, bf16=0.5)
+    assert precision.cpu_choice("teacher", measure_fn=probe).name == "bf16" and probe.loaded == [False]
+    assert json.loads(probe_env.read_text())[precision.machine_key()]["teacher"] == {"fp32": 2.0, "bf16": 0.5}
+    assert sorted(p.name for p in probe_env.parent.iterdir()) == ["cpu_precision.json"]
+
+
 class ProductDtypes(TorchDispatchMode):
     """Records the dtypes that the matrix products, attention and convolutions run under it computed in
     (after autocast's casts: what the CPU really multiplied), forward and backward."""

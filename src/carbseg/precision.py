@@ -360,10 +360,11 @@ def _cache_lock(path: Path) -> Iterator[bool]:
     this one measures a busy machine. Without a lock (no fcntl, an unwritable folder, a wait over
     :data:`LOCK_WAIT_S`) the block runs anyway: the cache only saves a probe."""
     handle = None
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed below
-    if handle is None or fcntl is None:
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    if handle is None:
         yield False
         return
     waited, deadline = False, time.monotonic() + LOCK_WAIT_S
@@ -538,6 +539,8 @@ def clear_cache(path: Path | None = None) -> int | None:
     """Delete the probe cache (under its lock), so that the next run on a CPU measures again
     (``carbseg doctor --reprobe``); how many answers it held, ``None`` where there was no cache."""
     path = path or cache_path()
+    if not path.exists():  # checked first: no folder or lock file is made where there is nothing to clear
+        return None
     with _cache_lock(path):
         if not path.exists():
             return None
