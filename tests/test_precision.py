@@ -183,6 +183,44 @@ def test_an_unwritable_cache_only_means_probing_again(probe_env):
     assert precision.cpu_choice("teacher", measure_fn=probe).name == "bf16" and probe.calls == ["teacher"]
 
 
+PROBING_PROCESS = """
+import os, sys, time
+from pathlib import Path
+from carbseg import precision
+
+os.getloadavg = lambda: (0.0, 0.0, 0.0)  # an idle machine: only the other probe makes this one busy
+
+workload, folder = sys.argv[1], Path(sys.argv[2])
+(folder / workload).touch()
+while len(list(folder.iterdir())) < 2:  # both processes ready: they start probing together
+    time.sleep(0.01)
+
+def fake(w, under_load=False):
+    time.sleep(0.5)
+    return {"teacher": {"fp32": 2.0, "bf16": 0.5}, "segmenter": {"fp32": 0.1, "bf16": 0.7}}[w]
+
+print(precision.cpu_choice(workload, measure_fn=fake).name, flush=True)
+"""
+
+
+def test_two_processes_probing_together_share_the_cache(probe_env, tmp_path):
+    """As the two training processes of a study started at once: separate processes, one cache file."""
+    import os
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the fixture's cache and unset choice are inherited
+    procs = [subprocess.Popen([sys.executable, "-c", PROBING_PROCESS, w, str(ready)], env=env, text=True,
+                              stdout=subprocess.PIPE) for w in ("teacher", "segmenter")]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["bf16", "fp32"]
+    entry = json.loads(probe_env.read_text())[precision.machine_key()]
+    assert {k: (v["fp32"], v["bf16"]) for k, v in entry.items()} == {"teacher": (2.0, 0.5), "segmenter": (0.1, 0.7)}
+    # The one that waited for the other's lock measured a busy machine; the other did not.
+    assert sorted(v.get("measured_under", "idle") for v in entry.values()) == ["another probe was running", "idle"]
+
+
 def test_without_fcntl_the_cache_works_unlocked(probe_env, monkeypatch):
     """Windows has no fcntl: no lock file is opened (none left open), the probe's answer is still cached."""
     monkeypatch.setattr(precision, "fcntl", None)
