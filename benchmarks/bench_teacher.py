@@ -9,10 +9,10 @@ baseline-hook: a stronger baseline: the same, but the value path reuses the toke
 carbseg:       ``CLIPTeacher``: batched, the patch embedding as one GEMM and the blocks' attention
                through SDPA (``DenseCLIP._tokens_before_last_block``), the last block's query-key
                attention never computed, at the precision ``--precision auto`` chooses
-               (``carbseg.precision.teacher_precision``: bf16 on GPUs with native bf16; on a CPU
-               bf16 only where a timed probe of a ViT block measured it >= 1.2x faster than fp32).
+               (``carbseg.precision.teacher_precision``: bf16 on GPUs with native bf16, fp16 on older
+               ones; on a CPU bf16 only where a timed probe of a ViT block measured it >= 1.2x faster).
 carbseg-fp32:  ``carbseg`` in fp32 whatever ``--precision`` says: the row that shows whether ``auto``
-               pays. Run by default only when ``auto`` (or ``--precision``) gives bf16; otherwise it
+               pays. Run by default only when ``auto`` (or ``--precision``) gives bf16 or fp16; otherwise it
                is the same computation as ``carbseg``.
 carbseg-sclip, carbseg-clearclip, carbseg-naclip: the same teacher with ``teacher.dense`` set to
                the other dense forms of the last block (attention over all tokens comes back; NACLIP
@@ -214,7 +214,7 @@ def main() -> None:
     p.add_argument("--size", default="1024x512", help="WIDTHxHEIGHT of the views")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--modes", default=",".join(MODES),

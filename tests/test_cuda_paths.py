@@ -115,13 +115,26 @@ def test_precision_for_a_faked_gpu(monkeypatch, capability, amp, teacher_bf16):
     assert inference_autocast_dtype(cuda, False) is None  # no autocast
 
 
-def test_inference_autocast_on_cpu_only_when_asked():
+def test_inference_autocast_on_cpu_only_when_asked_or_measured_faster(monkeypatch, tmp_path):
+    """The CPU default is the probe's answer, whatever conftest pins for the rest of the suite: with the
+    pin removed and the probe faked, no autocast where bf16 measured slower, bf16 where it measured faster."""
+    from carbseg import precision
     from carbseg.precision import autocast, inference_autocast_dtype
 
+    monkeypatch.delenv(precision.ENV_CHOICE, raising=False)
+    monkeypatch.setenv(precision.ENV_CACHE, str(tmp_path / "cpu_precision.json"))
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     cpu = torch.device("cpu")
-    assert inference_autocast_dtype(cpu) is None and not isinstance(autocast(cpu, None), torch.autocast)
+    for fp32, bf16, expected in ((0.1, 0.7, None), (2.0, 0.5, torch.bfloat16)):
+        monkeypatch.setattr(precision, "_memo", {})
+        (tmp_path / "cpu_precision.json").unlink(missing_ok=True)
+        monkeypatch.setattr(precision, "measure", lambda workload, under_load=False, t=(fp32, bf16): {
+            "fp32": t[0], "bf16": t[1]})
+        assert inference_autocast_dtype(cpu) == expected
+    assert not isinstance(autocast(cpu, None), torch.autocast)
     assert autocast(cpu, inference_autocast_dtype(cpu, True)).fast_dtype == torch.bfloat16
     assert autocast(cpu, inference_autocast_dtype(cpu, torch.bfloat16)).fast_dtype == torch.bfloat16
+    assert inference_autocast_dtype(cpu, False) is None
 
 
 # ---------------------------------------------------------------- resume on fewer GPUs

@@ -681,15 +681,21 @@ def _run_synthesize(args) -> int:
 def _add_doctor(sub) -> None:
     p = sub.add_parser(
         "doctor", help="what this environment can do: versions, devices, bf16, weights, extras, data",
-        description="One screen about this machine: package versions, CPU threads and native bf16, CUDA GPUs "
-                    "and NCCL, CLIP and ResNet weights already cached, optional extras (crf, onnx, video) and "
-                    "shared datasets (the folder $CARBSEG_DATA names). Reads only; always exits 0.")
+        description="One screen about this machine: package versions, CPU threads and native bf16, the CPU "
+                    "precision probe's cached answers with their timings, CUDA GPUs and NCCL, CLIP and ResNet "
+                    "weights already cached, optional extras (crf, onnx, video) and shared datasets (the "
+                    "folder $CARBSEG_DATA names). Reads only (except --reprobe); always exits 0.")
+    p.add_argument("--reprobe", action="store_true",
+                   help="first clear the CPU precision probe's cached answers, so that the next CPU run "
+                        "measures fp32 against bf16 again (e.g. after they were measured on a busy machine)")
     p.set_defaults(func=_run_doctor)
 
 
 def _run_doctor(args) -> int:
-    from carbseg.doctor import report_lines
+    from carbseg.doctor import report_lines, reprobe
 
+    if args.reprobe:
+        print(reprobe())
     print("\n".join(report_lines()))
     return 0
 

@@ -56,8 +56,42 @@ def _cpu() -> str:
             f"{_yes(bf16)}; freed memory: {allocator_state()}")
 
 
+def _cpu_precision() -> list[str]:
+    """The CPU precision probe's cached answers (``carbseg.precision.cpu_choice``): this machine's with
+    their timings, then a short line for each other machine key sharing the cache file (another thread
+    count, CPU or torch)."""
+    from carbseg import precision
+
+    path, key = precision.cache_path(), precision.machine_key()
+    forced = os.environ.get(precision.ENV_CHOICE, "").strip()
+    lines = [f"CPU precision: {f'forced by {precision.ENV_CHOICE}={forced}; ' if forced else ''}probe cache {path}",
+             f"  this machine: {key}"]
+    answers = precision.cached_answers(path)
+    mine = [(workload, timings) for machine, workload, timings in answers if machine == key]
+    for workload, timings in mine:
+        rule = f"; bf16 won {timings['bf16_wins']} of {timings['pairs']} pairs" if "pairs" in timings else ""
+        note = f"; provisional: {timings.get('measured_under')}" if timings.get("provisional") else ""
+        lines.append(f"    {workload:<9} -> {precision.decide(timings)}: fp32 {timings['fp32'] * 1e3:.1f} ms, "
+                     f"bf16 {timings['bf16'] * 1e3:.1f} ms ({timings['fp32'] / timings['bf16']:.2f}x{rule}{note})")
+    if not mine:
+        lines.append("    not measured yet: the first run on this CPU probes")
+    others: dict[str, list[str]] = {}
+    for machine, workload, timings in answers:
+        if machine != key:
+            others.setdefault(machine, []).append(f"{workload} {precision.decide(timings)}")
+    for machine, chosen in list(others.items())[:3]:
+        lines.append(f"  other key: {machine}: {', '.join(chosen)}")
+    if len(others) > 3:
+        lines.append(f"  and {len(others) - 3} other machine keys")
+    if answers:
+        lines.append("  carbseg doctor --reprobe clears them all: the next CPU run measures again")
+    return lines
+
+
 def _cuda() -> list[str]:
     import torch
+
+    from carbseg.precision import cuda_bf16_native
 
     if not torch.cuda.is_available():
         built = f"PyTorch built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only PyTorch"
@@ -66,8 +100,9 @@ def _cuda() -> list[str]:
              f"{_yes(torch.distributed.is_available() and torch.distributed.is_nccl_available())}"]
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
-        lines.append(f"  cuda:{index}       {props.name}, {props.total_memory / 2**30:.0f} GiB, "
-                     f"bf16: {_yes(torch.cuda.is_bf16_supported())}")
+        # Native only: is_bf16_supported() alone also says yes on a V100 or T4, where bf16 is emulated.
+        lines.append(f"  cuda:{index}       {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability "
+                     f"{props.major}.{props.minor}, native bf16: {_yes(cuda_bf16_native(index))}")
     return lines
 
 
@@ -117,8 +152,19 @@ def _data() -> list[str]:
     return lines
 
 
+def reprobe() -> str:
+    """``carbseg doctor --reprobe``: clear the CPU precision probe's cached answers, and say so."""
+    from carbseg import precision
+
+    path = precision.cache_path()
+    held = precision.clear_cache(path)
+    if held is None:
+        return f"CPU precision: no probe cache at {path}; nothing to clear (the next CPU run measures)"
+    return f"CPU precision: cleared {held} cached probe answer(s) from {path}; the next CPU run measures again"
+
+
 def report_lines() -> list[str]:
-    """The doctor's report, one line per fact (about 15 lines)."""
+    """The doctor's report, one line per fact (about 15-20 lines)."""
     lines = [
         f"carbseg {__version__} on Python {platform.python_version()} ({platform.system()} {platform.machine()}), "
         f"{sys.executable}",
@@ -127,6 +173,8 @@ def report_lines() -> list[str]:
     ]
     cuda = _safely(lambda: "\n".join(_cuda()))
     lines += cuda.splitlines() if not cuda.startswith("unknown") else [f"CUDA GPUs:    {cuda}"]
+    precision = _safely(lambda: "\n".join(_cpu_precision()))
+    lines += precision.splitlines() if not precision.startswith("unknown") else [f"CPU precision: {precision}"]
     lines += [
         "CLIP weights: " + _safely(_clip_weights),
         "ResNet:       " + _safely(_resnet_weights),

@@ -15,7 +15,7 @@ from carbseg.teacher.refine import key_smoothing, prompt_denoising
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # fp16: what auto picks on pre-Ampere GPUs, asked for by name
 
 __all__ = ["CLIPTeacher", "native_bf16"]  # native_bf16 lives in carbseg.precision
 
@@ -26,7 +26,8 @@ class CLIPTeacher:
     precision: ``bf16`` runs the transformer blocks under bf16 autocast (scores and the argmax
     stay in fp32); ``auto`` (default) does so only where bf16 is fast: on GPUs with native bf16
     (:func:`native_bf16`), on a CPU where the timed probe of :func:`carbseg.precision.cpu_choice`
-    measured it faster than fp32; else runs fp32.
+    measured it faster than fp32; on older CUDA GPUs (V100, T4) it runs them under fp16 autocast
+    (:func:`carbseg.precision.teacher_precision`); else fp32.
     scales: multi-scale averaging -- the view is resized by each factor, scored, and the scores
     (upsampled back to the view) are averaged before the restriction and the argmax.
     """
@@ -56,8 +57,9 @@ class CLIPTeacher:
         return self._resolved[str(device)]
 
     def _autocast(self, device: torch.device):
-        if self.resolved_precision(device).name == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        dtype = self.resolved_precision(device).autocast_dtype  # bf16, fp16 (auto on pre-Ampere GPUs) or none
+        if dtype is not None:
+            return torch.autocast(device_type=device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
