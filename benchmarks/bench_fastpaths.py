@@ -44,7 +44,7 @@ from carbseg.models.dilated import (
     _PaddingSkippingConvolution,
     valid_share,
 )
-from carbseg.models.upsample import matrix_products_pay, upsample_by_matrix_products
+from carbseg.models.upsample import matrix_products_pay, product_dtype, upsample_by_matrix_products
 from carbseg.precision import machine_summary
 
 MiB = 2**20
@@ -129,6 +129,7 @@ def upsample_cases() -> list[Case]:
         ("demo 4x19 16x32->128x256", 4, 19, (16, 32), (128, 256), "train", torch.float32),
         ("demo, bf16 logits", 4, 19, (16, 32), (128, 256), "train", torch.bfloat16),
         ("CamVid OS16 4x11 15x20->240x320", 4, 11, (15, 20), (240, 320), "train", torch.float32),
+        ("CamVid OS16, bf16 logits", 4, 11, (15, 20), (240, 320), "train", torch.bfloat16),
         ("CamVid OS8 4x11 30x40->240x320", 4, 11, (30, 40), (240, 320), "train", torch.float32),
         ("CamVid frame 1x11 45x60->360x480", 1, 11, (45, 60), (360, 480), "infer", torch.float32),
         ("Cityscapes crop 4x19 64x128->512x1024", 4, 19, (64, 128), (512, 1024), "train", torch.float32),
@@ -146,7 +147,8 @@ def upsample_cases() -> list[Case]:
             return F.interpolate(t, size=size_out, mode="bilinear", align_corners=False)
 
         wrap = _train if mode == "train" else _infer
-        taken = matrix_products_pay(batch * classes, size_in, size_out, x.element_size())
+        product_size = torch.empty((), dtype=product_dtype(dtype)).element_size()
+        taken = matrix_products_pay(batch * classes, size_in, size_out, x.element_size(), product_size)
         cases.append(Case("upsample", words, mode, wrap(fast, x), wrap(standard, x), "yes" if taken else "no"))
     return cases
 

@@ -46,18 +46,23 @@ def test_forward_and_gradient_equal_pytorchs_interpolation(size_in, size_out):
     assert torch.allclose(ours_grad, theirs_grad, rtol=1e-5, atol=1e-4)
 
 
-def test_the_products_under_bf16_autocast_are_fp32_and_closer_than_bf16_interpolation():
+def test_bf16_logits_are_upsampled_by_bf16_products_as_close_as_bf16_interpolation():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 8, 16).bfloat16()
     exact = reference(logits.double(), (64, 128))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = upsample_by_matrix_products(logits, (64, 128))
         theirs = reference(logits, (64, 128))
-        # upsample_bilinear keeps bf16 logits to F.interpolate: an fp32 output would take twice the memory.
-        assert torch.equal(upsample_bilinear(logits, (64, 128)), theirs)
-    assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
-    assert (ours.double() - exact).abs().max() < 1e-6
-    assert (theirs.double() - exact).abs().max() > 1e-3  # bf16's rounding of the output, gone here
+        assert torch.equal(upsample_bilinear(logits, (64, 128)), ours)  # the rule takes bf16 products here
+    assert ours.dtype == torch.bfloat16 and theirs.dtype == torch.bfloat16  # F.interpolate's memory
+    # Both round to bf16 (8 significant bits; |values| < 4 here, so an ulp is at most 2 ** -6); the
+    # products round their intermediate too, and their weights (multiples of 1/16) are exact.
+    ulp = 2.0 ** -6
+    assert (theirs.double() - exact).abs().max() <= ulp / 2
+    assert (ours.double() - exact).abs().max() <= ulp
+    x = logits.float().requires_grad_()
+    (grad,) = torch.autograd.grad(upsample_by_matrix_products(x.bfloat16(), (64, 128)).float().sum(), x)
+    assert torch.allclose(grad, torch.full_like(grad, 64 * 128 / (8 * 16)), rtol=1e-2)  # each input's weights
 
 
 # (planes = batch x classes, logits size, image size): the shapes the rule was measured on.
@@ -75,23 +80,27 @@ def test_cost_and_memory_of_the_products_by_hand():
     assert matrix_products_cost_per_pixel((128, 256), (1024, 2048)) == 160.0
     assert matrix_products_cost_per_pixel((224, 448), (1792, 3584)) == 280.0
     # Demo, fp32: weights 4 * (128 * 16 + 256 * 32) + planes * 4 * (16 * 256 + 128 * 256) against
-    # planes * 4 * 128 * 256 (1.129x); bf16: plus the input widened to fp32, against half the output.
+    # planes * 4 * 128 * 256 (1.129x); bf16 logits in fp32 products: plus the input widened to fp32,
+    # against half the output (2.3x); in bf16 products: every term at 2 bytes (1.129x again).
     assert matrix_products_memory(*DEMO, 4) == (40_960 + 76 * 4 * 36_864, 76 * 4 * 32_768)
     assert matrix_products_memory(*DEMO, 2) == (40_960 + 76 * 4 * (36_864 + 512), 76 * 2 * 32_768)
+    assert matrix_products_memory(*DEMO, 2, 2) == (20_480 + 76 * 2 * 36_864, 76 * 2 * 32_768)
 
 
-@pytest.mark.parametrize("shape,element_size,expected", [
-    (DEMO, 4, True),  # cost 20, memory 1.13x
-    (CAMVID_CPU, 4, True),  # cost 16.25, memory 1.07x
-    (CAMVID_OS8, 4, True),  # cost 35, memory 1.13x
-    (CITYSCAPES, 4, False),  # cost 160: 1.6x slower
-    ((19, (128, 256), (1024, 2048)), 4, False),  # batch 1, as slow per pixel
-    (CITYSCAPES_1_75, 4, False),  # cost 280: 2.4x slower
-    (DEMO, 2, False),  # bf16 logits: an fp32 output is 2.3x bf16 F.interpolate's memory
-    ((2, (3, 5), (11, 13)), 4, False),  # tiny: the weight matrices alone are half the output
+@pytest.mark.parametrize("shape,element_size,product_size,expected", [
+    (DEMO, 4, 4, True),  # cost 20, memory 1.13x
+    (CAMVID_CPU, 4, 4, True),  # cost 16.25, memory 1.07x
+    (CAMVID_OS8, 4, 4, True),  # cost 35, memory 1.13x
+    (CITYSCAPES, 4, 4, False),  # cost 160: 1.6x slower
+    ((19, (128, 256), (1024, 2048)), 4, 4, False),  # batch 1, as slow per pixel
+    (CITYSCAPES_1_75, 4, 4, False),  # cost 280: 2.4x slower
+    (DEMO, 2, 4, False),  # bf16 logits in fp32 products: an fp32 output is 2.3x bf16 F.interpolate's memory
+    (DEMO, 2, 2, True),  # bf16 logits in bf16 products: 1.13x
+    (CITYSCAPES, 2, 2, False),  # cost 160, whatever the dtype
+    ((2, (3, 5), (11, 13)), 4, 4, False),  # tiny: the weight matrices alone are half the output
 ])
-def test_the_products_are_taken_only_where_they_pay(shape, element_size, expected):
-    assert matrix_products_pay(*shape, element_size) is expected
+def test_the_products_are_taken_only_where_they_pay(shape, element_size, product_size, expected):
+    assert matrix_products_pay(*shape, element_size, product_size) is expected
 
 
 def test_upsample_bilinear_follows_the_rule(monkeypatch):

@@ -12,15 +12,20 @@ upsampling took 0.7 ms forward and 0.7 ms backward there. The weights are PyTorc
 (``area_pixel_compute_source_index``: source = (out + 0.5) * in / out - 0.5, clamped at 0, both taps
 clamped to the last input index), computed in fp32 as PyTorch computes them, so the two paths agree
 to fp32 rounding (sums in a different order; tests/test_upsample.py checks them against
-``F.interpolate``). The products run in fp32 whatever the autocast (the result is fp32).
+``F.interpolate``). The products run outside autocast, in fp32 for fp32 logits and in bf16 for bf16
+logits (below).
 
 The products do not pay everywhere: their cost per output pixel grows with the input size
 (``h + h * w / H`` multiply-adds, against a few for the interpolation kernel), and they hold an
-(h, W) intermediate and an fp32 output. At Cityscapes size (19 classes, 128x256 -> 1024x2048, batch
-1 and 8) they were 1.6x slower than ``F.interpolate``, at the test-time scale 1.75 2.4x slower, and
-for bf16 logits they took 2.3x its memory (an fp32 output against a bf16 one). So they are taken
-only where :func:`matrix_products_pay` says so, a rule on the shapes and the element size alone:
-never for bf16 logits, which keep ``F.interpolate`` and its bf16 rounding.
+(h, W) intermediate besides the output. At Cityscapes size (19 classes, 128x256 -> 1024x2048, batch
+1 and 8) they were 1.6x slower than ``F.interpolate``, at the test-time scale 1.75 2.4x slower. So
+they are taken only where :func:`matrix_products_pay` says so, a rule on the shapes and the element
+size alone. bf16 logits (bf16 autocast) are upsampled by bf16 products: an fp32 result would take
+twice the memory of ``F.interpolate``'s bf16 one, and PyTorch's bf16 bilinear kernel is the slowest
+of all on a CPU (5-6x the products at the demo's and CamVid's shapes). The products accumulate in
+fp32 and round the (h, W) intermediate and the result to bf16 (``F.interpolate`` rounds the result);
+the weights are exact in bf16 where the logits are upsampled by a power of two (multiples of 1 / 2s),
+otherwise rounded to bf16's 8 significant bits.
 
 On a GPU, and while tracing for ONNX export, ``F.interpolate`` is used as it is: cuDNN's kernel is
 fast, and the exported graph keeps a Resize node that works for any input size.
@@ -53,28 +58,38 @@ def matrix_products_cost_per_pixel(size_in: tuple[int, int], size_out: tuple[int
 
 
 def matrix_products_memory(planes: int, size_in: tuple[int, int], size_out: tuple[int, int],
-                           element_size: int) -> tuple[int, int]:
+                           element_size: int, product_element_size: int = 4) -> tuple[int, int]:
     """(bytes the products allocate, bytes of F.interpolate's output) for ``planes`` = B x C planes whose
-    elements take ``element_size`` bytes. The products: both weight matrices, the input widened to fp32
-    (unless it is fp32), the (h, W) intermediate and the fp32 output (their backward holds the same
-    intermediate's gradient). Measured peaks, fp32, 1 x 19 x 128x256 -> 1024x2048 and 4 x 11 x 30x40 ->
-    240x320: 1.125x and 1.115x F.interpolate's, as this model says (1.13x, 1.13x)."""
+    elements take ``element_size`` bytes, the products computing in elements of ``product_element_size``
+    bytes (4: fp32; 2: bf16 logits kept in bf16). The products: both weight matrices, the input widened
+    (when the products' elements are wider), the (h, W) intermediate and the output (their backward holds
+    the same intermediate's gradient). Measured peaks, fp32, 1 x 19 x 128x256 -> 1024x2048 and
+    4 x 11 x 30x40 -> 240x320: 1.125x and 1.115x F.interpolate's, as this model says (1.13x, 1.13x)."""
     (h, w), (height, width) = size_in, size_out
-    products = 4 * (height * h + width * w) + 4 * planes * (h * width + height * width)
-    if element_size != 4:
-        products += 4 * planes * h * w
+    e = product_element_size
+    products = e * (height * h + width * w) + e * planes * (h * width + height * width)
+    if e != element_size:
+        products += e * planes * h * w
     return products, planes * height * width * element_size
 
 
 def matrix_products_pay(planes: int, size_in: tuple[int, int], size_out: tuple[int, int],
-                        element_size: int = 4) -> bool:
+                        element_size: int = 4, product_element_size: int = 4) -> bool:
     """Whether the two products are taken on a CPU: cheap enough per output pixel
     (``MATRIX_PRODUCTS_MAX_COST_PER_PIXEL``) and within ``MATRIX_PRODUCTS_MAX_MEMORY_RATIO`` of
-    F.interpolate's memory (under bf16 never: the fp32 output alone is twice bf16's)."""
+    F.interpolate's memory (``matrix_products_memory``: fp32 products of bf16 logits never are, as
+    their fp32 output alone is twice bf16's; bf16 products of bf16 logits are)."""
     if matrix_products_cost_per_pixel(size_in, size_out) > MATRIX_PRODUCTS_MAX_COST_PER_PIXEL:
         return False
-    products, interpolation = matrix_products_memory(planes, size_in, size_out, element_size)
+    products, interpolation = matrix_products_memory(planes, size_in, size_out, element_size,
+                                                     product_element_size)
     return products <= MATRIX_PRODUCTS_MAX_MEMORY_RATIO * interpolation
+
+
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The products' dtype for logits of ``dtype``: bf16 stays bf16 (the memory of F.interpolate's
+    bf16 output, and the fast bf16 matrix units), everything else is computed in fp32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,24 +120,28 @@ def _interpolation_matrix(size_in: int, size_out: int) -> torch.Tensor:
 def upsample_bilinear(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` for (B, C, h, w) ``x``.
 
-    On a CPU where :func:`matrix_products_pay`: two matrix products in fp32 (the result is fp32);
-    elsewhere, and while exporting, ``F.interpolate`` itself.
+    On a CPU where :func:`matrix_products_pay`: two matrix products in ``product_dtype`` (bf16 for
+    bf16 logits, else fp32, the result's dtype); elsewhere, and while exporting, ``F.interpolate`` itself.
     """
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         # ``size`` as given: while tracing, image.shape[-2:] are traced values (a dynamic ONNX export).
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     size_out = (int(size[0]), int(size[1]))
-    if not matrix_products_pay(x.shape[0] * x.shape[1], tuple(x.shape[-2:]), size_out, x.element_size()):
+    product_size = torch.empty((), dtype=product_dtype(x.dtype)).element_size()
+    if not matrix_products_pay(x.shape[0] * x.shape[1], tuple(x.shape[-2:]), size_out, x.element_size(),
+                               product_size):
         return F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
     return upsample_by_matrix_products(x, size_out)
 
 
 def upsample_by_matrix_products(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The bilinear upsampling of (B, C, h, w) ``x`` as R @ x @ C^T in fp32 (any device; the result is fp32)."""
+    """The bilinear upsampling of (B, C, h, w) ``x`` as R @ x @ C^T in ``product_dtype(x.dtype)``
+    (any device; the result has that dtype: bf16 for bf16 ``x``, else fp32)."""
     height, width = int(size[0]), int(size[1])
-    rows = interpolation_matrix(x.shape[-2], height)
-    cols = interpolation_matrix(x.shape[-1], width)
+    dtype = product_dtype(x.dtype)
+    rows = interpolation_matrix(x.shape[-2], height).to(dtype)
+    cols = interpolation_matrix(x.shape[-1], width).to(dtype)
     with torch.autocast("cpu", enabled=False):
         # Widen first: (h, w) -> (h, W) costs h*w*W products, then (H, W) costs H*h*W; for an
         # upsampling this order is cheaper than rows first, and the large output is written once.
-        return torch.matmul(rows, torch.matmul(x.float(), cols.t()))
+        return torch.matmul(rows, torch.matmul(x.to(dtype), cols.t()))
