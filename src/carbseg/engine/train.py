@@ -40,7 +40,7 @@ from carbseg.config import Config, dump_config
 from carbseg.console import show_progress
 from carbseg.data.classes import ClassSet
 from carbseg.devices import process_device
-from carbseg.engine.guards import NonFiniteGuard
+from carbseg.engine.guards import NonFiniteGuard, step_unless_nonfinite
 from carbseg.engine.run_dir import RunDir, warn_config_changes
 from carbseg.engine.schedule import set_poly_lr
 from carbseg.engine.seeds import derive_seed, numpy_rng_state, set_numpy_rng_state
@@ -49,6 +49,7 @@ from carbseg.engine.step import batch_to_device, training_step
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
 from carbseg.io import write_error, write_text_atomic
+from carbseg.losses.carb import CARBLoss, scalars_to_floats
 from carbseg.precision import (
     PrecisionChoice,
     precision_before_the_probe,
@@ -332,8 +333,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- step
     def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool,
-                   log_terms: bool = True) -> dict[str, float] | None:
-        """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank.
+                   log_terms: bool = True) -> CARBLoss:
+        """Forward, CARB loss and backward of one micro-batch; its ``finite`` flag stays on the device.
         ``log_terms=False``: this iteration's terms are not logged (a warm-up step may skip its regions)."""
         cfg = self.cfg
         batch = batch_to_device(batch, self.device)
@@ -344,12 +345,14 @@ class Trainer:
             out = training_step(net, self.teacher, batch, cfg, generator, iteration=iteration,
                                 objective=self.objective, single_path=self.single_path, amp=self.amp,
                                 log_terms=log_terms)
-            if out is None:
-                return None
             self.scaler.scale(out.total / cfg.train.grad_accum).backward()
-        return out.scalars()
+        return out
 
-    def train_iteration(self, batches: list[dict], iteration: int, log_terms: bool = True) -> dict[str, float]:
+    def train_iteration(self, batches: list[dict], iteration: int,
+                        log_terms: bool = True) -> dict[str, float] | None:
+        """One optimizer step over ``batches`` (its micro-batches). Logged (``log_terms``): returns the
+        iteration's scalars, read from the device here; otherwise None, and nothing is read back: the
+        host never waits for the device in a step that is not logged."""
         cfg = self.cfg
         # Anything that draws from the global generators (dropout, a stochastic teacher) draws the
         # same numbers at this iteration whether or not the run was resumed.
@@ -357,26 +360,30 @@ class Trainer:
         lr = set_poly_lr(self.optimizer, iteration, cfg.train.max_iters, cfg.train.poly_power, cfg.train.min_lr)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor | float] = {}
+        finite = None
         for micro, batch in enumerate(batches):
-            values = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1,
-                                     log_terms=log_terms)
-            if values is None:
-                break
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batches)
-        skipped = values is None
-        self.nonfinite.record(skipped, iteration)  # raises DivergedError after too many in a row
-        if skipped:
-            # Skip the update: the gradients of earlier micro-batches are dropped with it.
-            self.optimizer.zero_grad(set_to_none=True)
-            totals = {"total": float("nan"), "c": float("nan")}
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        totals["nonfinite_skipped"] = float(self.nonfinite.skipped)
-        totals["lr"] = lr
-        return totals
+            out = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1,
+                                  log_terms=log_terms)
+            finite = out.finite if finite is None else finite & out.finite
+            if log_terms:
+                for k, v in out.tensors().items():
+                    totals[k] = totals.get(k, 0.0) + (v.double() if isinstance(v, torch.Tensor) else v) / len(batches)
+        # A NaN/Inf loss on any micro-batch and any process: the update is undone on the device (the
+        # weights and the optimizer state keep their values) and the guard reads the flag later.
+        finite = torch.as_tensor(finite, device=self.device)
+        step_unless_nonfinite(self.optimizer, finite, lambda: self.scaler.step(self.optimizer))
+        self.scaler.update()
+        self.nonfinite.defer(finite, iteration)
+        if not log_terms:
+            return None
+        skipped = self.nonfinite.flush()  # warns per skipped iteration; DivergedError after too many in a row
+        values = scalars_to_floats(totals)
+        if iteration in skipped:
+            values = {"total": float("nan"), "c": float("nan")}
+        values["nonfinite_skipped"] = float(self.nonfinite.skipped)
+        values["lr"] = lr
+        return values
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float | None] | None:
@@ -467,8 +474,8 @@ class Trainer:
                     batches = []
                     self.iteration = done
                     bar.update(1)
-                    bar.set_postfix(loss=f"{values['total']:.3f}", c=f"{values['c']:.2f}")
-                    if log_now:
+                    if log_now:  # only a logged iteration reads its loss from the device
+                        bar.set_postfix(loss=f"{values['total']:.3f}", c=f"{values['c']:.2f}")
                         values = self._mean_over_ranks(values)
                         values["epoch"] = float(self.samples.epoch_of(iteration))
                         values["iters_per_s"] = (done - start) / max(time.perf_counter() - started, 1e-9)

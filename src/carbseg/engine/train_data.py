@@ -9,7 +9,8 @@ samples whichever worker gets which key.
 
 What a sample carries depends on the training path of the method:
 - dual path (online teacher): ``mask`` is the ground truth when the teacher is the simulated one
-  (the only consumer of ground truth in training), otherwise an all-ignore map (CLIP never sees GT);
+  (the only consumer of ground truth in training); otherwise a sample has no ``mask`` at all (CLIP
+  never sees GT: an all-ignore int64 map of the crop would only be pinned and copied to the GPU);
 - single path (``data.pseudo_masks``): ``mask`` is the offline pseudo-mask, augmented jointly with the image.
 """
 
@@ -157,11 +158,12 @@ class TrainingSamples(torch.utils.data.Dataset):
         image, mask = self.decoded.get(index, self._decode)
         # Every augmentation draw of this sample comes from its own key (never from a shared stream).
         rng = np.random.default_rng([self.seed, key.iteration, key.micro_step, self.rank, key.slot])
+        # The all-ignore mask still goes through the augmentation: the crop's redraws read it, so the
+        # views are the ones drawn with a mask.
         image, mask, valid, frame = self.augmentation.with_frame(image, mask, rng)
         # torch.tensor copies: augmentations may hand back read-only views of decoded files.
-        return {
+        sample = {
             "image": torch.tensor(image).permute(2, 0, 1),  # uint8 (3, H, W)
-            "mask": torch.tensor(mask, dtype=torch.long),
             "valid": torch.tensor(valid, dtype=torch.bool),
             "image_labels": torch.from_numpy(self.image_labels[index].copy()),
             "index": index,
@@ -169,6 +171,15 @@ class TrainingSamples(torch.utils.data.Dataset):
             "frame_key": frame_key(self.dataset.ids[index]),
             "frame": torch.tensor(frame, dtype=torch.float64),
         }
+        if self.ships_mask:
+            sample["mask"] = torch.tensor(mask, dtype=torch.long)
+        return sample
+
+    @property
+    def ships_mask(self) -> bool:
+        """Whether a sample carries its mask: the offline pseudo-mask, or the ground truth for the
+        teacher that reads it; an online CLIP teacher reads neither."""
+        return self.pseudo_masks is not None or self.read_gt
 
 
 class IterationKeys(torch.utils.data.Sampler):
@@ -188,15 +199,17 @@ class IterationKeys(torch.utils.data.Sampler):
 
 
 def collate(samples: list[dict]) -> dict:
-    return {
+    batch = {
         "images": torch.stack([s["image"] for s in samples]),  # uint8 (B, 3, H, W)
-        "masks": torch.stack([s["mask"] for s in samples]),
         "valid": torch.stack([s["valid"] for s in samples]),
         "image_labels": torch.stack([s["image_labels"] for s in samples]),
         "indices": torch.tensor([s["index"] for s in samples]),
         "frame_keys": torch.tensor([s["frame_key"] for s in samples], dtype=torch.int64),
         "frames": torch.stack([s["frame"] for s in samples]),
     }
+    if "mask" in samples[0]:  # none in the dual path with a teacher that sees only pixels
+        batch["masks"] = torch.stack([s["mask"] for s in samples])
+    return batch
 
 
 def training_loader(samples: TrainingSamples, start: int, stop: int, num_workers: int) -> torch.utils.data.DataLoader:

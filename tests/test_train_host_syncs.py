@@ -1,0 +1,116 @@
+"""A training step that is not logged reads nothing back from the device.
+
+Every ``.item()``, ``float()`` or ``bool()`` of a tensor is ``aten::_local_scalar_dense``: on a GPU the
+host waits there until the device has finished everything queued before it, so the CPU cannot run
+ahead and queue the next kernels (the step's launch latency is no longer hidden). On a CPU the same
+op shows where such a wait would be. The NaN/Inf guard's decision, the CARB loss queue and the
+logged terms stay on the device and are read at the logged iterations only.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from carbseg.data.synthetic import generate_synthetic_dataset
+from carbseg.engine.train import Trainer
+from carbseg.engine.train_data import training_loader
+from test_cuda_paths import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOST_READS = ("aten._local_scalar_dense", "aten.item")
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that copies a tensor's value to the host, with where it was called from."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(HOST_READS):
+            where = [f"{f.filename.split('src/')[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                     if "carbseg" in f.filename and "tests" not in f.filename]
+            self.reads.append(f"{func} at {' <- '.join(reversed(where[-3:]))}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    generate_synthetic_dataset(root, "train", 4, 64, 128, seed=5, progress=False)
+    return root
+
+
+def test_an_unlogged_iteration_reads_nothing_from_the_device(scenes, tiny_clip, tmp_path):
+    # The CLIP teacher online, GLV, adaptive CARB: iterations 0-1 warm-up, 2-4 after it.
+    cfg = tiny_config(scenes, teacher=tiny_clip, train={"max_iters": 10, "warmup_iters": 2, "amp": "off",
+                                                         "log_interval": 100})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert trainer.teacher is not None and cfg.glv.enabled and cfg.carb.fixed_coefficient is None
+    for iteration, batch in enumerate(training_loader(trainer.samples, 0, 5, 0)):
+        with HostReads() as recorder:
+            assert trainer.train_iteration([batch], iteration, log_terms=False) is None
+        assert recorder.reads == [], f"iteration {iteration}: {recorder.reads}"
+    # The queue holds the three steps after the warm-up, and a logged iteration reads its terms.
+    assert len(trainer.objective.queue) == 3
+    logged = trainer.train_iteration([batch], 5, log_terms=True)
+    assert len(trainer.objective.queue) == 4 and logged["c"] == pytest.approx(trainer.objective.queue.coefficient())
+    assert logged["nonfinite_skipped"] == 0.0 and logged["total"] > 0
+
+
+def test_clip_statistics_are_made_once_per_device(tiny_clip, monkeypatch):
+    from carbseg.data.classes import SYNTHETIC
+    from carbseg.teacher.build import build_teacher
+    from carbseg.teacher.clip_teacher import CLIP_MEAN, CLIP_STD
+
+    teacher = build_teacher(tiny_config(Path("."), teacher=tiny_clip).teacher, SYNTHETIC, "cpu", precision="fp32")
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
+    images = (mean + std).expand(2, 3, 4, 5).clone()  # one std above CLIP's mean colour: 1.0 everywhere
+    torch.testing.assert_close(teacher._normalise(images), torch.ones(2, 3, 4, 5))
+    # Once made for a device, a call builds nothing (on a GPU each build was a host-to-device copy).
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("statistics built again"))
+    torch.testing.assert_close(teacher._normalise(images - std), torch.zeros(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("reads_ground_truth", [False, True])
+def test_frames_and_ground_truth_go_only_to_the_teacher_that_reads_them(scenes, reads_ground_truth):
+    import numpy as np
+
+    from carbseg.data.datasets import build_dataset
+    from carbseg.data.frames import FrameMaps
+    from carbseg.data.transforms import TrainAugmentation
+    from carbseg.engine.step import batch_to_device, teacher_views
+    from carbseg.engine.train_data import BatchKey, TrainingSamples, collate
+
+    cfg = tiny_config(scenes)
+    dataset = build_dataset("synthetic", str(scenes), "train")
+    labels = np.ones((len(dataset), dataset.classes.num_classes), dtype=bool)
+    samples = TrainingSamples(dataset, labels, TrainAugmentation(cfg.data), seed=0, batch_size=2,
+                              read_gt=reads_ground_truth)
+    batch = batch_to_device(collate([samples[BatchKey(0, 0, s)] for s in range(2)]), torch.device("cpu"))
+    assert ("masks" in batch) == reads_ground_truth  # CLIP's batches carry no all-ignore mask
+    seen = []
+
+    class Recording:
+        def __init__(self):
+            self.reads_ground_truth = reads_ground_truth
+
+        def __call__(self, images, image_labels, gt=None, valid=None, frames=None):
+            seen.append((gt, frames))
+            return torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.long)
+
+    teacher_views(Recording(), batch, cfg, torch.Generator().manual_seed(0), single_path=False)
+    assert len(seen) == 2  # the global view and the GLV patch
+    for gt, frames in seen:
+        if reads_ground_truth:  # the simulated teacher: ground truth and frame maps of each view
+            assert gt is not None and gt.dtype == torch.long and isinstance(frames, FrameMaps)
+        else:
+            assert gt is None and frames is None
