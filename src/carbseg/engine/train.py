@@ -172,6 +172,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
                            weight_decay=cfg.train.weight_decay)
 
 
+def use_cudnn_autotuner(device: torch.device) -> None:
+    """cuDNN's autotuner for CUDA training: the segmenter always sees ``data.crop_size`` (smaller
+    images are padded to it), so each convolution -- the dilated 3x3 ones of output stride 8 and
+    the ASPP above all -- is timed once and its fastest algorithm reused for the whole run. Nothing
+    in training asks for deterministic kernels (bilinear upsampling's CUDA backward is not anyway),
+    and a resume stays exact on the CPU, where this does nothing."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 # ---------------------------------------------------------------- the trainer
 class Trainer:
     """Holds the pieces of one run; ``run()`` trains from ``self.iteration`` to ``stop``."""
@@ -184,6 +194,7 @@ class Trainer:
         self.run_dir = RunDir(Path(out_dir))
         self.progress = progress
         self.device = process_device(cfg.device, option="device =")
+        use_cudnn_autotuner(self.device)
         dist.init_from_env(self.device, mode=cfg.train.ddp)
         self.rank, self.world = dist.rank(), dist.world_size()
         # train.ddp = always: DDP (and SyncBN on GPUs) also in a group of one process.
