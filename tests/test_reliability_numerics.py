@@ -134,6 +134,22 @@ def test_an_unlogged_nan_step_is_undone_on_the_device_and_counted_at_the_next_lo
                                                          trainer.model.named_parameters() if p.requires_grad)
 
 
+def test_every_rank_reads_the_deferred_flags_at_a_checkpoint(scenes, tmp_path):
+    """Rank 0 alone writes the checkpoint; the others must still count (and stop) with it."""
+    from carbseg.config import load_config
+    from carbseg.engine.train import Trainer
+
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes)
+    trainer = Trainer(load_config(config), tmp_path / "run", progress=False)
+    trainer.is_main = False  # stands for rank 1
+    for iteration in range(MAX_CONSECUTIVE_NONFINITE):
+        trainer.nonfinite.defer(torch.tensor(False), iteration)
+    with pytest.raises(DivergedError, match=f"iteration {MAX_CONSECUTIVE_NONFINITE - 1}: "):
+        trainer.save_checkpoint()
+    assert trainer.nonfinite.skipped == MAX_CONSECUTIVE_NONFINITE
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
 def test_step_unless_nonfinite_undoes_sgd_exactly_and_keeps_a_finite_step():
     from carbseg.engine.guards import step_unless_nonfinite
 

@@ -329,6 +329,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         from carbseg.engine.checkpoint import save_training_state
 
+        # Every rank reads the deferred NaN/Inf flags (the same on all: they were all-reduced), so a
+        # diverged run stops on all ranks together, never on rank 0 alone while it writes.
+        self.nonfinite.flush()
         if self.is_main:
             save_training_state(self.run_dir.checkpoint, self.state_dict())
         dist.barrier(self.device)
