@@ -100,8 +100,10 @@ def test_a_diverged_run_stops_with_one_line(scenes, tmp_path, capsys, monkeypatc
                "lower train.lr")
 
 
+@pytest.mark.parametrize("on_device", [True, False])  # a GPU's way / a CPU's way
 def test_an_unlogged_nan_step_is_undone_on_the_device_and_counted_at_the_next_logged_one(scenes, tmp_path,
-                                                                                         monkeypatch, caplog):
+                                                                                         monkeypatch, caplog,
+                                                                                         on_device):
     from carbseg.config import load_config
     from carbseg.engine.train import Trainer
     from carbseg.engine.train_data import training_loader
@@ -109,6 +111,7 @@ def test_an_unlogged_nan_step_is_undone_on_the_device_and_counted_at_the_next_lo
     # Adaptive CARB from the first iteration: the queue must not take the NaN step's terms either.
     config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"warmup_iters": 0, "log_interval": 100})
     trainer = Trainer(load_config(config), tmp_path / "run", progress=False)
+    trainer.undo_nonfinite_on_device = on_device
     batches = list(training_loader(trainer.samples, 0, 3, 0))
     assert trainer.train_iteration([batches[0]], 0, log_terms=False) is None
 
@@ -126,7 +129,10 @@ def test_an_unlogged_nan_step_is_undone_on_the_device_and_counted_at_the_next_lo
     assert momentum.keys() == after_momentum.keys() and len(momentum) > 5
     assert all(torch.equal(momentum[k], after_momentum[k]) for k in momentum)  # nor the optimizer state
     assert trainer.objective.state_dict() == queue  # the NaN terms never joined the CARB queue
-    assert trainer.nonfinite.skipped == 0 and "non-finite" not in caplog.text  # not read yet: no device sync
+    if on_device:  # not read yet: no device sync
+        assert trainer.nonfinite.skipped == 0 and "non-finite" not in caplog.text
+    else:  # read at once: on a CPU it waits for nothing
+        assert trainer.nonfinite.skipped == 1 and "iteration 1: non-finite" in caplog.text
     logged = trainer.train_iteration([batches[2]], 2, log_terms=True)
     assert logged["nonfinite_skipped"] == 1.0 and np.isfinite(logged["total"])
     assert "iteration 1: non-finite loss (NaN/Inf); step skipped" in caplog.text
@@ -183,6 +189,28 @@ def test_step_unless_nonfinite_undoes_sgd_exactly_and_keeps_a_finite_step():
     step(guarded, guarded_optimizer, [float("inf"), 0.0, 0.0], False)
     assert torch.equal(guarded.detach(), before)
     assert torch.equal(guarded_optimizer.state[guarded]["momentum_buffer"], buffer)
+
+
+def test_step_unless_nonfinite_keeps_channels_last_weights_in_place():
+    from carbseg.engine.guards import step_unless_nonfinite
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(4, 3, 3, 3, generator=generator)
+    grads = [torch.randn(4, 3, 3, 3, generator=generator) for _ in range(2)]
+    results = []
+    for guarded in (False, True):
+        weight = torch.nn.Parameter(start.clone().to(memory_format=torch.channels_last))
+        bias = torch.nn.Parameter(torch.zeros(4))
+        optimizer = torch.optim.SGD([weight, bias], lr=0.1, momentum=0.9)
+        for grad in grads:
+            weight.grad, bias.grad = grad.to(memory_format=torch.channels_last), torch.ones(4)
+            if guarded:
+                step_unless_nonfinite(optimizer, torch.tensor(True), optimizer.step)
+            else:
+                optimizer.step()
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+        results.append((weight.detach().clone(), bias.detach().clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 # ---------------------------------------------------------------- bf16 / fp16

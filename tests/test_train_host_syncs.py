@@ -54,10 +54,13 @@ def test_an_unlogged_iteration_reads_nothing_from_the_device(scenes, tiny_clip, 
                                                          "log_interval": 100})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     assert trainer.teacher is not None and cfg.glv.enabled and cfg.carb.fixed_coefficient is None
+    # What a GPU runs: a non-finite step undone on the device (a CPU reads its flag at once instead).
+    trainer.undo_nonfinite_on_device = True
     for iteration, batch in enumerate(training_loader(trainer.samples, 0, 5, 0)):
         with HostReads() as recorder:
             assert trainer.train_iteration([batch], iteration, log_terms=False) is None
         assert recorder.reads == [], f"iteration {iteration}: {recorder.reads}"
+    assert [i for i, _ in trainer.nonfinite.pending] == [0, 1, 2, 3, 4]  # the NaN/Inf flags, not read yet
     # The queue holds the three steps after the warm-up, and a logged iteration reads its terms.
     assert len(trainer.objective.queue) == 3
     logged = trainer.train_iteration([batch], 5, log_terms=True)

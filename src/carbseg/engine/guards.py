@@ -51,6 +51,14 @@ def any_rank_nonfinite(values: Iterable[torch.Tensor], device: torch.device | st
     return not bool(all_ranks_finite(values, device))
 
 
+def _flat_by_kind(tensors: list[torch.Tensor]) -> dict[tuple, tuple[list[int], torch.Tensor]]:
+    """``tensors`` concatenated (a copy) per (device, dtype): {kind: (their indices, flat values)}."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return {kind: (idx, torch.cat([tensors[i].reshape(-1) for i in idx])) for kind, idx in groups.items()}
+
+
 @torch.no_grad()
 def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor, step: Callable[[], object]) -> None:
     """``step()`` (the optimizer's step), undone on the device where ``finite`` is False.
@@ -59,19 +67,24 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor
     before the step through ``torch.where``, so a non-finite loss never updates the weights and the
     host never waits for the flag (the skip GradScaler makes with ``found_inf``, for any optimizer).
     A state tensor the step created (SGD's first momentum buffer) falls back to zeros: SGD continues
-    from a zero buffer exactly as from none (buf = momentum * 0 + grad).
+    from a zero buffer exactly as from none (buf = momentum * 0 + grad). The values are handled as a
+    few flat tensors (one per device and dtype), not tensor by tensor: a handful of kernels per step.
     """
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    before = [p.detach().clone() for p in params]
-    state_before = [{k: v.clone() for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
-                    for p in params]
+    keys = [(p, k) for p in params for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)]
+    saved = _flat_by_kind(params + [optimizer.state[p][k] for p, k in keys])
     step()
-    for p, old, old_state in zip(params, before, state_before, strict=True):
-        p.copy_(torch.where(finite, p, old))
+    targets = params + [optimizer.state[p][k] for p, k in keys]
+    for idx, before in saved.values():
+        tensors = [targets[i] for i in idx]
+        chosen = torch.where(finite, torch.cat([t.reshape(-1) for t in tensors]), before)
+        pieces = chosen.split([t.numel() for t in tensors])
+        torch._foreach_copy_(tensors, [piece.view(t.shape) for piece, t in zip(pieces, tensors, strict=True)])
+    known = set(map(lambda key: (id(key[0]), key[1]), keys))
+    for p in params:
         for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                previous = old_state.get(key)
-                value.copy_(torch.where(finite, value, torch.zeros_like(value) if previous is None else previous))
+            if isinstance(value, torch.Tensor) and (id(p), key) not in known:
+                value.copy_(torch.where(finite, value, torch.zeros_like(value)))
 
 
 class NonFiniteGuard:

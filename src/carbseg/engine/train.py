@@ -250,6 +250,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.objective = CARBObjective.from_config(cfg.carb, cfg.train.warmup_iters)
         self.nonfinite = NonFiniteGuard()
+        # On a GPU the host must not wait for the NaN/Inf flag, so a non-finite step is undone on the
+        # device (a few copies of the weights per step). On a CPU reading the flag waits for nothing,
+        # and skipping the step is cheaper than undoing it.
+        self.undo_nonfinite_on_device = self.device.type != "cpu"
         self.iteration = 0
 
         self.val_set = None
@@ -383,15 +387,23 @@ class Trainer:
             if log_terms:
                 for k, v in out.tensors().items():
                     totals[k] = totals.get(k, 0.0) + (v.double() if isinstance(v, torch.Tensor) else v) / len(batches)
-        # A NaN/Inf loss on any micro-batch and any process: the update is undone on the device (the
-        # weights and the optimizer state keep their values) and the guard reads the flag later.
+        # A NaN/Inf loss on any micro-batch and any process: no update (weights and optimizer state
+        # keep their values), a warning, DivergedError after too many in a row (NonFiniteGuard).
         finite = torch.as_tensor(finite, device=self.device)
-        step_unless_nonfinite(self.optimizer, finite, lambda: self.scaler.step(self.optimizer))
-        self.scaler.update()
         self.nonfinite.defer(finite, iteration)
+        skipped: list[int] = []
+        if self.undo_nonfinite_on_device:
+            # The step is undone on the device; the guard reads the flags at a logged iteration.
+            step_unless_nonfinite(self.optimizer, finite, lambda: self.scaler.step(self.optimizer))
+            self.scaler.update()
+        else:
+            skipped = self.nonfinite.flush()
+            if not skipped:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         if not log_terms:
             return None
-        skipped = self.nonfinite.flush()  # warns per skipped iteration; DivergedError after too many in a row
+        skipped += self.nonfinite.flush()
         values = scalars_to_floats(totals)
         if iteration in skipped:
             values = {"total": float("nan"), "c": float("nan")}
