@@ -75,7 +75,8 @@ def _tiny_config(scenes: Path, **train) -> dict:
     }
 
 
-def test_ddp_always_wraps_one_cpu_process_in_ddp_and_trains_the_plain_weights(tmp_path, monkeypatch, one_thread):
+def test_ddp_always_wraps_one_cpu_process_in_ddp_and_trains_the_plain_weights(tmp_path, monkeypatch,
+                                                                              one_thread):
     from safetensors.torch import load_file
     from torch.nn.parallel import DistributedDataParallel
 

@@ -179,7 +179,8 @@ def test_step_unless_nonfinite_undoes_sgd_exactly_and_keeps_a_finite_step():
         step(guarded, guarded_optimizer, grad, True)
     assert torch.equal(plain.detach(), guarded.detach())
     # Hand-computed: buf1 = g1 + wd w0; w1 = w0 - lr buf1; buf2 = 0.9 buf1 + g2 + wd w1; w2 = w1 - lr buf2.
-    w0, g1, g2 = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 0.25, -1.0]), torch.tensor([1.0, 2.0, 3.0])
+    w0, g1 = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 0.25, -1.0])
+    g2 = torch.tensor([1.0, 2.0, 3.0])
     buf1 = g1 + 0.01 * w0
     w1 = w0 - 0.1 * buf1
     buf2 = 0.9 * buf1 + g2 + 0.01 * w1

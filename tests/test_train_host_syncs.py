@@ -111,7 +111,8 @@ def test_clip_statistics_are_made_once_per_device(tiny_clip, monkeypatch):
     from carbseg.teacher.build import build_teacher
     from carbseg.teacher.clip_teacher import CLIP_MEAN, CLIP_STD
 
-    teacher = build_teacher(tiny_config(Path("."), teacher=tiny_clip).teacher, SYNTHETIC, "cpu", precision="fp32")
+    teacher_cfg = tiny_config(Path("."), teacher=tiny_clip).teacher
+    teacher = build_teacher(teacher_cfg, SYNTHETIC, "cpu", precision="fp32")
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
     images = (mean + std).expand(2, 3, 4, 5).clone()  # one std above CLIP's mean colour: 1.0 everywhere

@@ -60,7 +60,8 @@ def _flat_by_kind(tensors: list[torch.Tensor]) -> dict[tuple, tuple[list[int], t
 
 
 @torch.no_grad()
-def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor, step: Callable[[], object]) -> None:
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor,
+                          step: Callable[[], object]) -> None:
     """``step()`` (the optimizer's step), undone on the device where ``finite`` is False.
 
     Every parameter with a gradient and every tensor of its optimizer state gets back its value from
@@ -71,7 +72,8 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor
     few flat tensors (one per device and dtype), not tensor by tensor: a handful of kernels per step.
     """
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    keys = [(p, k) for p in params for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)]
+    keys = [(p, k) for p in params for k, v in optimizer.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor)]
     saved = _flat_by_kind(params + [optimizer.state[p][k] for p, k in keys])
     step()
     targets = params + [optimizer.state[p][k] for p, k in keys]

@@ -243,7 +243,9 @@ class Trainer:
         self.ddp = None
         if self.uses_ddp:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.collective_device(self.device).index] if self.device.type == "cuda" else None,
+                model,
+                device_ids=[dist.collective_device(self.device).index] if self.device.type == "cuda"
+                else None,
                 find_unused_parameters=False,
             )
         self.optimizer = build_optimizer(model, cfg)
@@ -287,7 +289,8 @@ class Trainer:
         where = (f"resumed at iteration {self.iteration} from {self.run_dir.checkpoint}" if self.iteration
                  else "from iteration 0")
         return (f"training on {self.device} with {torch.get_num_threads()} CPU threads, "
-                f"{self.world} process{'es' if self.world > 1 else ''}{' (DDP)' if self.uses_ddp else ''}; precision: model {model}{teacher_part}{why}; "
+                f"{self.world} process{'es' if self.world > 1 else ''}{' (DDP)' if self.uses_ddp else ''}; "
+                f"precision: model {model}{teacher_part}{why}; "
                 f"{where} to {stop}")
 
     # ---------------------------------------------------------------- state
@@ -386,7 +389,8 @@ class Trainer:
             finite = out.finite if finite is None else finite & out.finite
             if log_terms:
                 for k, v in out.tensors().items():
-                    totals[k] = totals.get(k, 0.0) + (v.double() if isinstance(v, torch.Tensor) else v) / len(batches)
+                    v = v.double() if isinstance(v, torch.Tensor) else v
+                    totals[k] = totals.get(k, 0.0) + v / len(batches)
         # A NaN/Inf loss on any micro-batch and any process: no update (weights and optimizer state
         # keep their values), a warning, DivergedError after too many in a row (NonFiniteGuard).
         finite = torch.as_tensor(finite, device=self.device)

@@ -345,7 +345,8 @@ def scalars_to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, floa
     out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
     if tensors:
         device = next(iter(tensors.values())).device
-        read = torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in tensors.values()]).tolist()
+        read = torch.stack([v.detach().to(device, torch.float64).reshape(())
+                            for v in tensors.values()]).tolist()
         out.update(zip(tensors, read, strict=True))
     return {k: out[k] for k in values}
 
