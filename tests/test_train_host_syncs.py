@@ -4,7 +4,9 @@ Every ``.item()``, ``float()`` or ``bool()`` of a tensor is ``aten::_local_scala
 host waits there until the device has finished everything queued before it, so the CPU cannot run
 ahead and queue the next kernels (the step's launch latency is no longer hidden). On a CPU the same
 op shows where such a wait would be. The NaN/Inf guard's decision, the CARB loss queue and the
-logged terms stay on the device and are read at the logged iterations only.
+logged terms stay on the device and are read at the logged iterations only. On a GPU (marker
+``gpu``) CUDA's own check (``torch.cuda.set_sync_debug_mode("error")``) guards the same iterations,
+and ``train.ddp: always`` runs NCCL and SyncBN on the one GPU.
 """
 
 from __future__ import annotations
@@ -156,3 +158,48 @@ def test_frames_and_ground_truth_go_only_to_the_teacher_that_reads_them(scenes, 
             assert gt is not None and gt.dtype == torch.long and isinstance(frames, FrameMaps)
         else:
             assert gt is None and frames is None
+
+
+# ---------------------------------------------------------------- on a real GPU (marker gpu)
+@pytest.mark.gpu
+def test_unlogged_iterations_on_a_gpu_never_synchronise(scenes, tiny_clip, tmp_path):
+    """CUDA's own sync check: any device-to-host wait in an unlogged iteration raises."""
+    # A fixed GLV zoom (scale_rate 0): no new shapes after the first iteration, so cuDNN's autotuner
+    # has nothing left to time inside the checked iterations.
+    cfg = tiny_config(scenes, device="cuda", teacher=tiny_clip,
+                      glv={"scale_offset": 1.5, "scale_rate": 0.0},
+                      train={"max_iters": 10, "warmup_iters": 3, "log_interval": 100})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert trainer.undo_nonfinite_on_device and torch.backends.cudnn.benchmark
+    batches = list(training_loader(trainer.samples, 0, 6, 0))
+    trainer.train_iteration([batches[0]], 0, log_terms=False)  # first shapes: allocations, autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for iteration in range(1, 6):  # 1-2 in the warm-up, 3-5 after it (adaptive c, queue on the GPU)
+            assert trainer.train_iteration([batches[iteration]], iteration, log_terms=False) is None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(trainer.objective.queue) == 3 and trainer.nonfinite.flush() == []
+
+
+@pytest.mark.gpu
+def test_ddp_always_on_one_gpu_runs_nccl_and_syncbn(scenes, tmp_path, monkeypatch):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from carbseg import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = tiny_config(scenes, device="cuda", train={"ddp": "always", "max_iters": 2})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    try:
+        assert torch.distributed.get_backend() == "nccl" and distributed.world_size() == 1
+        assert isinstance(trainer.ddp, DistributedDataParallel)
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
+        trainer.run(2)
+        state = trainer.state_dict()
+        assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                              if v.is_floating_point())
+    finally:
+        distributed.shutdown()

@@ -282,7 +282,9 @@ class LossQueue:
         distributed.all_reduce_mean_(pair)
         pair = pair.to(device)
         if self._window.device != device:  # the first push after construction or a checkpoint load
-            self._window, self._filled = self._window.to(device), self._filled.to(device)
+            # non_blocking: a copy from pageable memory, without waiting for the device's queue.
+            self._window = self._window.to(device, non_blocking=True)
+            self._filled = self._filled.to(device, non_blocking=True)
         keep = torch.as_tensor(keep, device=device)
         shifted = torch.cat([self._window[:, 1:], pair[:, None]], dim=1)
         self._window = torch.where(keep, shifted, self._window)
