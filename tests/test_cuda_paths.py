@@ -2,7 +2,8 @@
 
 SyncBN conversion (eval equality, every activation kept), the precision choice on a faked
 pre-Ampere GPU, resume with fewer GPUs than the checkpoint saw, device-explicit collectives, the
-pseudo-masks device under torchrun, export leaving the caller's model alone, and the torch floor.
+pseudo-masks device under torchrun, export leaving the caller's model alone, the torch floor, the
+current device of a process on cuda:1 and the trainer's cuDNN autotuner.
 """
 
 from __future__ import annotations
@@ -275,3 +276,40 @@ def test_torch_floor_covers_every_api_the_code_uses():
     assert vision_floor >= TORCHVISION_FOR_TORCH[torch_floor[:2]]
     installed = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     assert installed >= torch_floor[:2]
+
+
+# ---------------------------------------------------------------- one process on a GPU other than 0
+def test_a_process_on_cuda_1_makes_it_the_current_device_first(monkeypatch):
+    from carbseg.devices import process_device
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
+    assert process_device("cuda:1") == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]  # the pin-memory thread then pins for GPU 1, not GPU 0
+    assert process_device("cpu") == torch.device("cpu") and process_device("cuda") == torch.device("cuda")
+    assert current == [torch.device("cuda", 1)]  # "cuda" is the current device already: nothing to set
+
+
+# ---------------------------------------------------------------- cuDNN autotuner
+class _StopAfterDevice(Exception):
+    pass
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_trainer_turns_on_the_cudnn_autotuner_on_a_gpu_only(monkeypatch, tmp_path, device):
+    from carbseg.engine import train
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    monkeypatch.setattr(train, "process_device", lambda name, option="": torch.device(device))
+
+    def stop(*args, **kwargs):
+        raise _StopAfterDevice  # nothing after the device choice can run without a GPU
+
+    monkeypatch.setattr(train.dist, "init_from_env", stop)
+    with pytest.raises(_StopAfterDevice):
+        train.Trainer(tiny_config(tmp_path, device="cpu"), tmp_path / "run", progress=False)
+    assert torch.backends.cudnn.benchmark is (device == "cuda")

@@ -91,12 +91,127 @@ def test_a_nan_step_is_skipped_and_leaves_the_weights_unchanged(scenes, tmp_path
     assert len(params) > 5 and all(torch.equal(a[k], b[k]) for k in params)
 
 
-def test_a_diverged_run_stops_with_one_line(scenes, tmp_path, capsys, monkeypatch):
-    config = tiny_train_config(tmp_path / "tiny.yaml", scenes)
+@pytest.mark.parametrize("log_interval", [1, 100])  # 100: the guard's flags are read at the end only
+def test_a_diverged_run_stops_with_one_line(scenes, tmp_path, capsys, monkeypatch, log_interval):
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"log_interval": log_interval})
     _poison_logits_at(monkeypatch, None)
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--max-iters", "8"]) == 2
     error_line(capsys.readouterr().err, "train", f"NaN/Inf at {MAX_CONSECUTIVE_NONFINITE} consecutive iterations",
                "lower train.lr")
+
+
+@pytest.mark.parametrize("on_device", [True, False])  # a GPU's way / a CPU's way
+def test_an_unlogged_nan_step_is_undone_on_the_device_and_counted_at_the_next_logged_one(scenes, tmp_path,
+                                                                                         monkeypatch, caplog,
+                                                                                         on_device):
+    from carbseg.config import load_config
+    from carbseg.engine.train import Trainer
+    from carbseg.engine.train_data import training_loader
+
+    # Adaptive CARB from the first iteration: the queue must not take the NaN step's terms either.
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes, train={"warmup_iters": 0, "log_interval": 100})
+    trainer = Trainer(load_config(config), tmp_path / "run", progress=False)
+    trainer.undo_nonfinite_on_device = on_device
+    batches = list(training_loader(trainer.samples, 0, 3, 0))
+    assert trainer.train_iteration([batches[0]], 0, log_terms=False) is None
+
+    def snapshot():
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        momentum = {id(p): s["momentum_buffer"].clone() for p, s in trainer.optimizer.state.items()}
+        return params, momentum
+
+    params, momentum = snapshot()
+    queue = trainer.objective.state_dict()
+    _poison_logits_at(monkeypatch, {0})  # the next carb_loss call: iteration 1
+    assert trainer.train_iteration([batches[1]], 1, log_terms=False) is None
+    after, after_momentum = snapshot()
+    assert all(torch.equal(params[n], after[n]) for n in params)  # not one weight moved
+    assert momentum.keys() == after_momentum.keys() and len(momentum) > 5
+    assert all(torch.equal(momentum[k], after_momentum[k]) for k in momentum)  # nor the optimizer state
+    assert trainer.objective.state_dict() == queue  # the NaN terms never joined the CARB queue
+    if on_device:  # not read yet: no device sync
+        assert trainer.nonfinite.skipped == 0 and "non-finite" not in caplog.text
+    else:  # read at once: on a CPU it waits for nothing
+        assert trainer.nonfinite.skipped == 1 and "iteration 1: non-finite" in caplog.text
+    logged = trainer.train_iteration([batches[2]], 2, log_terms=True)
+    assert logged["nonfinite_skipped"] == 1.0 and np.isfinite(logged["total"])
+    assert "iteration 1: non-finite loss (NaN/Inf); step skipped" in caplog.text
+    assert len(trainer.objective.queue) == 2 and not any(torch.equal(params[n], p) for n, p in
+                                                         trainer.model.named_parameters() if p.requires_grad)
+
+
+def test_every_rank_reads_the_deferred_flags_at_a_checkpoint(scenes, tmp_path):
+    """Rank 0 alone writes the checkpoint; the others must still count (and stop) with it."""
+    from carbseg.config import load_config
+    from carbseg.engine.train import Trainer
+
+    config = tiny_train_config(tmp_path / "tiny.yaml", scenes)
+    trainer = Trainer(load_config(config), tmp_path / "run", progress=False)
+    trainer.is_main = False  # stands for rank 1
+    for iteration in range(MAX_CONSECUTIVE_NONFINITE):
+        trainer.nonfinite.defer(torch.tensor(False), iteration)
+    with pytest.raises(DivergedError, match=f"iteration {MAX_CONSECUTIVE_NONFINITE - 1}: "):
+        trainer.save_checkpoint()
+    assert trainer.nonfinite.skipped == MAX_CONSECUTIVE_NONFINITE
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_step_unless_nonfinite_undoes_sgd_exactly_and_keeps_a_finite_step():
+    from carbseg.engine.guards import step_unless_nonfinite
+
+    def setup():
+        weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=0.01)
+        return weight, optimizer
+
+    def step(weight, optimizer, grad, finite):
+        weight.grad = torch.tensor(grad)
+        step_unless_nonfinite(optimizer, torch.tensor(finite), optimizer.step)
+
+    plain, plain_optimizer = setup()
+    guarded, guarded_optimizer = setup()
+    # A skipped first step leaves the weights alone and a zero buffer, from which SGD continues exactly
+    # as from no buffer: the same weights as a run without the NaN step.
+    step(guarded, guarded_optimizer, [float("nan"), 1.0, 1.0], False)
+    assert torch.equal(guarded.detach(), torch.tensor([1.0, -2.0, 3.0]))
+    for grad in ([0.5, 0.25, -1.0], [1.0, 2.0, 3.0]):
+        step(plain, plain_optimizer, grad, True)
+        step(guarded, guarded_optimizer, grad, True)
+    assert torch.equal(plain.detach(), guarded.detach())
+    # Hand-computed: buf1 = g1 + wd w0; w1 = w0 - lr buf1; buf2 = 0.9 buf1 + g2 + wd w1; w2 = w1 - lr buf2.
+    w0, g1 = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 0.25, -1.0])
+    g2 = torch.tensor([1.0, 2.0, 3.0])
+    buf1 = g1 + 0.01 * w0
+    w1 = w0 - 0.1 * buf1
+    buf2 = 0.9 * buf1 + g2 + 0.01 * w1
+    assert torch.allclose(guarded.detach(), w1 - 0.1 * buf2, atol=1e-6)
+    # A skipped later step: weights and momentum stay bit-identical.
+    before, buffer = guarded.detach().clone(), guarded_optimizer.state[guarded]["momentum_buffer"].clone()
+    step(guarded, guarded_optimizer, [float("inf"), 0.0, 0.0], False)
+    assert torch.equal(guarded.detach(), before)
+    assert torch.equal(guarded_optimizer.state[guarded]["momentum_buffer"], buffer)
+
+
+def test_step_unless_nonfinite_keeps_channels_last_weights_in_place():
+    from carbseg.engine.guards import step_unless_nonfinite
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(4, 3, 3, 3, generator=generator)
+    grads = [torch.randn(4, 3, 3, 3, generator=generator) for _ in range(2)]
+    results = []
+    for guarded in (False, True):
+        weight = torch.nn.Parameter(start.clone().to(memory_format=torch.channels_last))
+        bias = torch.nn.Parameter(torch.zeros(4))
+        optimizer = torch.optim.SGD([weight, bias], lr=0.1, momentum=0.9)
+        for grad in grads:
+            weight.grad, bias.grad = grad.to(memory_format=torch.channels_last), torch.ones(4)
+            if guarded:
+                step_unless_nonfinite(optimizer, torch.tensor(True), optimizer.step)
+            else:
+                optimizer.step()
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+        results.append((weight.detach().clone(), bias.detach().clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 # ---------------------------------------------------------------- bf16 / fp16

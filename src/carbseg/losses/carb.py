@@ -7,7 +7,7 @@ Terms of the method (docs/training.md, "One iteration (what the loop does)"):
 * consistent region -- valid pixels where teacher == self-prediction; inconsistent region -- the rest;
 * warm-up -- the first W iterations: plain CE on the teacher masks (global + patch);
 * after warm-up -- CE_cons + c * CE_incons + CE_patch_cons + c * CE_patch_incons, each CE averaged
-  over its own region's valid pixels; c is a plain float (never back-propagated);
+  over its own region's valid pixels; c is a constant (never back-propagated);
 * adaptive c -- coeff * mean(last q CE_cons) / mean(last q CE_incons), q = 5.
 
 Three defects of the authors' release are avoided here: absent classes are masked with -inf, not
@@ -22,7 +22,6 @@ the warm-up rule, the loss queue and c, like a loss module with running state (`
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -139,10 +138,14 @@ class CARBTerms:
         """Warm-up: plain CE on the teacher masks of both views, CE(global) + CE(patch)."""
         return self.global_ce + self.patch_ce
 
-    def balanced_loss(self, coefficient: float) -> torch.Tensor:
-        """After warm-up: CE_cons + c*CE_incons + CE_patch_cons + c*CE_patch_incons; c is a plain
-        float (the rebalancing is not back-propagated)."""
-        c = float(coefficient)
+    def balanced_loss(self, coefficient: float | torch.Tensor) -> torch.Tensor:
+        """After warm-up: CE_cons + c*CE_incons + CE_patch_cons + c*CE_patch_incons; c is a constant
+        (a float, or a detached 0-d tensor on the device, never read back: the rebalancing is not
+        back-propagated). Either way c is rounded to the terms' dtype first, as a Python float is."""
+        if isinstance(coefficient, torch.Tensor):
+            c = coefficient.detach().to(self.inconsistent.dtype)
+        else:
+            c = float(coefficient)
         return self.consistent + c * self.inconsistent + self.patch_consistent + c * self.patch_inconsistent
 
 
@@ -227,21 +230,46 @@ class LossQueue:
     each GPU updates alone and that are lost on resume), only pushed values count, every push is
     first averaged across processes so all ranks hold the same queue and the same c, and the
     state is plain Python floats (checkpointable with ``torch.load(weights_only=True)``).
+
+    The queue lives on the device of the values pushed (a window of q slots, oldest first, and the
+    number of filled slots), and c is computed there: a training step never waits for the host to
+    read a loss. ``consistent`` / ``inconsistent`` / ``len`` / ``state_dict`` read it (a device sync).
     """
 
     def __init__(self, size: int = 5):
         if size < 1:
             raise ValueError(f"queue size must be >= 1, got {size}")
+        self._reset(size, [], [])
+
+    def _reset(self, size: int, consistent: list[float], inconsistent: list[float]) -> None:
         self.size = size
-        self.consistent: deque[float] = deque(maxlen=size)
-        self.inconsistent: deque[float] = deque(maxlen=size)
+        kept = min(len(consistent), size)
+        self._window = torch.zeros(2, size, dtype=torch.float64)  # rows CE_cons, CE_incons; newest last
+        if kept:
+            self._window[:, size - kept:] = torch.tensor([consistent[-kept:], inconsistent[-kept:]],
+                                                         dtype=torch.float64)
+        self._filled = torch.tensor(kept)
+
+    def _values(self, row: int) -> list[float]:
+        filled = int(self._filled)
+        return self._window[row, self.size - filled:].tolist()
+
+    @property
+    def consistent(self) -> list[float]:
+        return self._values(0)
+
+    @property
+    def inconsistent(self) -> list[float]:
+        return self._values(1)
 
     def __len__(self) -> int:
-        return len(self.consistent)
+        return int(self._filled)
 
-    def push(self, consistent: float | torch.Tensor, inconsistent: float | torch.Tensor) -> None:
+    def push(self, consistent: float | torch.Tensor, inconsistent: float | torch.Tensor,
+             keep: bool | torch.Tensor = True) -> None:
         """Append one step's (CE_cons, CE_incons), averaged over all processes first (a collective:
-        every rank must call it at the same step)."""
+        every rank must call it at the same step). ``keep`` (a device-side flag: the step's loss was
+        finite on every process) False leaves the queue as it was, decided on the device."""
         device = consistent.device if isinstance(consistent, torch.Tensor) else torch.device("cpu")
         pair = torch.stack(
             [
@@ -252,44 +280,77 @@ class LossQueue:
         # NCCL needs the pair on this process's GPU (named explicitly, never "the current device").
         pair = pair.to(distributed.collective_device(device))
         distributed.all_reduce_mean_(pair)
-        cons, incons = pair.tolist()
-        self.consistent.append(float(cons))
-        self.inconsistent.append(float(incons))
+        pair = pair.to(device)
+        if self._window.device != device:  # the first push after construction or a checkpoint load
+            # non_blocking: a copy from pageable memory, without waiting for the device's queue.
+            self._window = self._window.to(device, non_blocking=True)
+            self._filled = self._filled.to(device, non_blocking=True)
+        keep = torch.as_tensor(keep, device=device)
+        shifted = torch.cat([self._window[:, 1:], pair[:, None]], dim=1)
+        self._window = torch.where(keep, shifted, self._window)
+        self._filled = torch.where(keep, (self._filled + 1).clamp(max=self.size), self._filled)
 
-    def coefficient(self, coeff: float = 1.0) -> float:
-        """Adaptive c from the queued values (``coeff`` when the queue is empty)."""
-        return adaptive_coefficient(self.consistent, self.inconsistent, coeff)
+    def coefficient(self, coeff: float = 1.0) -> torch.Tensor:
+        """Adaptive c from the queued values (``coeff`` when the queue is empty), as
+        ``adaptive_coefficient`` computes it, but a 0-d float64 tensor on the queue's device."""
+        filled = torch.arange(self.size, device=self._window.device) >= self.size - self._filled
+        values = torch.where(filled, self._window, torch.zeros((), dtype=self._window.dtype,
+                                                               device=self._window.device))
+        count = self._filled.clamp(min=1).to(values.dtype)
+        mean_cons, mean_incons = values[0].sum() / count, values[1].sum() / count
+        informed = (self._filled > 0) & (mean_incons > 0)
+        return torch.where(informed, float(coeff) * mean_cons / mean_incons,
+                           torch.full((), float(coeff), dtype=values.dtype, device=values.device))
 
     def state_dict(self) -> dict:
         return {
             "size": self.size,
-            "consistent": list(self.consistent),
-            "inconsistent": list(self.inconsistent),
+            "consistent": self.consistent,
+            "inconsistent": self.inconsistent,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.size = int(state.get("size", self.size))
-        self.consistent = deque((float(v) for v in state["consistent"]), maxlen=self.size)
-        self.inconsistent = deque((float(v) for v in state["inconsistent"]), maxlen=self.size)
+        self._reset(int(state.get("size", self.size)), [float(v) for v in state["consistent"]],
+                    [float(v) for v in state["inconsistent"]])
 
 
 @dataclass
 class CARBLoss:
     """One step's objective: ``total`` is back-propagated; ``coefficient`` is the c that weighed the
-    inconsistent terms (1.0 in warm-up, where plain CE weighs every pixel alike)."""
+    inconsistent terms (1.0 in warm-up, where plain CE weighs every pixel alike; the adaptive c is a
+    0-d tensor on the device). ``finite``: the step's CE terms were finite on every process (a
+    device-side flag; True when nobody checked)."""
 
     total: torch.Tensor
-    coefficient: float
+    coefficient: float | torch.Tensor
     warmup: bool
     terms: CARBTerms
+    finite: bool | torch.Tensor = True
+
+    def tensors(self) -> dict[str, torch.Tensor | float]:
+        """Every scalar to log, still on the device (nothing read): total, c, warm-up flag, CE terms,
+        pixel counts, share. ``scalars`` reads them."""
+        out: dict[str, torch.Tensor | float] = {"c": self.coefficient, "warmup": float(self.warmup)}
+        for key, value in vars(self.terms).items():
+            out[key] = value.detach()
+        out["total"] = self.total.detach()
+        return out
 
     def scalars(self) -> dict[str, float]:
-        """Every scalar as a float for the log: total, c, warm-up flag, CE terms, pixel counts, share."""
-        out = {"c": float(self.coefficient), "warmup": float(self.warmup)}
-        for key, value in vars(self.terms).items():
-            out[key] = float(value.detach())
-        out["total"] = float(self.total.detach())
-        return out
+        """Every scalar as a float for the log (one device sync for all of them)."""
+        return scalars_to_floats(self.tensors())
+
+
+def scalars_to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """``{name: 0-d tensor or float}`` as floats, the tensors read back together (one device sync)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        read = torch.stack([v.detach().to(device, torch.float64).reshape(())
+                            for v in tensors.values()]).tolist()
+        out.update(zip(tensors, read, strict=True))
+    return {k: out[k] for k in values}
 
 
 class CARBObjective:
@@ -317,20 +378,21 @@ class CARBObjective:
     def in_warmup(self, iteration: int) -> bool:
         return (not self.enabled) or iteration < self.warmup_iters
 
-    def __call__(self, terms: CARBTerms, iteration: int) -> CARBLoss:
+    def __call__(self, terms: CARBTerms, iteration: int, finite: bool | torch.Tensor = True) -> CARBLoss:
         """The loss of iteration ``iteration`` from its terms. With the adaptive c this pushes the
         step's global CE_cons / CE_incons into the queue first (a collective: every process calls it
-        at the same iteration; call it only for a step that is kept)."""
+        at the same iteration). ``finite`` False (a device-side flag: the step's loss was NaN/Inf on
+        some process) keeps the queue as it was: nothing of such a step is kept."""
         if self.in_warmup(iteration):
-            return CARBLoss(terms.warmup_loss(), 1.0, True, terms)
+            return CARBLoss(terms.warmup_loss(), 1.0, True, terms, finite)
         if self.fixed_coefficient is not None:
             c = self.fixed_coefficient
         else:
             # Adaptive c, as in the release: this step's CE_cons / CE_incons join the queue
-            # (averaged over processes) before c is read.
-            self.queue.push(terms.consistent.detach(), terms.inconsistent.detach())
+            # (averaged over processes) before c is read; both stay on the device.
+            self.queue.push(terms.consistent.detach(), terms.inconsistent.detach(), keep=finite)
             c = self.queue.coefficient(self.coeff)
-        return CARBLoss(terms.balanced_loss(c), c, False, terms)
+        return CARBLoss(terms.balanced_loss(c), c, False, terms, finite)
 
     def state_dict(self) -> dict:
         return self.queue.state_dict()

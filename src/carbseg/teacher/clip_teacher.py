@@ -48,6 +48,7 @@ class CLIPTeacher:
         self.confidence_threshold = confidence_threshold
         self.precision = precision
         self._resolved: dict[str, PrecisionChoice] = {}
+        self._mean_std: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def resolved_precision(self, device: torch.device | str) -> PrecisionChoice:
         """What ``precision`` means on ``device`` (``auto`` resolved once per device), and why."""
@@ -62,9 +63,18 @@ class CLIPTeacher:
             return torch.autocast(device_type=device.type, dtype=dtype)
         return contextlib.nullcontext()
 
+    def _statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's mean and std (0..255 scale, (1, 3, 1, 1)) on ``device``, made once per device: built
+        on every call they were a host-to-device copy, twice per training step (global view, patch)."""
+        key = str(device)
+        if key not in self._mean_std:
+            mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
+            self._mean_std[key] = (mean.to(device), std.to(device))
+        return self._mean_std[key]
+
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1) * 255.0
+        mean, std = self._statistics(images.device)
         return (images.float() - mean) / std
 
     def _scores_at_scale(self, normalised: torch.Tensor, scale: float) -> torch.Tensor:
