@@ -47,7 +47,7 @@ MEANINGS: dict[str, str] = {
     "teacher.naclip_sigma": "`naclip` only: width (standard deviation, in patches) of the Gaussian neighbourhood added to the attention logits; 5 as in NACLIP",
     "teacher.text_templates": "prompt templates: `ensemble85` (the paper's 85), `single`, or a text file with one template per line containing {}",
     "teacher.scales": "multi-scale factors of the teacher's input (scores averaged)",
-    "teacher.key_smoothing": "MaskCLIP key smoothing of the dense scores",
+    "teacher.key_smoothing": "key smoothing of the dense scores (carbseg's rule after MaskCLIP; docs/teacher.md lists the differences)",
     "teacher.prompt_denoising": "MaskCLIP prompt denoising",
     "teacher.confidence_threshold": "pixels whose class probability is below this become 255 (ignore); null = every pixel gets a class, as in the paper",
     "teacher.grid_cell": "simulated teacher only: side of its square grid cell in pixels (CLIP ViT-B/16 sees 16-pixel patches); formerly `teacher.patch_size`",

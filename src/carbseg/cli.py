@@ -167,7 +167,7 @@ def _add_pseudo_masks(sub) -> None:
     p.add_argument("--scales", default=None, help="= scales, comma-separated: multi-scale factors, e.g. "
                    "0.75,1.0,1.25")
     p.add_argument("--key-smoothing", action="store_const", const=True, default=None,
-                   help="= key_smoothing=true: MaskCLIP key smoothing of the scores")
+                   help="= key_smoothing=true: key smoothing of the scores (carbseg's rule after MaskCLIP; differences in docs/teacher.md)")
     p.add_argument("--prompt-denoising", action="store_const", const=True, default=None,
                    help="= prompt_denoising=true: MaskCLIP prompt denoising")
     p.add_argument("--confidence-threshold", type=float, default=None,
