@@ -39,7 +39,8 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
     "teacher.pseudo_masks": ("tests/test_teacher_pseudo_masks.py",),
     "teacher.text_embeddings": ("tests/test_teacher_text.py",),
     "data.views": ("tests/test_views.py",),
-    "data.frames": ("tests/test_teacher_simulated.py",),
+    "data.frames": ("tests/test_frames.py", "tests/test_teacher_persistence.py::test_frame_map_algebra_by_hand",
+                    "tests/test_teacher_simulated.py"),
     "data.transforms": ("tests/test_transforms.py",),
     "metrics": ("tests/test_metrics.py",),
     # Still to be measured (being changed elsewhere); their fast tests, ready for a run:
