@@ -145,3 +145,15 @@ def test_class_text_embeddings_plumbing_device_templates_cache_dirs_and_messages
     unwritten = te._cache_file(tmp_path / "ro", _Source(), ("road", "tree"), ("a {}.",))
     assert [r.getMessage() for r in caplog.records] == [
         f"could not cache text embeddings at {unwritten}: read-only file system"]
+
+
+def test_cache_file_name_is_the_documented_key_so_caches_survive_upgrades(tmp_path):
+    # sha256 of the JSON {"weights", "names", "templates"}, first 24 hex digits: a cache written by one
+    # release is found by the next only while this key stays the same.
+    import hashlib
+    import json
+
+    blob = json.dumps({"weights": "fake-weights", "names": ["road", "tree"], "templates": ["a {}."]})
+    name = hashlib.sha256(blob.encode()).hexdigest()[:24] + ".safetensors"
+    path = te._cache_file(tmp_path, _Source(), ("road", "tree"), ("a {}.",))
+    assert path == tmp_path / "text_embeddings" / name
