@@ -44,7 +44,7 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
     "data.transforms": ("tests/test_transforms.py",
                         "tests/test_teacher_persistence.py::test_augmentation_frame_map_places_every_view_pixel_where_it_came_from"),
     "metrics": ("tests/test_metrics.py",),
-    # Still to be measured (being changed elsewhere); their fast tests, ready for a run:
+    # Not measured yet (docs/testing.md): their fast tests, ready for a run.
     "losses.carb": ("tests/test_carb_loss.py",),
     "teacher.proxy": ("tests/test_teacher_proxy.py",),
     "teacher.clip_dense": ("tests/test_teacher_dense.py", "tests/test_teacher_dense_variants.py"),
