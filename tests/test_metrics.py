@@ -154,6 +154,111 @@ def test_reduce_is_identity_in_one_process():
     assert cm.num_images == 1
 
 
+# Invalid GT values (-1, 300, C = 3) are skipped like ignore; predictions outside 0..2 (300, C) are misses.
+WIDE_GT = np.array([[0, 1, 2, -1, 300, 3, 255, 0]], dtype=np.int64)
+WIDE_PRED = np.array([[0, 2, 300, 1, 1, 1, 1, 3]], dtype=np.int64)
+WIDE_MATRIX = [[1, 0, 0], [0, 0, 1], [0, 0, 0]]  # (0,0) and (1,2)
+WIDE_MISSED = [1, 0, 1]  # GT 0 predicted 3, GT 2 predicted 300
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "torch-gt-only", "uint8-pred-int64-gt"])
+def test_general_paths_skip_invalid_gt_and_count_out_of_range_predictions(kind):
+    pred, gt = WIDE_PRED, WIDE_GT
+    if kind == "torch":
+        pred, gt = torch.from_numpy(pred), torch.from_numpy(gt)
+    elif kind == "torch-gt-only":
+        gt = torch.from_numpy(gt)
+    elif kind == "uint8-pred-int64-gt":
+        pred = np.where(pred == 300, 200, pred).astype(np.uint8)  # an 8-bit map beside a wide one
+    matrix, missed = confusion_counts(pred, gt, 3)
+    assert matrix.dtype == missed.dtype == np.int64
+    assert matrix.tolist() == WIDE_MATRIX and missed.tolist() == WIDE_MISSED
+
+
+def test_lookup_path_for_8bit_maps_by_hand(monkeypatch):
+    import carbseg.metrics as metrics
+
+    used = []
+    lookup = metrics._joint_counts_uint8
+    monkeypatch.setattr(metrics, "_joint_counts_uint8", lambda *a: used.append(a[2:]) or lookup(*a))
+    # Class 2 absent and no ignored pixel: the counts still come out (3, 3).
+    gt = np.array([[0, 1, 1, 0]], dtype=np.uint8)
+    pred = np.array([[0, 1, 2, 255]], dtype=np.uint8)
+    matrix, missed = confusion_counts(pred, gt, 3)
+    assert matrix.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]] and missed.tolist() == [1, 0, 0]
+    # ignore_index 0 skips the class-0 pixels (the abstention included); 256 ignores nothing.
+    matrix, missed = confusion_counts(pred, gt, 3, ignore_index=0)
+    assert matrix.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 0]] and missed.tolist() == [0, 0, 0]
+    assert confusion_matrix(pred, gt, 3, ignore_index=0).tolist() == matrix.tolist()
+    matrix, missed = confusion_counts(pred, gt, 3, ignore_index=256)
+    assert matrix.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]] and missed.tolist() == [1, 0, 0]
+    assert used == [(3, 255), (3, 0), (3, 0), (3, 256)]  # every 8-bit pair took the lookup tables
+
+
+def test_error_messages_name_the_shapes_and_the_fix():
+    with pytest.raises(ValueError, match=r"^prediction shape \(2, 3\) differs from ground truth \(3, 2\)$"):
+        confusion_counts(np.zeros((2, 3)), np.zeros((3, 2)), 3)
+    pred = PRED.copy()
+    pred[0, 0] = 255
+    with pytest.raises(ValueError, match=r"^1 evaluated pixels have a prediction outside 0\.\.2; "
+                                         r"use confusion_counts\(\) to count them as misses$"):
+        confusion_matrix(pred, GT, 3)
+
+
+def test_iou_from_counts_without_misses_and_for_a_one_pixel_class():
+    np.testing.assert_allclose(iou_from_counts(EXPECTED), EXPECTED_IOU)
+    np.testing.assert_array_equal(iou_from_counts(np.array([[1, 0], [0, 0]])), [1.0, np.nan])
+
+
+def test_confusion_matrix_object_keeps_int64_counts_its_ignore_index_and_image_counts():
+    cm = ConfusionMatrix(3, ignore_index=0)
+    pred = PRED.copy()
+    pred[0, 0] = 255  # on a GT-0 pixel: ignored with ignore_index 0, so no miss
+    cm.update(pred, GT, num_images=5)
+    assert cm.matrix.dtype == cm.missed.dtype == np.int64 and cm.num_images == 5
+    assert cm.matrix.tolist() == [[0, 0, 0], [0, 3, 1], [1, 1, 3]] and cm.missed.tolist() == [0, 0, 0]
+    cm.add_counts(np.eye(3, dtype=np.int64))
+    assert cm.num_images == 6
+    # The misses count in the IoU of ConfusionMatrix too (class 0: 2 / (4 + 3 - 2)).
+    cm = ConfusionMatrix(3)
+    cm.update(pred, GT)
+    np.testing.assert_allclose(cm.iou(), [0.4, 0.5, 0.5])
+
+
+def test_empty_confusion_scores_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" / 0-by-0 division behind the None
+        assert np.isnan(ConfusionMatrix(2).miou()) and np.isnan(ConfusionMatrix(2).pixel_accuracy())
+
+
+def test_reduce_packs_int64_on_the_collective_device_and_unpacks_the_sums(monkeypatch):
+    import carbseg.metrics as metrics
+
+    seen = {}
+
+    def fake_device(device):
+        seen["asked"] = device
+        return torch.device("cpu")
+
+    def fake_sum(tensor):  # two identical processes
+        seen["dtype"] = tensor.dtype
+        return tensor.mul_(2)
+
+    monkeypatch.setattr(metrics, "is_distributed", lambda: True)
+    monkeypatch.setattr(metrics, "collective_device", fake_device)
+    monkeypatch.setattr(metrics, "all_reduce_sum_", fake_sum)
+    cm = ConfusionMatrix(3)
+    pred = PRED.copy()
+    pred[0, 0] = 255
+    cm.update(pred, GT)
+    assert cm.reduce_("cuda:3") is cm
+    assert seen == {"asked": "cuda:3", "dtype": torch.int64}
+    assert cm.matrix.tolist() == (2 * np.array([[2, 1, 0], [0, 3, 1], [1, 1, 3]])).tolist()
+    assert cm.missed.tolist() == [2, 0, 0] and cm.num_images == 2
+
+
 def _reduce_worker(rank: int, store: str, queue) -> None:
     import torch.distributed as dist
 

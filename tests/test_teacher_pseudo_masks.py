@@ -14,7 +14,7 @@ from carbseg.errors import UserError
 from carbseg.teacher import refine
 from carbseg.teacher.clip_dense import DenseCLIP
 from carbseg.teacher.clip_teacher import CLIPTeacher
-from carbseg.teacher.pseudo_masks import masks_from_scores, restrict_to_image_labels
+from carbseg.teacher.pseudo_masks import masks_from_scores, restrict_to_image_labels, upsample_scores
 from carbseg.teacher.tiny import TINY_VIT_CONFIG
 
 
@@ -41,6 +41,26 @@ def test_upsampling_threshold_valid_and_images_without_classes():
     valid = torch.tensor([[[True, False, True, True]]])
     assert masks_from_scores(scores, labels, (1, 4), valid=valid).tolist() == [[[0, 255, 1, 1]]]
     assert masks_from_scores(scores, torch.tensor([[False, False]]), (1, 4)).tolist() == [[[255] * 4]]
+
+
+def test_upsample_scores_is_bilinear_without_corner_alignment_and_skips_its_own_size():
+    # Pixel centres of the 1x4 row sit at 1/8, 3/8, 5/8, 7/8 of the 1x2 grid, whose centres are 1/4 and
+    # 3/4: weights give 0, 0.25, 0.75, 1 (corner alignment would give 0, 1/3, 2/3, 1).
+    scores = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)
+    assert upsample_scores(scores, (1, 4)).flatten().tolist() == [0.0, 0.25, 0.75, 1.0]
+    assert upsample_scores(scores, (1, 2)) is scores  # already at the view size: no resampling
+
+
+def test_threshold_keeps_a_pixel_exactly_at_it_and_a_class_free_image_is_ignored_alone():
+    # Two present classes tied: softmax probability exactly 0.5, which is not *below* a 0.5 threshold.
+    tied = torch.zeros(2, 2, 1, 1)
+    labels = torch.tensor([[True, True], [True, True]])
+    assert masks_from_scores(tied, labels, (1, 1), confidence_threshold=0.5).flatten().tolist() == [0, 0]
+    assert masks_from_scores(tied, labels, (1, 1), confidence_threshold=0.51).flatten().tolist() == [255, 255]
+    # In a batch, only the image without any present class becomes all ignore.
+    scores = torch.tensor([0.1, 0.3]).view(1, 2, 1, 1).repeat(2, 1, 1, 2)
+    masks = masks_from_scores(scores, torch.tensor([[True, True], [False, False]]), (1, 2))
+    assert masks.tolist() == [[[1, 1]], [[255, 255]]]
 
 
 def test_prompt_denoising_drops_a_class_never_confident_but_keeps_one():

@@ -26,6 +26,38 @@ def test_set_poly_lr_keeps_group_ratios():
     assert [g["lr"] for g in opt2.param_groups] == pytest.approx([0.0025, 0.025])
 
 
+def test_poly_lr_defaults_are_deeplabs_power_and_a_zero_floor():
+    # power 0.9, min_lr 0: 0.01 * 0.5 ** 0.9 halfway, 0 at the end.
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9, rel=1e-12)
+    assert poly_lr(0.01, 100, 100) == 0.0
+    assert poly_lr(0.01, 0, 1) == 0.01  # a one-iteration run is valid
+
+
+def test_poly_lr_refuses_a_run_without_iterations():
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"max_iters must be positive, got {bad}"):
+            poly_lr(0.01, 0, bad)
+
+
+def test_set_poly_lr_scales_min_lr_by_each_groups_factor():
+    # Head at 10x the backbone's rate: its floor is 10x min_lr too, so the ratio holds to the last step.
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.01}, {"params": [b], "lr": 0.1}], lr=0.01)
+    # (0.01 - 1e-4) * 0.5 + 1e-4 = 0.00505 and (0.1 - 1e-3) * 0.5 + 1e-3 = 0.0505 at power 1.
+    assert set_poly_lr(opt, 50, 100, 1.0, 1e-4) == pytest.approx(0.00505, rel=1e-12)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.0505, rel=1e-12)
+    set_poly_lr(opt, 100, 100, 1.0, 1e-4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-3], rel=1e-12)
+
+
+def test_set_poly_lr_with_a_zero_first_rate_keeps_the_plain_floor():
+    # A first group at lr 0 gives no ratio (no division by 0): the other groups decay to min_lr itself.
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.0}, {"params": [b], "lr": 0.1}], lr=0.0)
+    set_poly_lr(opt, 100, 100, 1.0, 1e-4)
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-4, rel=1e-12)
+
+
 def test_sample_order_one_process_is_a_permutation_per_epoch():
     order = SampleOrder(7, seed=3)
     epoch0 = [order.index(p) for p in range(7)]

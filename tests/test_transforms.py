@@ -11,6 +11,7 @@ from carbseg.data.transforms import (
     pad_to,
     photometric_distortion,
     random_crop,
+    random_crop_window,
     random_flip,
     rescaled_size,
     resize_by_ratio,
@@ -236,3 +237,122 @@ def test_an_image_without_a_mask_gets_the_views_of_an_all_ignore_mask(image_hw, 
         assert without[1] is None and (with_mask[1] == 255).all()
         assert np.array_equal(with_mask[0], without[0]) and np.array_equal(with_mask[2], without[2])
         assert with_mask[3] == without[3]  # the same place in the frame
+
+
+def test_rescaled_size_when_the_long_edge_limits():
+    # 100 x 400 into (200, 300): long side 400 -> 300 (x0.75) binds before short 100 -> 200 (x2).
+    assert rescaled_size(100, 400, (200, 300)) == (75, 300)
+
+
+def test_images_resize_bilinearly_and_by_the_ratio_on_both_axes():
+    image = np.repeat(np.array([[0, 100]], dtype=np.uint8)[:, :, None], 3, axis=2)
+    out, _ = resize_by_ratio(image, np.zeros((1, 2), np.uint8), (1, 4), (2.0, 2.0), np.random.default_rng(0))
+    # Ratio 2 on both axes: scale (2, 8), aspect 1:2 kept -> 2 x 4 (x2); bilinear, not bicubic
+    # (which overshoots to 0, 21, 79, 109).
+    assert out.shape == (2, 4, 3)
+    assert out[..., 0].tolist() == [[0, 25, 75, 100]] * 2
+
+
+def _draws(seed: int, rows: int, cols: int, n: int = 11) -> list[tuple[int, int]]:
+    """The (top, left) positions random_crop_window draws in turn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [(int(rng.integers(0, rows)), int(rng.integers(0, cols))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_crop_retries_single_class_windows_by_the_draw_sequence(seed):
+    # Row 0 0 0 1 1 1, 1x2 crops: only left = 2 holds two classes (0.5 <= 0.75); every other window
+    # holds one class and is retried (up to 10 times, then the last draw is kept).
+    mask = np.array([[0, 0, 0, 1, 1, 1]], dtype=np.uint8)
+    lefts = [left for _, left in _draws(seed, 1, 5)]
+    expected = next((left for left in lefts if left == 2), lefts[-1])
+    assert random_crop_window(mask, (1, 2), np.random.default_rng(seed)) == (0, expected, 1, 2)  # default 0.75
+    # cat_max_ratio 1 switches the check off: the first draw is kept.
+    assert random_crop_window(mask, (1, 2), np.random.default_rng(seed), cat_max_ratio=1.0) == (0, lefts[0], 1, 2)
+    # Ignored pixels are no class: with class 0 ignored no window has two classes.
+    image = np.arange(6, dtype=np.uint8).reshape(1, 6, 1).repeat(3, axis=2)
+    cut_image, cut_mask = random_crop(image, mask, (1, 2), np.random.default_rng(seed), ignore_index=0)
+    assert cut_image[0, :, 0].tolist() == [lefts[-1], lefts[-1] + 1]
+    assert cut_mask.tolist() == mask[:, lefts[-1]: lefts[-1] + 2].tolist()
+
+
+def test_random_crop_accepts_a_class_of_one_pixel():
+    # Two 1-pixel classes: share 0.5 on the first draw, nothing to retry.
+    mask = np.array([[3, 4]], dtype=np.uint8)
+    assert random_crop_window(mask, (1, 2), np.random.default_rng(0)) == (0, 0, 1, 2)
+    assert random_crop_window(np.array([[3, 255]], np.uint8), (1, 2), np.random.default_rng(0),
+                              cat_max_ratio=0.75) == (0, 0, 1, 2)  # one class only, every retry the same
+
+
+def test_saturation_cap_holds_for_dark_pixels_under_one_grey_level():
+    # V = chroma = 0.9: saturation is already 1, so alpha 1.5 cannot move the channels.
+    pixel = np.array([[[0.0, 0.0, 0.9]]], dtype=np.float32)
+    np.testing.assert_allclose(scale_saturation(pixel, 1.5), pixel, atol=1e-6)
+
+
+def test_shift_hue_keeps_the_hue_of_a_colour_with_chroma_below_one():
+    pixel = np.array([[[0.5, 0.25, 0.0]]], dtype=np.float32)  # hue 30 degrees, chroma 0.5
+    np.testing.assert_allclose(shift_hue(pixel, 0.0), pixel, atol=1e-6)
+    np.testing.assert_allclose(shift_hue(pixel, 1 / 6), [[[0.25, 0.5, 0.0]]], atol=1e-6)  # 90 degrees
+
+
+def _reference_photometric(image, rng, brightness_delta=32, contrast_range=(0.5, 1.5),
+                           saturation_range=(0.5, 1.5), hue_delta=18):
+    """mmseg's PhotoMetricDistortion step by step, draws in its order, float between steps."""
+    img = image.astype(np.float32)
+    if rng.integers(2):
+        img = np.clip(img + rng.uniform(-brightness_delta, brightness_delta), 0, 255)
+    mode = rng.integers(2)  # 1: contrast first, 0: contrast last
+    if mode == 1 and rng.integers(2):
+        img = np.clip(img * rng.uniform(*contrast_range), 0, 255)
+    if rng.integers(2):
+        img = scale_saturation(img, rng.uniform(*saturation_range))
+    if rng.integers(2):
+        img = shift_hue(img, (rng.integers(-hue_delta, hue_delta) if hue_delta > 0 else 0) / 180.0)
+    if mode == 0 and rng.integers(2):
+        img = np.clip(img * rng.uniform(*contrast_range), 0, 255)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"hue_delta": 1}, {"brightness_delta": 100, "contrast_range": (0.2, 3.0)}])
+def test_photometric_distortion_equals_the_step_by_step_reference(kwargs):
+    # Black, white, saturated and mid pixels, so every clip and every step shows.
+    image = random_image(6, 6, seed=1)
+    image[0, :3] = 0
+    image[1, :3] = 255
+    image[2, :3] = (250, 5, 120)
+    for seed in range(40):
+        out = photometric_distortion(image, np.random.default_rng(seed), **kwargs)
+        ref = _reference_photometric(image, np.random.default_rng(seed), **kwargs)
+        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1, seed
+        assert np.mean(out != ref) < 0.05  # float rounding only, at a few pixels
+
+
+def test_train_augmentation_flips_image_and_mask_together_about_half_the_time_and_pads_with_its_ignore():
+    cfg = DataConfig(scale_size=[4, 6], ratio_range=[1.0, 1.0], crop_size=[5, 6], cat_max_ratio=1.0)
+    cfg.photometric = False
+    columns = np.tile(np.arange(6, dtype=np.uint8), (4, 1))
+    image = np.repeat(columns[:, :, None], 3, axis=2)
+    augment = TrainAugmentation(cfg, ignore_index=200)
+    flips = 0
+    for seed in range(20):
+        out_image, out_mask, valid = augment(image, columns, np.random.default_rng(seed))
+        assert np.array_equal(out_image[..., 0][valid], out_mask[valid])  # still aligned
+        assert out_mask[4].tolist() == [200] * 6 and not valid[4].any()  # padding row: its ignore index
+        flips += out_mask[0, 0] == 5
+    assert 4 <= flips <= 16
+
+
+def test_train_augmentation_crops_with_its_own_ignore_index_and_cat_max_ratio():
+    # Constant-scale 1x6 frame, crop 1x2: the window is random_crop_window's with the same settings.
+    cfg = DataConfig(scale_size=[1, 6], ratio_range=[1.0, 1.0], crop_size=[1, 2], cat_max_ratio=0.75)
+    cfg.flip = cfg.photometric = False
+    mask = np.array([[0, 0, 0, 1, 1, 1]], dtype=np.uint8)
+    image = np.arange(6, dtype=np.uint8).reshape(1, 6, 1).repeat(3, axis=2)
+    for ignore in (0, 255):
+        for seed in range(6):
+            rng = np.random.default_rng(seed)
+            rng.uniform(1.0, 1.0)  # the resize ratio's draw
+            _, left, _, _ = random_crop_window(mask, (1, 2), rng, 0.75, ignore)
+            out_image, _, _ = TrainAugmentation(cfg, ignore_index=ignore)(image, mask, np.random.default_rng(seed))
+            assert out_image[0, :, 0].tolist() == [left, left + 1]

@@ -62,6 +62,17 @@ def test_zoom_labels_keeps_bool_valid_maps_and_invents_no_labels():
     assert set(zoom_labels(labels, patch).unique().tolist()) <= {0, 3, 255}
 
 
+def test_label_resizing_samples_pixel_centres_at_fractional_zooms():
+    # Zoom 1.5 of a 2-wide row: output centres 0.5, 1.5, 2.5 map to source 0.33, 1.0, 1.67 -> pixels 0, 1, 1
+    # (plain "nearest" floors the left edge instead: 0, 0, 1).
+    patch = LocalPatch(top=0, left=0, height=1, width=2, scale=1.5)
+    assert patch.zoomed_hw == (2, 3)
+    labels = torch.tensor([[[4, 7]]])
+    assert zoom_labels(labels, patch).tolist() == [[[4, 7, 7], [4, 7, 7]]]
+    # Back from 3 to 2: centres 0.75 and 2.25 -> pixels 0 and 2 (plain "nearest": 0 and 1).
+    assert labels_to_patch_size(torch.tensor([[[1, 2, 3], [1, 2, 3]]]), patch).tolist() == [[[1, 3]]]
+
+
 def test_zoom_images_is_bilinear_without_corner_alignment():
     patch = LocalPatch(top=0, left=0, height=1, width=2, scale=2.0)
     images = torch.tensor([0.0, 100.0]).view(1, 1, 1, 2).repeat(1, 3, 1, 1)
