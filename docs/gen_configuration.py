@@ -80,6 +80,7 @@ MEANINGS: dict[str, str] = {
     "train.grad_accum": "micro-batches per optimizer step (on one GPU, 2 gives the release's effective batch of 8)",
     "train.eval_interval": "validation mIoU every this many iterations and at the end; 0 = never",
     "train.checkpoint_interval": "`checkpoint_last.pt` every this many iterations (and on SIGTERM/SIGINT and at the end)",
+    "train.ddp": "DistributedDataParallel: `auto` when torchrun launched more than one process; `always` also in one process (torchrun's group of one, or a group of its own: NCCL on a GPU, gloo on a CPU; SyncBN on GPUs), so one GPU exercises the multi-GPU path; `never` refuses a launch of several processes",
     "train.log_interval": "a `log.jsonl` record and TensorBoard scalars every this many iterations",
     "train.val_max_images": "validate on at most this many images; null = the whole split",
     "eval.mode": "`whole` image (the paper's Cityscapes protocol) or `slide` (sliding window)",

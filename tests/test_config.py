@@ -110,3 +110,10 @@ def test_section_from_overrides_checks_like_train():
         section_from_overrides("teacher", ["train.lr=0.1"])
     with pytest.raises(UserError, match="at least 1"):
         section_from_overrides("teacher", ["grid_cell=0"])
+
+
+def test_train_ddp_takes_auto_always_or_never():
+    assert load_config(None).train.ddp == "auto"
+    assert load_config(None, ["train.ddp=always"]).train.ddp == "always"
+    with pytest.raises(UserError, match=r"train.ddp = 'sometimes' is not valid; choose one of auto, always, never"):
+        load_config(None, ["train.ddp=sometimes"])

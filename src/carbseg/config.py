@@ -116,6 +116,9 @@ class TrainConfig:
     checkpoint_interval: int = 1000
     log_interval: int = 50
     val_max_images: int | None = None
+    # DDP: auto (when torchrun launched several processes) | always (also one process: DDP, NCCL and
+    # SyncBN on one GPU) | never (refuse a launch of several processes)
+    ddp: str = "auto"
 
 
 @dataclass
@@ -150,6 +153,7 @@ CHOICES = {
                        "tiny"),
     "model.classifier": ("text", "learned"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.ddp": ("auto", "always", "never"),
     "eval.mode": ("whole", "slide"),
 }
 

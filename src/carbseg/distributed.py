@@ -8,6 +8,12 @@ import os
 import torch
 import torch.distributed as dist
 
+from carbseg.errors import UserError
+
+#: ``train.ddp``: ``auto`` runs DDP when torchrun launched several processes; ``always`` also at one
+#: process (so one GPU exercises DDP, NCCL and SyncBN); ``never`` refuses a launch of several processes.
+DDP_MODES = ("auto", "always", "never")
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -33,21 +39,44 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_from_env(device_type: str, timeout_s: float = 600.0) -> None:
+def _torchrun_env() -> bool:
+    """Whether torchrun (or a launcher like it) described a process group, of any size."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(device: torch.device | str, timeout_s: float = 600.0, mode: str = "auto") -> None:
     """Join the process group that torchrun describes (NCCL on GPU, gloo on CPU); no-op otherwise.
 
     Each rank is bound to GPU ``LOCAL_RANK`` (``set_device`` and ``device_id``), so NCCL never
     guesses a device. The timeout bounds how long a rank waits for a peer that died, so one failing
     rank ends all.
+
+    ``mode`` (``train.ddp``): ``auto`` joins only when torchrun launched more than one process;
+    ``always`` also makes a group of one -- torchrun's at WORLD_SIZE=1, or this process's own when
+    no launcher described one -- so DDP, NCCL and SyncBN run on a single GPU; ``never`` refuses a
+    launch of several processes with one line (on every rank alike).
     """
-    if not launched_by_torchrun() or is_distributed():
+    if mode not in DDP_MODES:
+        raise ValueError(f"mode must be one of {DDP_MODES}, got {mode!r}")
+    if mode == "never" and (launched_by_torchrun() or world_size() > 1):
+        processes = os.environ.get("WORLD_SIZE") if launched_by_torchrun() else world_size()
+        raise UserError(f"train.ddp = never, but {processes} processes were launched; run one process "
+                        "(carbseg train without torchrun) or set train.ddp=auto")
+    if is_distributed() or mode == "never" or (mode == "auto" and not launched_by_torchrun()):
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {}
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank())
+    if device.type == "cuda":
+        if _torchrun_env():
+            device = torch.device("cuda", local_rank())
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
+    if not _torchrun_env():
+        # train.ddp = always in a process no launcher started: a group of one, its rendezvous in memory.
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 

@@ -183,8 +183,10 @@ class Trainer:
         self.run_dir = RunDir(Path(out_dir))
         self.progress = progress
         self.device = process_device(cfg.device, option="device =")
-        dist.init_from_env(self.device.type)
+        dist.init_from_env(self.device, mode=cfg.train.ddp)
         self.rank, self.world = dist.rank(), dist.world_size()
+        # train.ddp = always: DDP (and SyncBN on GPUs) also in a group of one process.
+        self.uses_ddp = dist.is_distributed() and (self.world > 1 or cfg.train.ddp == "always")
         self.is_main = dist.is_main_process()
         resume = self.run_dir.check(resume)  # every rank checks before rank 0 writes anything
         dist.barrier(self.device)
@@ -217,7 +219,7 @@ class Trainer:
         teacher_embeddings = getattr(self.teacher, "text_embeddings", None)
         model = build_model(cfg, self.classes, self.device,
                             class_embeddings=None if teacher_embeddings is None else teacher_embeddings.cpu())
-        if self.world > 1 and self.device.type == "cuda":
+        if self.uses_ddp and self.device.type == "cuda":
             # SyncBN only when distributed (the release required it even on one GPU); PyTorch's
             # SyncBN is CUDA-only, so CPU (gloo) runs keep per-process BN statistics. timm's
             # converter keeps the activation inside BatchNormAct2d (EfficientNet-Lite0's ReLU6).
@@ -227,9 +229,9 @@ class Trainer:
         model.to(self.device)  # channels-last on every device (Segmenter.use_memory_format)
         self.model = model
         self.ddp = None
-        if self.world > 1:
+        if self.uses_ddp:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                model, device_ids=[dist.collective_device(self.device).index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False,
             )
         self.optimizer = build_optimizer(model, cfg)
@@ -269,7 +271,7 @@ class Trainer:
         where = (f"resumed at iteration {self.iteration} from {self.run_dir.checkpoint}" if self.iteration
                  else "from iteration 0")
         return (f"training on {self.device} with {torch.get_num_threads()} CPU threads, "
-                f"{self.world} process{'es' if self.world > 1 else ''}; precision: model {model}{teacher_part}{why}; "
+                f"{self.world} process{'es' if self.world > 1 else ''}{' (DDP)' if self.uses_ddp else ''}; precision: model {model}{teacher_part}{why}; "
                 f"{where} to {stop}")
 
     # ---------------------------------------------------------------- state
