@@ -14,6 +14,7 @@ Resumable: existing files are kept.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,18 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
+def _write_frame(job: tuple[int, int, int, Path, Path]) -> None:
+    scene, height, width, image_path, mask_path = job
+    image, train_ids = render_scene(scene, height, width)
+    _save_png(train_id_to_label_id()[train_ids], mask_path)
+    _save_png(image, image_path)
+
+
 def write_cityscapes_layout(root: str | Path, splits: dict[str, int], height: int = HEIGHT,
-                            width: int = WIDTH, seed: int = 0) -> Path:
-    """Write ``splits`` ({split: number of frames}) under ``root``; returns ``root``."""
+                            width: int = WIDTH, seed: int = 0, workers: int = 1) -> Path:
+    """Write ``splits`` ({split: number of frames}) under ``root`` with ``workers`` processes; returns ``root``."""
     root = Path(root)
-    to_label_id = train_id_to_label_id()
+    jobs = []
     for split, count in splits.items():
         image_dir = root / "leftImg8bit" / split / CITY
         mask_dir = root / "gtFine" / split / CITY
@@ -56,11 +64,16 @@ def write_cityscapes_layout(root: str | Path, splits: dict[str, int], height: in
         for index in range(count):
             frame = f"{CITY}_000000_{index:06d}"
             image_path, mask_path = image_dir / f"{frame}{IMAGE_SUFFIX}", mask_dir / f"{frame}{MASK_SUFFIX}"
-            if image_path.is_file() and mask_path.is_file():
-                continue
-            image, train_ids = render_scene(scene_seed(split, seed, index), height, width)
-            _save_png(to_label_id[train_ids], mask_path)
-            _save_png(image, image_path)
+            if not (image_path.is_file() and mask_path.is_file()):
+                jobs.append((scene_seed(split, seed, index), height, width, image_path, mask_path))
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            list(pool.map(_write_frame, jobs))
+    else:
+        for job in jobs:
+            _write_frame(job)
     return root
 
 
@@ -69,8 +82,9 @@ def main() -> None:
     p.add_argument("out", help="dataset root to write")
     p.add_argument("--train", type=int, default=16, help="frames in the train split")
     p.add_argument("--val", type=int, default=4, help="frames in the val split")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
     args = p.parse_args()
-    print(write_cityscapes_layout(args.out, {"train": args.train, "val": args.val}))
+    print(write_cityscapes_layout(args.out, {"train": args.train, "val": args.val}, workers=args.workers))
 
 
 if __name__ == "__main__":

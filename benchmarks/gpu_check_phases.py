@@ -113,7 +113,8 @@ def phase_data(args, device, sizes) -> list[dict]:
     from carbseg.teacher.build import class_text_embeddings
 
     started = time.perf_counter()
-    root = write_cityscapes_layout(data_root(args.work), {"train": sizes.frames_train, "val": sizes.frames_val})
+    root = write_cityscapes_layout(data_root(args.work), {"train": sizes.frames_train, "val": sizes.frames_val},
+                                   workers=min(os.cpu_count() or 1, 8))
     for split in ("train", "val"):
         cli("labels", "--dataset", "cityscapes", "--root", root, "--split", split,
             "--out", args.work / f"labels_{split}.json", "--no-progress")
@@ -412,7 +413,7 @@ def phase_onnx(args, device, sizes) -> list[dict]:
     cli("export-onnx", "--checkpoint", args.work / "model.safetensors", "--out", path,
         "--height", str(FRAME[0]), "--width", str(FRAME[1]))
     export_s = time.perf_counter() - started
-    loaded = load_model(args.work / "model.safetensors", device=device)
+    loaded = load_model(args.work / "model.safetensors", device="cpu")  # onnxruntime's side is the CPU
     images = torch.rand(1, 3, *FRAME, generator=torch.Generator().manual_seed(0)).mul(255)
     started = time.perf_counter()
     diff = onnx_parity(loaded.model, path, images)

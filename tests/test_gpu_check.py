@@ -170,7 +170,7 @@ def test_skipped_pytest_is_not_tested_never_met(tmp_path):
 
 
 def test_generated_cityscapes_folder_reads_back_as_the_rendered_train_ids(tmp_path):
-    root = write_cityscapes_layout(tmp_path, {"train": 2, "val": 1}, height=64, width=128)
+    root = write_cityscapes_layout(tmp_path, {"train": 2, "val": 1}, height=64, width=128, workers=2)
     dataset = CityscapesDataset(root, "train")
     assert dataset.ids == ["synthcity_000000_000000", "synthcity_000000_000001"]
     for index in range(2):
