@@ -141,6 +141,7 @@ def phase_train(args, device, sizes) -> list[dict]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 512x1024 crops: let cuDNN pick the dilated kernels
     cfg = build_config(train_overrides(args.work, device, sizes, sizes.train_steps))
+    shutil.rmtree(args.work / "run_train", ignore_errors=True)  # a run of an earlier check is not resumed
     trainer = Trainer(cfg, args.work / "run_train", progress=False)
     print(trainer.setup_line(sizes.train_steps), flush=True)
 
