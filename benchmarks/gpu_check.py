@@ -225,7 +225,7 @@ def run_check(phases, device: str, out: Path, selected: set[str] | None = None, 
                 "gpu_peak_gib": None}
         if selected is not None and phase.name not in selected:
             rows.append({**base, "check": phase.what, "status": NOT_TESTED, "result": "-", "target": "-",
-                         "why": "not selected (--only)"})
+                         "why": "not selected: --only"})
             continue
         if phase.budget(device) <= 0:
             rows.append({**base, "check": phase.what, "status": NOT_TESTED, "result": "-", "target": "-",

@@ -116,7 +116,7 @@ def test_report_rows_skips_timeouts_crashes_and_json_equals_table(tmp_path):
     by_phase = {r["phase"]: r for r in report["rows"]}
     assert by_phase["slow"]["result"].startswith("timed out after 2 s")
     assert by_phase["crash"]["result"] == "exit status 3, no result"
-    assert by_phase["left-out"]["why"] == "not selected (--only)"
+    assert by_phase["left-out"]["why"] == "not selected: --only"
     assert report["verdict"] == "NO-GO (1 met, 3 failed, 2 NOT TESTED)"
     assert gpu_check.exit_status(report) == 1
 
