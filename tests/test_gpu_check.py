@@ -178,3 +178,18 @@ def test_generated_cityscapes_folder_reads_back_as_the_rendered_train_ids(tmp_pa
         np.testing.assert_array_equal(dataset.load_image(index), image)
         np.testing.assert_array_equal(dataset.load_mask(index), train_ids)
     assert len(CityscapesDataset(root, "val")) == 1
+
+
+@pytest.mark.slow
+def test_cpu_rehearsal_passes_within_15_minutes_and_16_gb(tmp_path):
+    """The whole rehearsal at Cityscapes size (about 15 minutes on 2 quiet cores): nothing fails, only the
+    GPU-only phase is NOT TESTED, no phase's processes together peak at 16 GB or more."""
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src")}
+    started = time.monotonic()
+    code = subprocess.call([sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--out", str(tmp_path)],
+                           env=env)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert code == 0, report["verdict"]
+    assert {r["phase"] for r in report["rows"] if r["status"] != "met"} == {"gpu-tests"}
+    assert max(r["peak_rss_gib"] or 0 for r in report["rows"]) < 16
+    assert time.monotonic() - started < 15 * 60
