@@ -90,8 +90,11 @@ def build_config(overrides: list[str]):
     return load_config(str(CONFIG), overrides)
 
 
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+def rate(images_per_s: float) -> str:
+    """Throughput with its digits: images/s, or s/image when below 0.1 images/s (a CPU at 2048x1024)."""
+    if images_per_s >= 0.1:
+        return f"{images_per_s:.2f} images/s"
+    return f"{1 / images_per_s:.1f} s/image"
 
 
 def cli(*argv: str) -> None:
@@ -184,12 +187,12 @@ def phase_train(args, device, sizes) -> list[dict]:
             f"{amp}, channels-last")
     return [
         row(name, FAILED if problems else MET,
-            f"{step_s * 1e3:.0f} ms/step, {step_ips:.2f} images/s (median of {len(step_times)}; "
+            f"{step_s * 1e3:.0f} ms/step, {rate(step_ips)} (median of {len(step_times)}; "
             f"loss {values.get('total', float('nan')):.3f}, c {values.get('c', float('nan')):.2f})",
             "finite loss, bf16 on GPU, channels-last", "; ".join(problems)),
         row(f"train loader: {cfg.data.num_workers} workers, 2048x1024 PNG -> {CROP[0]}x{CROP[1]} crops",
             MET if loader_ips >= step_ips else FAILED,
-            f"{loader_ips:.2f} images/s alone vs step {step_ips:.2f} images/s; "
+            f"{rate(loader_ips)} alone vs step {rate(step_ips)}; "
             f"waited {1e3 * statistics.median(wait_times):.0f} ms/step in the loop",
             ">= the step's images/s"),
     ]
@@ -346,7 +349,7 @@ def phase_pseudo_masks(args, device, sizes) -> list[dict]:
     ok = len(written) == frames and shapes == {(FRAME[1], FRAME[0])}
     return [row("pseudo-masks: ViT-B/16 2048x1024, key smoothing, prompt denoising, scales 0.75/1/1.25",
                 MET if ok else FAILED,
-                f"{frames / seconds:.2f} images/s ({frames} frames in {seconds:.1f} s, model build included)",
+                f"{rate(frames / seconds)} ({frames} frames in {seconds:.1f} s, model build included)",
                 "one 2048x1024 mask per frame", "" if ok else f"{len(written)} masks, sizes {shapes}")]
 
 
@@ -360,7 +363,7 @@ def phase_evaluate(args, device, sizes) -> list[dict]:
     scores = json.loads(report.read_text())
     ok = scores.get("num_images") == frames and math.isfinite(scores.get("pixel_acc", float("nan")))
     return [row("evaluate: checkpoint, whole 2048x1024 frames through its loader", MET if ok else FAILED,
-                f"{frames / seconds:.2f} images/s ({frames} frames in {seconds:.1f} s, "
+                f"{rate(frames / seconds)} ({frames} frames in {seconds:.1f} s, "
                 f"load included); mIoU {scores.get('miou', float('nan')):.1f} (untrained)",
                 "every frame scored")]
 
@@ -396,7 +399,7 @@ def phase_predict(args, device, sizes) -> list[dict]:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
     return [row(f"inference: whole 2048x1024, b{sizes.batch}, {precision}; carbseg predict end to end",
                 MET if ok else FAILED,
-                f"{ips:.2f} images/s model; {cli_ips:.2f} images/s predict CLI (load + PNGs included)",
+                f"{rate(ips)} model; {rate(cli_ips)} predict CLI (load + PNGs included)",
                 "a 2048x1024 label map per frame", "" if ok else f"shape {tuple(labels.shape)}, {written} files")]
 
 
