@@ -202,11 +202,12 @@ def phase_ddp(args, device, sizes) -> list[dict]:
     """DDP at world size 1 (train.ddp=always) through torchrun: NCCL + SyncBN on a GPU, gloo on a CPU."""
     import subprocess
 
-    check = "DDP at world size 1 (torchrun, train.ddp=always" + (", NCCL, SyncBN)" if device.type == "cuda"
-                                                                  else ", gloo)")
+    gpu = device.type == "cuda"
+    check = "DDP at world size 1 (torchrun, train.ddp=always" + (", NCCL, SyncBN)" if gpu else ", gloo)")
+    target = target if gpu else "runs, DDP over gloo (SyncBN is CUDA-only)"
     cfg = build_config([])
     if not hasattr(cfg.train, "ddp"):
-        return [row(check, NOT_TESTED, "-", "runs, DDP + SyncBN in the model",
+        return [row(check, NOT_TESTED, "-", target,
                     "this carbseg has no train.ddp key: torchrun --nproc_per_node 1 takes the plain path")]
     out = args.work / "run_ddp"
     shutil.rmtree(out, ignore_errors=True)
@@ -219,7 +220,7 @@ def phase_ddp(args, device, sizes) -> list[dict]:
     code = subprocess.call(cmd, cwd=ROOT)
     seconds = time.perf_counter() - started
     if code != 0 or not report.is_file():
-        return [row(check, FAILED, f"torchrun exited with status {code}", "runs, DDP + SyncBN in the model")]
+        return [row(check, FAILED, f"torchrun exited with status {code}", target)]
     worker = json.loads(report.read_text())
     problems = worker["problems"]
     return [row(check, FAILED if problems else MET,
@@ -227,7 +228,7 @@ def phase_ddp(args, device, sizes) -> list[dict]:
                 f"{' after the first' if worker['steps'] > 1 else ''}); "
                 f"1 process; {worker['ddp']}, backend {worker['backend']}, "
                 f"{worker['syncbn']} SyncBN layers ({seconds:.0f} s with start-up)",
-                "runs, DDP + SyncBN in the model", "; ".join(problems))], worker.get("gpu_peak")
+                target, "; ".join(problems))], worker.get("gpu_peak")
 
 
 def ddp_worker(args, device) -> None:
