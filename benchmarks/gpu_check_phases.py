@@ -204,7 +204,7 @@ def phase_ddp(args, device, sizes) -> list[dict]:
 
     gpu = device.type == "cuda"
     check = "DDP at world size 1 (torchrun, train.ddp=always" + (", NCCL, SyncBN)" if gpu else ", gloo)")
-    target = target if gpu else "runs, DDP over gloo (SyncBN is CUDA-only)"
+    target = "runs, DDP + SyncBN in the model" if gpu else "runs, DDP over gloo (SyncBN is CUDA-only)"
     cfg = build_config([])
     if not hasattr(cfg.train, "ddp"):
         return [row(check, NOT_TESTED, "-", target,
