@@ -274,7 +274,11 @@ def ddp_worker(args, device) -> None:
 
 def phase_layout(args, device, sizes) -> list[dict]:
     """A real NCHW vs channels-last comparison: the same weights, forward + backward, with the layout of
-    the first convolution's input checked (the segmenter converts every input to its own layout)."""
+    the first convolution's input checked (the segmenter converts every input to its own layout).
+
+    BatchNorm runs on its running statistics: with batch statistics, a random network's first-layer
+    gradient is so ill-conditioned that fp32 summation order alone moves it by several percent (fp64
+    agrees to 1e-13 in both layouts), which would hide a layout bug in noise; a bug is an O(1) change."""
     from carbseg.config import load_config
     from carbseg.data.classes import CITYSCAPES
     from carbseg.models.segmenter import build_segmenter
@@ -286,9 +290,11 @@ def phase_layout(args, device, sizes) -> list[dict]:
     torch.manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(CITYSCAPES.num_classes, cfg.model.embed_dim), dim=1)
     model = build_segmenter(cfg.model, CITYSCAPES.num_classes, class_embeddings=embeddings,
-                            load_pretrained=False).to(device).train()
+                            load_pretrained=False).to(device).eval()
     amp = segmenter_precision(device).autocast_dtype
-    images = torch.rand(sizes.batch, 3, *CROP, generator=torch.Generator().manual_seed(0)).mul(255).to(device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(sizes.batch, 3, *CROP, generator=generator).mul(255).to(device)
+    projection = torch.randn(sizes.batch, CITYSCAPES.num_classes, *CROP, generator=generator).to(device)
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     seen: list[bool] = []
     hook = first_conv.register_forward_pre_hook(
@@ -305,7 +311,7 @@ def phase_layout(args, device, sizes) -> list[dict]:
             t0 = time.perf_counter()
             with autocast(device, amp):
                 logits = model(images)
-            logits.float().square().mean().backward()
+            (logits.float() * projection).mean().backward()
             sync(device)
             if rep >= sizes.layout_warmup:
                 times.append(time.perf_counter() - t0)
@@ -314,20 +320,21 @@ def phase_layout(args, device, sizes) -> list[dict]:
     hook.remove()
     (t_nchw, out_nchw, g_nchw, cl_nchw), (t_cl, out_cl, g_cl, cl_cl) = results["NCHW"], results["channels-last"]
     out_diff = ((out_nchw - out_cl).abs().max() / out_nchw.abs().max().clamp_min(1e-12)).item()
-    grad_diff = ((g_nchw - g_cl).abs().max() / g_nchw.abs().max().clamp_min(1e-12)).item()
-    tolerance = 5e-2 if amp is not None else 1e-3  # bf16 kernels differ per layout
+    grad_diff = ((g_nchw - g_cl).norm() / g_nchw.norm().clamp_min(1e-12)).item()
+    # fp32 measured on a CPU at 256x512: 2e-6 and 3e-3; bf16 rounds every layer's output.
+    logits_tol, grad_tol = (5e-2, 0.15) if amp is not None else (1e-4, 2e-2)
     problems = []
     if cl_nchw or not cl_cl:
         problems.append(f"layouts not as asked (first conv input channels-last: NCHW run {cl_nchw}, "
                         f"channels-last run {cl_cl})")
-    if max(out_diff, grad_diff) > tolerance:
-        problems.append(f"outputs differ beyond {tolerance:g}")
+    if out_diff > logits_tol or grad_diff > grad_tol:
+        problems.append(f"the layouts disagree beyond {logits_tol:g} (logits) / {grad_tol:g} (gradient)")
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
-    return [row(f"NCHW vs channels-last: R50-V1c os8 {CROP[0]}x{CROP[1]} b{sizes.batch} fwd+bwd, {precision}",
-                FAILED if problems else MET,
+    return [row(f"NCHW vs channels-last: R50-V1c os8 {CROP[0]}x{CROP[1]} b{sizes.batch} fwd+bwd, {precision}, "
+                "BN on running statistics", FAILED if problems else MET,
                 f"NCHW {t_nchw * 1e3:.0f} ms, channels-last {t_cl * 1e3:.0f} ms ({t_nchw / t_cl:.2f}x); "
-                f"max rel. diff logits {out_diff:.1e}, first-conv grad {grad_diff:.1e}",
-                f"both layouts really run; same result within {tolerance:g}", "; ".join(problems))]
+                f"logits max rel. diff {out_diff:.1e}, first-conv gradient rel. diff {grad_diff:.1e}",
+                f"both layouts really run; agree within {logits_tol:g} / {grad_tol:g}", "; ".join(problems))]
 
 
 def phase_pseudo_masks(args, device, sizes) -> list[dict]:
