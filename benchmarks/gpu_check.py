@@ -55,15 +55,15 @@ class Phase:
 
 
 PHASES = (
-    Phase("data", "generated Cityscapes layout (2048x1024), labels, untrained checkpoint, text embeddings", 25, 45),
-    Phase("train", "trainer, ~20 steps from the real DataLoader; loader images/s beside step images/s", 90, 120),
-    Phase("ddp", "torchrun --nproc_per_node 1 with train.ddp=always (NCCL + SyncBN; gloo on a CPU)", 60, 110),
-    Phase("layout", "NCHW vs channels-last, same weights, forward + backward", 30, 80),
-    Phase("pseudo-masks", "carbseg pseudo-masks, 2048x1024, key smoothing, prompt denoising, 3 scales", 45, 130),
-    Phase("evaluate", "carbseg evaluate --checkpoint, whole 2048x1024 frames through its loader", 30, 45),
-    Phase("predict", "inference throughput at 2048x1024 and carbseg predict end to end", 30, 70),
-    Phase("onnx", "export-onnx at 2048x1024 and onnxruntime parity", 45, 110),
-    Phase("resume", "exact resume: 2 iterations vs 1 + --resume 1", 60, 190),
+    Phase("data", "generated Cityscapes layout (2048x1024), labels, untrained checkpoint, text embeddings", 25, 25),
+    Phase("train", "trainer, ~20 steps from the real DataLoader; loader images/s beside step images/s", 90, 80),
+    Phase("ddp", "torchrun --nproc_per_node 1 with train.ddp=always (NCCL + SyncBN; gloo on a CPU)", 60, 80),
+    Phase("layout", "NCHW vs channels-last, same weights, forward + backward", 30, 100),
+    Phase("pseudo-masks", "carbseg pseudo-masks, 2048x1024, key smoothing, prompt denoising, 3 scales", 45, 150),
+    Phase("evaluate", "carbseg evaluate --checkpoint, whole 2048x1024 frames through its loader", 30, 80),
+    Phase("predict", "inference throughput at 2048x1024 and carbseg predict end to end", 30, 120),
+    Phase("onnx", "export-onnx (free sizes) and onnxruntime parity on a 2048x1024 frame", 45, 125),
+    Phase("resume", "exact resume: 2 iterations vs 1 + --resume 1", 60, 140),
     Phase("gpu-tests", "pytest -m gpu: each skipped test a NOT TESTED row", 125, 0),
 )
 # By construction, not by hope: a plan that outgrows its limit does not import.
