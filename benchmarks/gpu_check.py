@@ -160,6 +160,12 @@ class ProcessTree:
             self.proc.wait(timeout=10)
 
 
+def exit_on_sigterm() -> None:
+    """A SIGTERM to the check (a scheduler's time limit, ``timeout``) unwinds like Ctrl-C, so that
+    ``run_phase`` kills the phase that is running instead of leaving it on the GPU."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_phase(cmd: list[str], timeout_s: float, log_path: Path, env: dict[str, str] | None = None) -> PhaseRun:
     """Run ``cmd`` in its own process group for at most ``timeout_s``; whatever it started is gone when
     this returns (on a timeout, and also leftovers of a phase that ended)."""
@@ -168,12 +174,16 @@ def run_phase(cmd: list[str], timeout_s: float, log_path: Path, env: dict[str, s
     with open(log_path, "wb") as log:
         tree = ProcessTree(cmd, log, env)
         timed_out = False
-        while tree.proc.poll() is None:
-            tree.sample()
-            if time.monotonic() - started > timeout_s:
-                timed_out = True
-                break
-            time.sleep(POLL_S)
+        try:
+            while tree.proc.poll() is None:
+                tree.sample()
+                if time.monotonic() - started > timeout_s:
+                    timed_out = True
+                    break
+                time.sleep(POLL_S)
+        except BaseException:  # Ctrl-C, or SIGTERM (main turns it into SystemExit): no phase outlives the check
+            tree.kill()
+            raise
         seconds = time.monotonic() - started
         code = None if timed_out else tree.proc.returncode
         tree.kill()  # on a timeout the whole tree; otherwise stray grandchildren (an orphaned worker)
@@ -320,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         p.error("--out DIR is required (unless --dry-run)")
+    exit_on_sigterm()
     names = {ph.name for ph in PHASES}
     selected = None
     if args.only:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -77,6 +78,38 @@ def test_timed_out_phase_is_killed_with_everything_it_started(tmp_path):
         assert 3.0 <= ran.seconds < 10.0 and time.monotonic() - started < 30.0
         assert _wait_gone(pids), [p for p in pids if not _gone(p)]
         assert ran.peak_rss_bytes > 3 * 5 * 2**20  # three Python processes were counted together
+    finally:
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, 9)
+
+
+def test_a_check_stopped_by_sigterm_takes_its_running_phase_with_it(tmp_path):
+    """`timeout` or a scheduler ends the check itself with SIGTERM: the phase it was running (a child
+    in a session of its own, as torchrun's workers) must not outlive it."""
+    pids_file = tmp_path / "pids"
+    phase = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        open({str(pids_file)!r}, "w").write(f"{{os.getpid()}} {{worker.pid}}")
+        time.sleep(600)
+    """)
+    check = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(gpu_check.__file__).parent)!r})
+        import gpu_check
+        gpu_check.exit_on_sigterm()
+        gpu_check.run_phase([sys.executable, "-c", {phase!r}], 600.0, __import__("pathlib").Path({str(tmp_path / "log")!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", check])
+    deadline = time.monotonic() + 60
+    while not (pids_file.exists() and len(pids_file.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p) for p in pids_file.read_text().split()]
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert _wait_gone(pids), [p for p in pids if not _gone(p)]
     finally:
         for pid in pids:
             if not _gone(pid):
