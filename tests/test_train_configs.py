@@ -81,6 +81,48 @@ def _commands_in_header(path: Path) -> list[list[str]]:
     return commands
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_camvid_cpu_offline_recipe_trains_the_proxy_study_variant_its_figures_come_from(tmp_path):
+    # The per-class val figures of the offline recipe (header, docs/datasets.md) are those of the
+    # CamVid proxy-teacher study's global-CE variant: the recipe must train exactly that setting.
+    import importlib.util
+
+    from carbseg.config import config_to_dict
+
+    study_dir = CONFIGS.parent / "studies" / "camvid"
+    spec = importlib.util.spec_from_file_location("camvid_run_study", study_dir / "run_study.py")
+    run_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_study)
+    study = run_study.Study("DATA/camvid", str(tmp_path), seeds=[0], variants=["proxy_ce"], dry_run=True,
+                            study=run_study.load_study(study_dir / "proxy_study.yaml"))
+    measured = _flat(config_to_dict(load_config(study.study["base"], study.overrides("proxy_ce", 0))))
+
+    train = next(c for c in _commands_in_header(CONFIGS / "camvid_cpu.yaml")
+                 if c[1] == "train" and "teacher.kind=proxy" in c)
+    overrides = [a for a in train[2:train.index("--out")] if "=" in a and not a.startswith("--")]
+    recipe = _flat(config_to_dict(load_config(CONFIGS / "camvid_cpu.yaml", overrides)))
+
+    # Not part of what is trained: names, places, the CLIP teacher's fields, bookkeeping intervals,
+    # the sliding-window fields of an evaluation in whole-frame mode, and the precision (the study
+    # forced fp32 for comparable runs; the recipe takes bf16 where the CPU has it natively).
+    # The GLV fields (patch, zoom) do nothing with glv.enabled false, nor CARB's with it off.
+    ignored = ("name", "device", "data.root", "teacher.proxy_weights", "teacher.clip_", "teacher.text_templates",
+               "train.amp", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
+               "eval.crop_size", "eval.stride", "glv.patch_size", "glv.scale_", "carb.queue_size", "carb.coeff",
+               "carb.fixed_coefficient")
+    differing = {k: (recipe.get(k), measured.get(k)) for k in recipe.keys() | measured.keys()
+                 if recipe.get(k) != measured.get(k) and not k.startswith(ignored)}
+    assert differing == {}
+    assert (recipe["glv.enabled"], recipe["carb.enabled"], recipe["train.max_iters"]) == (False, False, 1500)
+    assert recipe["train.eval_interval"] == recipe["train.max_iters"]  # one val pass, at the end
+
+
 @pytest.mark.slow  # fits a proxy teacher and trains two real-image iterations: ~1 min on 2 cores
 def test_camvid_cpu_offline_commands_of_its_header_run(camvid_root, tmp_path, monkeypatch):
     # The offline recipe in configs/camvid_cpu.yaml's header, run as written (fewer fit images and
@@ -100,5 +142,5 @@ def test_camvid_cpu_offline_commands_of_its_header_run(camvid_root, tmp_path, mo
     args = [*train[1:out], "train.eval_interval=0", *train[out:], "--max-iters", "2", "--no-progress"]
     assert main(args) == 0
     records = [json.loads(line) for line in (tmp_path / "runs" / "camvid_cpu" / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [2] and records[-1]["c"] == 1.0  # in the warm-up
+    assert [r["iteration"] for r in records] == [2] and records[-1]["c"] == 1.0  # plain CE: CARB off
     assert (tmp_path / "runs" / "camvid_cpu" / "model.safetensors").is_file()
