@@ -46,10 +46,10 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
     "metrics": ("tests/test_metrics.py",),
     "losses.carb": ("tests/test_carb_loss.py",),
     "engine.step": ("tests/test_train_step.py", "tests/test_train_clip_teacher.py"),
+    "teacher.clip_teacher": ("tests/test_clip_teacher.py", "tests/test_teacher_pseudo_masks.py"),
     # Not measured yet (docs/testing.md): their fast tests, ready for a run.
     "teacher.proxy": ("tests/test_teacher_proxy.py",),
     "teacher.clip_dense": ("tests/test_teacher_dense.py", "tests/test_teacher_dense_variants.py"),
-    "teacher.clip_teacher": ("tests/test_teacher_pseudo_masks.py",),
     "precision": ("tests/test_precision.py",),
 }
 
