@@ -281,3 +281,155 @@ def test_without_regions_the_warmup_terms_are_bit_identical_and_the_regions_left
     assert torch.equal(grad_full, grad_light)
     assert full.consistent > 0 and light.consistent == 0 and light.inconsistent_pixels == 0
     assert torch.isnan(light.consistent_share)
+
+
+# ---------------------------------------------------------------- edge cases found by mutation testing
+def test_restricted_argmax_restricts_each_image_alone_and_accepts_0_1_labels():
+    # Image 0 is labelled {0}; image 1 has no label at all and keeps the unrestricted argmax (class 2),
+    # whatever its neighbour in the batch holds. Labels as 0/1 floats mean the same as booleans.
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]).view(2, 3, 1, 1)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert restricted_argmax(logits, labels).flatten().tolist() == [0, 2]
+    assert restricted_argmax(logits, labels.bool()).flatten().tolist() == [0, 2]
+
+
+def test_masked_cross_entropy_accepts_a_0_1_region():
+    logits, teacher, _ = example()
+    region = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # the consistent pixels (0,0), (1,0)
+    loss, count = masked_cross_entropy(logits, teacher, region)
+    assert int(count) == 2 and loss.item() == pytest.approx(CE_CONS, rel=1e-6)
+
+
+def test_adaptive_coefficient_with_one_history_empty_or_small_losses():
+    assert adaptive_coefficient([], [1.0], coeff=0.7) == 0.7  # nothing consistent known yet
+    assert adaptive_coefficient([1.0], [], coeff=0.7) == 0.7
+    assert adaptive_coefficient([1.0], [0.5]) == pytest.approx(2.0)  # a loss below 1 is information too
+
+
+def test_balanced_loss_rounds_a_tensor_c_to_the_terms_dtype_like_a_float():
+    logits, teacher, labels = example()
+    terms = carb_loss(logits, teacher, None, None, labels)
+    as_tensor = terms.balanced_loss(torch.tensor(1.0 / 3.0, dtype=torch.float64))
+    assert as_tensor.dtype == torch.float32
+    assert torch.equal(as_tensor, terms.balanced_loss(1.0 / 3.0))
+
+
+def test_carb_loss_counts_are_long_and_regions_use_the_given_ignore_index():
+    logits, teacher, labels = example()
+    for regions in (True, False):
+        terms = carb_loss(logits, teacher, None, None, labels, regions=regions)
+        counts = [terms.consistent_pixels, terms.inconsistent_pixels, terms.patch_consistent_pixels,
+                  terms.patch_inconsistent_pixels]
+        assert all(count.dtype == torch.long for count in counts)
+    # ignore_index 1: the teacher's class-1 pixels (bottom row) are in neither region, on both views.
+    terms = carb_loss(logits, teacher, logits, teacher, labels, ignore_index=1)
+    assert (int(terms.consistent_pixels), int(terms.inconsistent_pixels)) == (1, 1)  # (0,0) agrees, (0,1) not
+    assert (int(terms.patch_consistent_pixels), int(terms.patch_inconsistent_pixels)) == (1, 1)
+    assert terms.consistent.item() == pytest.approx(CE_00, rel=1e-6)
+    assert terms.patch_inconsistent.item() == pytest.approx(CE_01, rel=1e-6)
+
+
+def test_carb_loss_needs_both_patch_inputs_for_patch_terms():
+    logits, teacher, labels = example()
+    terms = carb_loss(logits, teacher, logits[..., :1, :], None, labels)
+    assert terms.patch_ce.item() == 0.0 and int(terms.patch_consistent_pixels) == 0
+    assert terms.warmup_loss().item() == pytest.approx(terms.global_ce.item())
+
+
+def test_carb_loss_without_regions_has_every_region_term_zero():
+    logits, teacher, labels = example()
+    light = carb_loss(logits, teacher, logits, teacher, labels, regions=False)
+    for value in (light.consistent, light.inconsistent, light.patch_consistent, light.patch_inconsistent,
+                  light.consistent_pixels, light.inconsistent_pixels, light.patch_consistent_pixels,
+                  light.patch_inconsistent_pixels):
+        assert isinstance(value, torch.Tensor) and value.item() == 0
+
+
+def test_consistent_share_of_a_single_pixel():
+    logits = torch.tensor([[[[2.0]], [[0.0]]]])
+    terms = carb_loss(logits, torch.tensor([[[0]]]), None, None, torch.tensor([[True, True]]))
+    assert terms.consistent_share.item() == 1.0
+    terms = carb_loss(logits, torch.tensor([[[1]]]), None, None, torch.tensor([[True, True]]))
+    assert terms.consistent_share.item() == 0.0
+
+
+def test_loss_queue_default_size_is_q_5_and_size_1_is_allowed():
+    queue = LossQueue()
+    for value in range(1, 8):
+        queue.push(float(value), 1.0)
+    assert queue.consistent == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert CARBObjective().queue.size == 5
+    single = LossQueue(size=1)
+    single.push(1.0, 2.0)
+    single.push(3.0, 4.0)
+    assert single.consistent == [3.0] and single.inconsistent == [4.0]
+    with pytest.raises(ValueError, match="queue size must be >= 1, got 0"):
+        LossQueue(size=0)
+
+
+def test_loss_queue_keeps_python_floats_exactly():
+    # The queue is float64: 0.1 pushed or loaded comes back as 0.1, not as its float32 rounding.
+    queue = LossQueue(size=3)
+    queue.push(0.1, 0.3)
+    assert queue.consistent == [0.1] and queue.inconsistent == [0.3]
+    loaded = LossQueue(size=3)
+    loaded.load_state_dict({"size": 3, "consistent": [0.1, 0.7], "inconsistent": [0.3, 0.9]})
+    assert loaded.consistent == [0.1, 0.7] and loaded.inconsistent == [0.3, 0.9]
+
+
+def test_loss_queue_coefficient_with_no_or_small_inconsistent_loss():
+    queue = LossQueue(size=3)
+    queue.push(1.0, 0.0)  # no inconsistent pixels: nothing to rebalance
+    assert queue.coefficient(0.7).item() == 0.7
+    queue = LossQueue(size=3)
+    queue.push(1.0, 0.5)
+    assert queue.coefficient().item() == pytest.approx(2.0)
+
+
+def test_loss_queue_state_carries_its_size():
+    queue = LossQueue(size=3)
+    queue.push(1.0, 2.0)
+    state = queue.state_dict()
+    assert state["size"] == 3
+    restored = LossQueue(size=5)
+    restored.load_state_dict(state)
+    assert restored.size == 3
+    legacy = LossQueue(size=4)  # a state without "size" keeps the queue's own
+    legacy.load_state_dict({"consistent": [1.0], "inconsistent": [2.0]})
+    assert legacy.size == 4 and legacy.consistent == [1.0]
+
+
+def test_scalars_to_floats_reads_large_counts_exactly():
+    from carbseg.losses.carb import scalars_to_floats
+
+    # A pixel count above 2^24 (a batch of 8 Cityscapes frames) is not representable in float32.
+    values = {"pixels": torch.tensor(2**24 + 1), "loss": torch.tensor(0.5), "c": 0.25}
+    assert scalars_to_floats(values) == {"pixels": 16777217.0, "loss": 0.5, "c": 0.25}
+
+
+def test_objective_from_config_and_the_losses_it_returns():
+    from carbseg.config import CARBConfig
+
+    objective = CARBObjective.from_config(CARBConfig(enabled=True, queue_size=3, coeff=0.5,
+                                                     fixed_coefficient=None), warmup_iters=7)
+    assert (objective.warmup_iters, objective.fixed_coefficient, objective.coeff, objective.queue.size,
+            objective.enabled) == (7, None, 0.5, 3, True)
+    fixed = CARBObjective.from_config(CARBConfig(enabled=False, fixed_coefficient=0.03), warmup_iters=0)
+    assert fixed.fixed_coefficient == 0.03 and not fixed.enabled
+    logits, teacher, labels = example()
+    terms = carb_loss(logits, teacher, None, None, labels)
+    flag = torch.tensor(True)
+    warm = objective(terms, 6, finite=flag)
+    assert warm.terms is terms and warm.finite is flag and warm.coefficient == 1.0 and warm.warmup is True
+    after = objective(terms, 7, finite=flag)
+    assert after.terms is terms and after.finite is flag and after.warmup is False
+
+
+def test_objective_keeps_nothing_of_a_non_finite_step():
+    logits, teacher, labels = example()
+    terms = carb_loss(logits, teacher, None, None, labels)
+    objective = CARBObjective(coeff=0.7)
+    loss = objective(terms, 0, finite=torch.tensor(False))
+    assert len(objective.queue) == 0 and loss.coefficient.item() == 0.7
+    objective(terms, 1)
+    assert len(objective.queue) == 1

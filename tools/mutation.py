@@ -44,12 +44,12 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
     "data.transforms": ("tests/test_transforms.py",
                         "tests/test_teacher_persistence.py::test_augmentation_frame_map_places_every_view_pixel_where_it_came_from"),
     "metrics": ("tests/test_metrics.py",),
-    # Not measured yet (docs/testing.md): their fast tests, ready for a run.
     "losses.carb": ("tests/test_carb_loss.py",),
+    "engine.step": ("tests/test_train_step.py", "tests/test_train_clip_teacher.py"),
+    "teacher.clip_teacher": ("tests/test_clip_teacher.py", "tests/test_teacher_pseudo_masks.py"),
+    # Not measured yet (docs/testing.md): their fast tests, ready for a run.
     "teacher.proxy": ("tests/test_teacher_proxy.py",),
     "teacher.clip_dense": ("tests/test_teacher_dense.py", "tests/test_teacher_dense_variants.py"),
-    "teacher.clip_teacher": ("tests/test_teacher_pseudo_masks.py",),
-    "engine.step": ("tests/test_train_clip_teacher.py",),
     "precision": ("tests/test_precision.py",),
 }
 
