@@ -91,6 +91,8 @@ def test_cost_and_memory_of_the_products_by_hand():
     (DEMO, 4, 4, True),  # cost 20, memory 1.13x
     (CAMVID_CPU, 4, 4, True),  # cost 16.25, memory 1.07x
     (CAMVID_OS8, 4, 4, True),  # cost 35, memory 1.13x
+    ((11, (45, 60), (360, 480)), 4, 4, False),  # a whole CamVid frame at stride 8: cost 52.5, even
+    ((4 * 19, (64, 128), (512, 1024)), 4, 4, False),  # Cityscapes crops: cost 80, within noise of even
     (CITYSCAPES, 4, 4, False),  # cost 160: 1.6x slower
     ((19, (128, 256), (1024, 2048)), 4, 4, False),  # batch 1, as slow per pixel
     (CITYSCAPES_1_75, 4, 4, False),  # cost 280: 2.4x slower

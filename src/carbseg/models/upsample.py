@@ -39,14 +39,14 @@ import torch
 import torch.nn.functional as F
 
 # Multiply-adds per output pixel of the two products, ``h + h * w / H``, up to which they are taken.
-# From the measured points: 20 (the demo, 3.5x faster forward, 7x backward) and 35 (CamVid 240x320 crops,
-# 4x faster) pay; 160 (Cityscapes 128x256 -> 1024x2048: 1.6x slower) and 280 (its scale 1.75: 2.4x
-# slower) lose. A power law through the two losing points, ratio ~ (cost / 160) ** 0.72 * 1.6, crosses
-# 1.0 near 83. benchmarks/bench_fastpaths.py, once at one thread on a loaded 2-core AMD EPYC (ratios only):
-# costs 16-52.5 (demo, CamVid crops and frames) 1.4-1.8x faster, 80 (Cityscapes 512x1024 crops) 0.90x,
-# 160 0.66-0.79x, 280 0.45x. The limit lies between the largest cost that won (52.5) and the smallest that
-# lost (80), below the fitted crossing: F.interpolate when unsure.
-MATRIX_PRODUCTS_MAX_COST_PER_PIXEL = 64
+# benchmarks/bench_fastpaths.py on an idle 2-core AMD EPYC with AVX512-BF16 (fp32, 1 and 2 threads;
+# forward + backward where training): cost 16.25 (CamVid crops, output stride 16) 1.62-1.69x faster, 20 (the
+# demo) 1.40-1.54x, 35 (CamVid crops, output stride 8) 1.32-1.41x; 52.5 (a whole CamVid frame at stride 8)
+# 0.95-1.00x, even; 80 (Cityscapes 512x1024 crops) 1.04-1.09x, within noise of even; 160 (Cityscapes
+# 128x256 -> 1024x2048) 0.58-0.83x and 280 (its test-time scale 1.75) 0.41-0.44x lose. The limit keeps
+# the clear wins and leaves everything from the first even point up to F.interpolate: when unsure, the
+# standard op.
+MATRIX_PRODUCTS_MAX_COST_PER_PIXEL = 40
 # The products may hold at most this multiple of what F.interpolate's output holds.
 MATRIX_PRODUCTS_MAX_MEMORY_RATIO = 1.2
 
