@@ -28,16 +28,7 @@ def test_two_cpu_processes_train_one_model(tmp_path):
     generate_synthetic_dataset(scenes, "train", 5, 64, 128, seed=2, progress=False)
     generate_synthetic_dataset(scenes, "val", 2, 64, 128, seed=2, progress=False)
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "ddp", "device": "cpu",
-        "data": {"dataset": "synthetic", "root": str(scenes), "crop_size": [32, 64], "scale_size": [64, 128],
-                 "batch_size": 2, "num_workers": 0},
-        "teacher": {"kind": "simulated", "grid_cell": 8},
-        "model": {"backbone": "tiny", "pretrained": "none", "classifier": "learned", "head_channels": 16,
-                  "aspp_dilations": [1, 2, 3, 4]},
-        "glv": {"patch_size": [16, 32]},
-        "train": {"max_iters": 10, "warmup_iters": 1, "eval_interval": 2, "log_interval": 1},
-    }))
+    config.write_text(yaml.safe_dump(_tiny_config(scenes, eval_interval=2)))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -63,6 +54,7 @@ def test_two_cpu_processes_train_one_model(tmp_path):
 
 # ---------------------------------------------------------------- train.ddp
 def _tiny_config(scenes: Path, **train) -> dict:
+    """The tiny simulated-teacher run of this file's DDP tests; ``train`` overrides train.* keys."""
     return {
         "name": "ddp", "seed": 3, "device": "cpu",
         "data": {"dataset": "synthetic", "root": str(scenes), "crop_size": [32, 64], "scale_size": [64, 128],

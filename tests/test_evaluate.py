@@ -233,11 +233,11 @@ def test_equivalent_to_official_cityscapes_evaluator(cityscapes_sample_root, tmp
     assert ours["num_images"] == 1
 
 
-def test_cli_evaluate_checkpoint_reports_what_evaluate_checkpoint_counts(tmp_path):
+def tiny_camvid_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """(root, checkpoint): three random 24x32 CamVid-layout val frames (a, b, c) with random labels
+    (11 = void included) and an untrained tiny segmenter saved as a checkpoint (whole-image eval)."""
     from carbseg.config import Config, ModelConfig
-    from carbseg.data.datasets import build_dataset
     from carbseg.engine.checkpoint import save_model
-    from carbseg.engine.inference import evaluate_checkpoint
     from carbseg.models.segmenter import build_segmenter
 
     rng = np.random.default_rng(2)
@@ -251,7 +251,14 @@ def test_cli_evaluate_checkpoint_reports_what_evaluate_checkpoint_counts(tmp_pat
     cfg.eval.mode = "whole"
     torch.manual_seed(0)
     model = build_segmenter(cfg.model, CAMVID.num_classes, class_embeddings=None, load_pretrained=False)
-    checkpoint = save_model(tmp_path / "model.safetensors", model, cfg, CAMVID)
+    return root, save_model(tmp_path / "model.safetensors", model, cfg, CAMVID)
+
+
+def test_cli_evaluate_checkpoint_reports_what_evaluate_checkpoint_counts(tmp_path):
+    from carbseg.data.datasets import build_dataset
+    from carbseg.engine.inference import evaluate_checkpoint
+
+    root, checkpoint = tiny_camvid_checkpoint(tmp_path)
 
     code = main(["evaluate", "--dataset", "camvid", "--root", str(root), "--split", "val", "--checkpoint",
                  str(checkpoint), "--device", "cpu", "--json", str(tmp_path / "r.json"),

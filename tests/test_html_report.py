@@ -242,27 +242,10 @@ def test_the_page_template_is_declared_as_package_data():
 
 
 def test_evaluate_checkpoint_html_shows_the_checkpoints_predictions(tmp_path):
-    import torch
-
-    from carbseg.config import Config, ModelConfig
-    from carbseg.data.classes import CAMVID
-    from carbseg.engine.checkpoint import save_model
     from carbseg.engine.inference import evaluate_checkpoint
-    from carbseg.io import write_png_atomic
-    from carbseg.models.segmenter import build_segmenter
+    from test_evaluate import tiny_camvid_checkpoint
 
-    rng = np.random.default_rng(2)
-    root = tmp_path / "camvid"
-    for name in ("a", "b", "c"):
-        write_png_atomic(root / "val" / f"{name}.png", rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
-        write_png_atomic(root / "valannot" / f"{name}.png", rng.integers(0, 12, (24, 32), dtype=np.uint8))
-    cfg = Config(name="tiny")
-    cfg.model = ModelConfig(backbone="tiny", pretrained="none", classifier="learned", head_channels=16,
-                            embed_dim=16, aspp_dilations=[1, 2])
-    cfg.eval.mode = "whole"
-    torch.manual_seed(0)
-    model = build_segmenter(cfg.model, CAMVID.num_classes, class_embeddings=None, load_pretrained=False)
-    checkpoint = save_model(tmp_path / "model.safetensors", model, cfg, CAMVID)
+    root, checkpoint = tiny_camvid_checkpoint(tmp_path)
     assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--split", "val", "--checkpoint",
                  str(checkpoint), "--device", "cpu", "--json", str(tmp_path / "r.json"), "--no-progress",
                  "--html", str(tmp_path / "page")]) == 0
