@@ -101,10 +101,13 @@ class DenseCLIP(nn.Module):
             cls_pos, patch_pos = pos[:1], pos[1:]
             gh0, gw0 = self.native_grid
             width = patch_pos.shape[-1]
-            grid_pos = patch_pos.float().reshape(1, gh0, gw0, width).permute(0, 3, 1, 2)
+            # Interpolated in fp32 at least and cast once, below: a model stored in bf16 gets its
+            # positions rounded once, not twice.
+            work = torch.promote_types(pos.dtype, torch.float32)
+            grid_pos = patch_pos.to(work).reshape(1, gh0, gw0, width).permute(0, 3, 1, 2)
             grid_pos = F.interpolate(grid_pos, size=tuple(grid), mode="bicubic", align_corners=False)
-            patch_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width).to(pos.dtype)
-            out = torch.cat([cls_pos, patch_pos], dim=0)
+            patch_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width)
+            out = torch.cat([cls_pos.to(work), patch_pos], dim=0)
         out = out.detach().to(device=device, dtype=dtype)
         self._pos_cache[key] = out
         return out
