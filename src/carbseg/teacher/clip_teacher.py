@@ -104,31 +104,32 @@ class CLIPTeacher:
             scores = F.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
         return scores
 
-    @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) cosine scores averaged over the scales (before any label restriction).
 
         A caller's autocast (the segmenter's, in training) is switched off here: the teacher's own
         ``precision`` alone decides, so the masks made inside training equal ``carbseg pseudo-masks``'.
         """
-        normalised = self._normalise(images)
-        total = None
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        # no_grad as a block, not a decorator (here and in __call__): mutation testing skips decorated
+        # functions (docs/testing.md).
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            normalised = self._normalise(images)
+            total = None
             for scale in self.scales:
                 s = self._scores_at_scale(normalised, scale)
                 # In place: one full-resolution map is held besides the current scale's, not three
                 # (at 2048x1024, 19 classes and batch 4 each fp32 map is 637 MB).
                 total = s if total is None else total.add_(s)
                 del s
-        return total.div_(len(self.scales))
+            return total.div_(len(self.scales))
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, image_labels: torch.Tensor, gt: torch.Tensor | None = None,
                  valid: torch.Tensor | None = None, frames=None) -> torch.Tensor:
-        scores = self.scores(images)  # ``frames`` is not needed: CLIP sees only the pixels
-        labels = image_labels.to(scores.device).bool()
-        with torch.autocast(device_type=scores.device.type, enabled=False):
-            if self.use_prompt_denoising:
-                labels = prompt_denoising(scores, labels)
-            return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
-                                     None if valid is None else valid.to(scores.device))
+        with torch.no_grad():
+            scores = self.scores(images)  # ``frames`` is not needed: CLIP sees only the pixels
+            labels = image_labels.to(scores.device).bool()
+            with torch.autocast(device_type=scores.device.type, enabled=False):
+                if self.use_prompt_denoising:
+                    labels = prompt_denoising(scores, labels)
+                return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
+                                         None if valid is None else valid.to(scores.device))

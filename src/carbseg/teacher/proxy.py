@@ -72,20 +72,22 @@ class ProxyFeatures(nn.Module):
     def train(self, mode: bool = True) -> ProxyFeatures:  # frozen: BN statistics never change
         return super().train(False)
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Float RGB (B, 3, H, W) in 0..255 -> (B, D, ceil(H/16), ceil(W/16)) features."""
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-        x = (images.float() - mean) / std
-        grid = (-(-images.shape[-2] // GRID_STRIDE), -(-images.shape[-1] // GRID_STRIDE))
-        levels = []
-        for feats in self.body(x):
-            if feats.shape[-2] >= grid[0] and feats.shape[-1] >= grid[1]:
-                levels.append(F.adaptive_avg_pool2d(feats, grid))  # finer level: average within a cell
-            else:
-                levels.append(F.interpolate(feats, size=grid, mode="bilinear", align_corners=False))
-        return torch.cat(levels, dim=1).float()
+        # no_grad as a block rather than a decorator here and below: mutation testing (docs/testing.md)
+        # skips decorated functions, and these are the instrument's core.
+        with torch.no_grad():
+            mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+            x = (images.float() - mean) / std
+            grid = (-(-images.shape[-2] // GRID_STRIDE), -(-images.shape[-1] // GRID_STRIDE))
+            levels = []
+            for feats in self.body(x):
+                if feats.shape[-2] >= grid[0] and feats.shape[-1] >= grid[1]:
+                    levels.append(F.adaptive_avg_pool2d(feats, grid))  # finer level: average within a cell
+                else:
+                    levels.append(F.interpolate(feats, size=grid, mode="bilinear", align_corners=False))
+            return torch.cat(levels, dim=1).float()
 
 
 @dataclass
@@ -205,34 +207,34 @@ class ProxyTeacher:
         self.classifier = ProxyClassifier(c.weight.to(device), c.bias.to(device), c.mean.to(device), c.std.to(device))
         return self
 
-    @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) class scores averaged over the scales (before any label restriction)."""
-        h, w = images.shape[-2:]
-        total = None
-        for scale in self.scales:
-            x = images.float()
-            if scale != 1.0:
-                x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-            s = self.classifier.scores(self.features(x))
-            if self.flip_average:
-                s = 0.5 * (s + self.classifier.scores(self.features(x.flip(-1))).flip(-1))
-            # The coarse grid covers ceil(size / 16) cells: bring it to the scaled size, then the view's.
-            s = F.interpolate(s, size=(-(-x.shape[-2] // GRID_STRIDE) * GRID_STRIDE,
-                                       -(-x.shape[-1] // GRID_STRIDE) * GRID_STRIDE),
-                              mode="bilinear", align_corners=False)[..., : x.shape[-2], : x.shape[-1]]
-            if s.shape[-2:] != (h, w):
-                s = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
-            total = s if total is None else total + s
-        return total / len(self.scales)
+        with torch.no_grad():
+            h, w = images.shape[-2:]
+            total = None
+            for scale in self.scales:
+                x = images.float()
+                if scale != 1.0:
+                    x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                s = self.classifier.scores(self.features(x))
+                if self.flip_average:
+                    s = 0.5 * (s + self.classifier.scores(self.features(x.flip(-1))).flip(-1))
+                # The coarse grid covers ceil(size / 16) cells: bring it to the scaled size, then the view's.
+                s = F.interpolate(s, size=(-(-x.shape[-2] // GRID_STRIDE) * GRID_STRIDE,
+                                           -(-x.shape[-1] // GRID_STRIDE) * GRID_STRIDE),
+                                  mode="bilinear", align_corners=False)[..., : x.shape[-2], : x.shape[-1]]
+                if s.shape[-2:] != (h, w):
+                    s = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
+                total = s if total is None else total + s
+            return total / len(self.scales)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, image_labels: torch.Tensor, gt: torch.Tensor | None = None,
                  valid: torch.Tensor | None = None, frames=None) -> torch.Tensor:
-        scores = self.scores(images)
-        labels = image_labels.to(scores.device).bool()
-        return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
-                                 None if valid is None else valid.to(scores.device))
+        with torch.no_grad():
+            scores = self.scores(images)
+            labels = image_labels.to(scores.device).bool()
+            return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
+                                     None if valid is None else valid.to(scores.device))
 
 
 def load_proxy_teacher(path: str | Path, classes: ClassSet, device="cpu", scales: Sequence[float] = (1.0,),

@@ -40,15 +40,15 @@ def tokenizer_for(model: str):
     return open_clip.get_tokenizer(model)
 
 
-@torch.no_grad()
 def encode_class_names(model: nn.Module, tokenizer, names: Sequence[str], templates: Sequence[str],
                        device="cpu") -> torch.Tensor:
     """(C, D) L2-normalised prompt-ensemble embeddings, one row per name."""
     rows = []
-    for name in names:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        rows.append(F.normalize(emb.mean(dim=0), dim=-1))
+    with torch.no_grad():  # a block, not a decorator: mutation testing skips decorated functions
+        for name in names:
+            tokens = tokenizer([t.format(name) for t in templates]).to(device)
+            emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            rows.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(rows)
 
 
