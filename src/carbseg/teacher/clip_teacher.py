@@ -128,8 +128,10 @@ class CLIPTeacher:
         with torch.no_grad():
             scores = self.scores(images)  # ``frames`` is not needed: CLIP sees only the pixels
             labels = image_labels.to(scores.device).bool()
-            with torch.autocast(device_type=scores.device.type, enabled=False):
-                if self.use_prompt_denoising:
-                    labels = prompt_denoising(scores, labels)
-                return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
-                                         None if valid is None else valid.to(scores.device))
+            # No autocast guard needed from here: the fp32 scores go through interpolation, softmax and
+            # max only, which autocast never lowers (tests/test_clip_teacher.py compares masks made
+            # inside a caller's bf16 autocast with those made outside it).
+            if self.use_prompt_denoising:
+                labels = prompt_denoising(scores, labels)
+            return masks_from_scores(scores, labels, tuple(images.shape[-2:]), self.confidence_threshold,
+                                     None if valid is None else valid.to(scores.device))
