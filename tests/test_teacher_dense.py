@@ -416,3 +416,11 @@ def test_blocks_trunk_block_cannot_compute_run_their_own_forward(change):
     with torch.no_grad():
         ours, reference = dense._tokens_before_last_block(images)[0], reference_tokens(model.visual, images)[0]
     torch.testing.assert_close(ours, reference, rtol=0, atol=2e-5 * float(reference.abs().max()))
+
+
+def test_cached_positions_and_neighbourhood_live_on_the_asked_device():
+    """The "meta" device stands in for a GPU: a cache built on the CPU and never moved would show here."""
+    dense = DenseCLIP(random_clip().visual, variant="naclip")
+    for grid in [(14, 14), (8, 20)]:  # the native grid (no interpolation) and an interpolated one
+        assert dense.positional_embedding(grid, torch.float32, "meta").device.type == "meta"
+    assert dense.neighbourhood((2, 3), torch.float32, "meta").device.type == "meta"
