@@ -129,3 +129,15 @@ def test_precision_is_checked_resolved_once_and_used(clip):
         masks_inside = fp32(IMAGES, torch.ones(2, 4, dtype=torch.bool))
     assert torch.equal(inside, fp32.scores(IMAGES))
     assert torch.equal(masks_inside, fp32(IMAGES, torch.ones(2, 4, dtype=torch.bool)))
+
+
+def test_mean_and_std_are_made_once_per_device(clip):
+    """The "meta" device stands in for a GPU: statistics cached for the CPU and reused there would show."""
+    teacher = teacher_of(clip)
+    meta = teacher._statistics(torch.device("meta"))
+    cpu = teacher._statistics(torch.device("cpu"))
+    assert [t.device.type for t in meta + cpu] == ["meta", "meta", "cpu", "cpu"]
+    assert teacher._statistics(torch.device("cpu"))[0] is cpu[0]  # made once
+    torch.testing.assert_close(cpu[0], MEAN * 255.0)
+    torch.testing.assert_close(cpu[1], STD * 255.0)
+    assert teacher._normalise(torch.zeros(1, 3, 2, 2, device="meta")).device.type == "meta"
