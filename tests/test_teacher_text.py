@@ -157,3 +157,30 @@ def test_cache_file_name_is_the_documented_key_so_caches_survive_upgrades(tmp_pa
     name = hashlib.sha256(blob.encode()).hexdigest()[:24] + ".safetensors"
     path = te._cache_file(tmp_path, _Source(), ("road", "tree"), ("a {}.",))
     assert path == tmp_path / "text_embeddings" / name
+
+
+def test_encode_class_names_runs_on_the_cpu_by_default_and_on_the_asked_device():
+    """The "meta" device stands in for a GPU: tokens left on the CPU beside a moved model would show."""
+    import copy
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_VIT_CONFIG).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    default = te.encode_class_names(model, tokenizer, ["road", "car"], ["a photo of a {}."])
+    assert default.device.type == "cpu"
+    torch.testing.assert_close(default, te.encode_class_names(model, tokenizer, ["road", "car"],
+                                                              ["a photo of a {}."], device="cpu"), rtol=0, atol=0)
+    on_meta = te.encode_class_names(copy.deepcopy(model).to("meta"), tokenizer, ["road"], ["a {}."], device="meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (1, 32)
+
+    class RecordingModel:  # meta weights accept CPU token ids, so record where the tokens went
+        def __init__(self):
+            self.devices = []
+
+        def encode_text(self, tokens):
+            self.devices.append(tokens.device.type)
+            return torch.ones(tokens.shape[0], 4)
+
+    recording = RecordingModel()
+    te.encode_class_names(recording, tokenizer, ["road", "car"], ["a {}."], device="meta")
+    assert recording.devices == ["meta", "meta"]
