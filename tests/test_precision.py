@@ -8,6 +8,7 @@ emulated, as on AVX2-only CPUs).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -159,7 +160,9 @@ TRUNCATED = '{"KEY": {"segmenter": {"fp32": 0.1, "bf16": 0.7}, "teacher": {"fp32
 @pytest.mark.parametrize("content", [
     "{not json", "[1, 2]", TRUNCATED, "", '{"KEY": 5}', '{"KEY": {"teacher": {"fp32": "x"}}}',
     '{"KEY": {"teacher": {"fp32": 1.0, "bf16": 0}}}',
-    '{"KEY": {"teacher": {"fp32": 1.0, "bf16": 0.5, "bf16_wins": 9, "pairs": 7}}}'])
+    '{"KEY": {"teacher": {"fp32": 1.0, "bf16": 0.5, "bf16_wins": 9, "pairs": 7}}}',
+    '{"KEY": {"teacher": {"fp32": 1.0, "bf16": 0.5, "pairs": 7}}}', '{"KEY": {"teacher": {"fp32": 1.0, "bf16": 0.5, '
+    '"bf16_wins": 1}}}', '{"KEY": {"teacher": {"fp32": 1.0, "bf16": 0.5, "bf16_wins": 0, "pairs": 0}}}'])
 def test_a_broken_cache_file_is_measured_again_and_repaired(probe_env, content, caplog):
     """Damaged (a write cut short, a hand edit): one warning naming the file, a new probe, a file rewritten
     whole; the next question (the other workload) reads the repaired file without warning again."""
@@ -655,3 +658,445 @@ def test_doctor_shows_the_cached_answers_and_reprobe_clears_them(probe_env, monk
     monkeypatch.setenv(precision.ENV_CHOICE, "fp32")
     assert main(["doctor"]) == 0
     assert f"CPU precision: forced by {precision.ENV_CHOICE}=fp32; probe cache {probe_env}\n" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- each answer, its reason and its message
+def _fake_gpus(monkeypatch, capabilities, names=("Tesla V100-SXM2-16GB", "NVIDIA A100-SXM4-40GB")):
+    """CUDA devices of the given compute capabilities (``torch.cuda`` monkeypatched), asked by index, by
+    ``torch.device`` or, with no argument, for the current device (0)."""
+    def index(device=None) -> int:
+        return device if isinstance(device, int) else (torch.device(device).index or 0) if device is not None else 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[index(device)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[index(device)])
+
+
+def _onednn_bf16(monkeypatch, answer: bool) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: answer)
+
+
+def test_native_bf16_asks_onednn_on_a_cpu_and_the_capability_of_that_gpu(monkeypatch):
+    for answer in (True, False):
+        _onednn_bf16(monkeypatch, answer)
+        assert precision.native_bf16("cpu") is answer and precision.native_bf16(torch.device("cpu")) is answer
+
+    def no_onednn():
+        raise RuntimeError("oneDNN is not built in")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", no_onednn)
+    assert precision.native_bf16("cpu") is False
+    _onednn_bf16(monkeypatch, True)
+    assert precision.native_bf16("meta") is False  # neither a CPU nor a CUDA device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.native_bf16("cuda") is False
+    _fake_gpus(monkeypatch, [(7, 5), (8, 6)])
+    assert [precision.native_bf16(d) for d in ("cuda", "cuda:0", "cuda:1", torch.device("cuda", 1))] == [
+        False, False, True, True]
+
+
+def test_the_fast_precision_of_each_device(monkeypatch):
+    """bf16 where native, fp16 on a CUDA GPU without it, none on a CPU without it; inference's ``amp=True``
+    is that precision (bf16 on any CPU: asked for), the segmenter's and the teacher's auto follow it on GPUs."""
+    _fake_gpus(monkeypatch, [(7, 0), (8, 0)])
+    _onednn_bf16(monkeypatch, False)
+    devices = [torch.device(d) for d in ("cuda:0", "cuda:1", "cpu", "meta")]
+    assert [precision.fast_autocast_dtype(d) for d in devices] == [torch.float16, torch.bfloat16, None, None]
+    assert precision.fast_autocast_dtype("cuda:1") == torch.bfloat16
+    assert [precision.inference_autocast_dtype(d, True) for d in devices[:3]] == [
+        torch.float16, torch.bfloat16, torch.bfloat16]
+    assert precision.inference_autocast_dtype(devices[0], False) is None
+    assert precision.inference_autocast_dtype(devices[0], torch.float32) == torch.float32
+    assert [precision.segmenter_precision(d) for d in devices[:2] + devices[3:]] == [
+        precision.PrecisionChoice("fp16", "bf16 is emulated on this GPU"),
+        precision.PrecisionChoice("bf16", "native bf16 on this GPU"),
+        precision.PrecisionChoice("fp32", "no autocast")]
+    assert precision.inference_autocast_dtype(devices[0]) == torch.float16
+    assert precision.teacher_precision("auto", "cuda:1") == precision.PrecisionChoice("bf16", "native bf16 on this GPU")
+    assert precision.teacher_precision("auto", "meta") == precision.PrecisionChoice(
+        "fp32", "no native bf16 on this device")
+    _onednn_bf16(monkeypatch, True)
+    assert precision.fast_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_cuda_bf16_native_asks_pytorch_without_emulation_for_device_0_by_default(monkeypatch):
+    """Where ``is_bf16_supported`` takes ``including_emulation``, its answer (for the device asked about)
+    decides, not the capability: here a GPU of capability 9.0 that PyTorch says computes bf16 only by
+    emulation."""
+    import contextlib
+
+    current, asked = [0], []
+
+    @contextlib.contextmanager
+    def device(index):
+        before, current[0] = current[0], index
+        yield
+        current[0] = before
+
+    def supported(including_emulation=True):
+        asked.append((current[0], including_emulation))
+        return current[0] == 0
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert precision.cuda_bf16_native() is True and precision.cuda_bf16_native(1) is False
+    assert asked == [(0, False), (1, False)]
+
+
+def test_cpu_bf16_native_from_either_flag(monkeypatch, tmp_path):
+    for flags in ("avx512_bf16", "amx_bf16", "amx_tile avx512_bf16 amx_bf16"):
+        _fake_cpu(monkeypatch, tmp_path, flags.replace(" ", "-"), flags, onednn_bf16=False)
+        assert precision.cpu_bf16_native(), flags
+    _fake_cpu(monkeypatch, tmp_path, "tile", "amx_tile avx512f", onednn_bf16=False)
+    assert not precision.cpu_bf16_native()
+
+
+def test_precision_before_the_probe_follows_the_cpu_flag(monkeypatch):
+    for native, teacher in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        assert precision.precision_before_the_probe() == {"device": "cpu", "model": "fp32", "teacher": teacher}
+
+
+def test_training_precision_on_a_gpu_and_the_fp16_message(monkeypatch):
+    cuda = torch.device("cuda")
+    assert precision.training_precision("fp16", cuda, clip_teacher=False) == {
+        "model": precision.PrecisionChoice("fp16", "train.amp = fp16"), "teacher": None}
+    assert precision.training_precision("bf16", "cuda:0", clip_teacher=False)["model"] == precision.PrecisionChoice(
+        "bf16", "train.amp = bf16")
+    message = "train.amp = fp16 needs a CUDA GPU; use train.amp=bf16 or off on CPU"
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        precision.training_precision("fp16", "cpu", clip_teacher=False)
+
+
+def test_the_trainings_autocast_probes_only_the_segmenter(probe_env, monkeypatch):
+    """``training_autocast_dtype`` asks about the segmenter: it does not run (or cache) the teacher's probe."""
+    probe = FakeProbe(fp32=0.1, bf16=0.7)
+    monkeypatch.setattr(precision, "measure", probe)
+    assert precision.training_autocast_dtype("auto", torch.device("cpu")) is None
+    assert probe.calls == ["segmenter"] and set(json.loads(probe_env.read_text())[precision.machine_key()]) == {
+        "segmenter"}
+
+
+@pytest.mark.parametrize("load, cores, busy", [
+    ((4.0, 0.0, 0.0), 4, "load average 4.0 >= 4 cores"), ((3.9, 9.0, 9.0), 4, None),
+    ((1.5, 0.0, 0.0), None, "load average 1.5 >= 1 cores")])
+def test_machine_busy_at_a_load_of_the_core_count(monkeypatch, load, cores, busy):
+    """The 1-minute load average against the logical cores (1 where unknown)."""
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: load)
+    monkeypatch.setattr(precision.os, "cpu_count", lambda: cores)
+    assert precision.machine_busy() == busy
+
+
+def test_machine_busy_without_a_load_average(monkeypatch):
+    def unavailable():
+        raise OSError("load average unobtainable")
+
+    monkeypatch.setattr(precision.os, "getloadavg", unavailable)
+    assert precision.machine_busy() is None
+    monkeypatch.delattr(precision.os, "getloadavg")  # Windows
+    assert precision.machine_busy() is None
+
+
+def test_machine_summary_names_cpu_gpu_threads_and_load(monkeypatch, tmp_path):
+    from carbseg.allocator import allocator_state
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n")
+    monkeypatch.setattr(precision, "CPUINFO", info)
+    _onednn_bf16(monkeypatch, True)  # the flag the summary names is oneDNN's
+    monkeypatch.setattr(precision.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (2.5, 1.0, 0.5))
+    _fake_gpus(monkeypatch, [(8, 0), (9, 0)], names=("GPU zero", "GPU one"))
+    rest = (f"torch {torch.__version__}; threads {torch.get_num_threads()} intra-op / "
+            f"{torch.get_num_interop_threads()} inter-op; allocator {allocator_state()}; load average")
+    cpu = "CPU AMD EPYC (8 logical cores), native CPU bf16 flag True"
+    assert precision.machine_summary() == f"{cpu}; {rest} 2.5"
+    assert precision.machine_summary("cuda:1") == f"{cpu}, GPU GPU one; {rest} 2.5"
+    monkeypatch.delattr(precision.os, "getloadavg")  # Windows
+    assert precision.machine_summary(torch.device("cpu")) == f"{cpu}; {rest} nan"
+
+
+def test_measure_times_three_rounds_when_idle_and_seven_under_load(monkeypatch):
+    for under_load, rounds in ((False, 3), (True, precision.LOADED_ROUNDS)):
+        clock = ScriptedClock({"fp32": [1.0], "bf16": [0.5]})
+        monkeypatch.setattr(precision.time, "perf_counter", clock.perf_counter)
+        monkeypatch.setitem(precision.PROBES, "teacher", lambda clock=clock: clock.probe)
+        precision.measure("teacher", under_load=under_load)
+        assert clock.calls == ["fp32", "bf16"] * (2 + rounds)
+
+
+class ExactClock:
+    """Like :class:`ScriptedClock`, but each timed call reads exactly its scripted seconds (the clock reads
+    0 before a call and the call's seconds after it): for the comparisons at their boundaries."""
+
+    def __init__(self, seconds: dict[str, list[float]]):
+        self.seconds, self.calls, self.last, self.reads = seconds, [], 0.0, 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return 0.0 if self.reads % 2 else self.last
+
+    def probe(self, dtype: torch.dtype | None) -> None:
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        done = sum(call == name for call in self.calls)
+        self.calls.append(name)
+        self.last = self.seconds[name][min(done, len(self.seconds[name]) - 1)]
+
+
+@pytest.mark.parametrize("fp32, bf16, early", [(1.0, 3.0, False), (2.0, 4.0, False), (1.0, 3.5, True)])
+def test_the_early_exit_is_for_bf16_over_three_times_fp32(monkeypatch, fp32, bf16, early):
+    """The first timed pair ends the probe only where bf16 took more than 3x fp32's time (exactly 3x goes on)."""
+    clock = ExactClock({"fp32": [fp32], "bf16": [bf16, bf16, fp32 / 2]})
+    monkeypatch.setattr(precision.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setitem(precision.PROBES, "teacher", lambda: clock.probe)
+    timings = precision.measure("teacher", rounds=3)
+    assert len(clock.calls) == (4 if early else 10)
+    assert timings == ({"fp32": fp32, "bf16": bf16} if early else {"fp32": fp32, "bf16": fp32 / 2})
+
+
+def test_under_load_a_pair_at_exactly_the_margin_is_a_bf16_win(monkeypatch):
+    clock = ExactClock({"fp32": [precision.MARGIN * 0.5], "bf16": [0.5]})
+    monkeypatch.setattr(precision.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setitem(precision.PROBES, "teacher", lambda: clock.probe)
+    assert precision.measure("teacher", rounds=3, under_load=True) == {
+        "fp32": precision.MARGIN * 0.5, "bf16": 0.5, "bf16_wins": 3, "pairs": 3}
+
+
+class RecordedOps(TorchDispatchMode):
+    """Records the named aten ops run under it, with their arguments (a tensor as its shape)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        super().__init__()
+        self.names, self.ops = names, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def described(value):
+            if isinstance(value, torch.Tensor):
+                return tuple(value.shape)
+            return type(value)(described(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+        if func.overloadpacket.__name__ in self.names:
+            self.ops.append((func.overloadpacket.__name__, *described(list(args))))
+        return func(*args, **(kwargs or {}))
+
+
+def _closure(run) -> dict:
+    return dict(zip(run.__code__.co_freevars, (cell.cell_contents for cell in run.__closure__), strict=True))
+
+
+def test_the_teacher_probe_is_one_vit_b16_block_over_256_tokens():
+    """The operations and shapes of a CLIP ViT-B/16 block (12 heads of 64, MLP 3072, no biases), on
+    weights of CLIP's scale; its inputs drawn without touching the global random stream."""
+    state = torch.random.get_rng_state()
+    run = precision.PROBES["teacher"]()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    names = ("layer_norm", "linear", "view", "permute", "scaled_dot_product_attention", "transpose", "reshape",
+             "add", "sub", "gelu")
+    with RecordedOps(names) as recorded:
+        run(None)
+    n, qkv = 256, (1, 12, 256, 64)
+    assert recorded.ops == [
+        ("layer_norm", (1, n, 768), [768]), ("linear", (1, n, 768), (2304, 768)),
+        ("view", (1, n, 2304), [1, n, 3, 12, 64]), ("permute", (1, n, 3, 12, 64), [2, 0, 3, 1, 4]),
+        ("scaled_dot_product_attention", qkv, qkv, qkv), ("transpose", qkv, 1, 2),
+        ("reshape", (1, n, 12, 64), [1, n, 768]), ("linear", (1, n, 768), (768, 768)),
+        ("add", (1, n, 768), (1, n, 768)),
+        ("layer_norm", (1, n, 768), [768]), ("linear", (1, n, 768), (3072, 768)), ("gelu", (1, n, 3072)),
+        ("linear", (1, n, 3072), (768, 3072)), ("add", (1, n, 768), (1, n, 768))]
+    tensors = _closure(run)
+    assert abs(float(tensors["x0"].std()) - 1.0) < 0.01
+    for name in ("qkv_w", "out_w", "fc1_w", "fc2_w"):
+        assert abs(float(tensors[name].std()) - 0.02) < 0.0005, name
+
+
+def test_the_segmenter_probe_is_an_mbconv_block_and_a_dilated_3x3_channels_last():
+    """Forward: 1x1 expand 256 -> 1024, BN, ReLU6, 3x3 depthwise, BN, ReLU6, 1x1 project plus the
+    residual, dilated 3x3 256 -> 512 (no biases, stride 1, the map kept at 24x32); backward through all
+    four; the gradients dropped after each call (set to None, not zeroed and accumulated)."""
+    run = precision.PROBES["segmenter"]()
+    with RecordedOps(("convolution", "native_batch_norm", "hardtanh", "add", "sub", "convolution_backward")) as rec:
+        run(None)
+    x, wide = (1, 256, 24, 32), (1, 1024, 24, 32)
+    bn = ("native_batch_norm", wide, None, None, None, None, True, 0.1, 1e-05)
+    forward = [op for op in rec.ops if op[0] != "convolution_backward"]
+    assert forward == [
+        ("convolution", x, (1024, 256, 1, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), bn,
+        ("hardtanh", wide, 0, 6),
+        ("convolution", wide, (1024, 1, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1024), bn,
+        ("hardtanh", wide, 0, 6),
+        ("convolution", wide, (256, 1024, 1, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), ("add", x, x),
+        ("convolution", x, (512, 256, 3, 3), None, [1, 1], [2, 2], [2, 2], False, [0, 0], 1)]
+    assert len(rec.ops) - len(forward) == 4  # each convolution's backward
+    layers = _closure(run)
+    for name in ("expand", "depthwise", "project", "dense"):
+        weight = layers[name].weight
+        assert weight.grad is None and abs(float(weight.detach().std()) - 0.05) < 0.003, name
+        assert weight.is_contiguous(memory_format=torch.channels_last), name
+    assert not layers["dense"].weight.is_contiguous()  # channels-last for real (a 1x1 kernel is both)
+
+
+@pytest.mark.parametrize("timings", [
+    {"fp32": 1.0, "bf16": 0.5, "bf16_wins": 0, "pairs": 7}, {"fp32": 1.0, "bf16": 0.5, "bf16_wins": 7, "pairs": 7},
+    {"fp32": 1.0, "bf16": 0.5, "bf16_wins": 1, "pairs": 1}, {"fp32": 1.0, "bf16": 0.9}])
+def test_well_formed_cached_answers_at_their_bounds_are_used(probe_env, monkeypatch, caplog, timings):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    probe_env.parent.mkdir(parents=True)
+    probe_env.write_text(json.dumps({precision.machine_key(): {"teacher": timings}}))
+    probe = FakeProbe(fp32=0.1, bf16=0.7)
+    with caplog.at_level("INFO", logger="carbseg.precision"):
+        choice = precision.cpu_choice("teacher", measure_fn=probe)
+    assert probe.calls == [] and caplog.records == [] and choice.name == precision.decide(timings)
+    assert precision.cached_answers() == [(precision.machine_key(), "teacher", timings)]
+
+
+def test_the_damaged_cache_warnings_say_what_is_wrong_once_per_file(probe_env, monkeypatch, caplog, tmp_path):
+    other = tmp_path / "other.json"
+    probe_env.parent.mkdir(parents=True)
+    for path in (probe_env, other):
+        path.write_text("{not json")
+    with caplog.at_level("INFO", logger="carbseg.precision"):
+        for _ in range(2):
+            assert precision._read_cache(probe_env) == {} and precision._read_cache(other) == {}
+    tail = "; ignored, the probe measures again and rewrites it"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{probe_env}: the CPU precision cache is damaged (not a JSON object){tail}",
+        f"{other}: the CPU precision cache is damaged (not a JSON object){tail}"]
+    caplog.clear()
+    monkeypatch.setattr(precision, "_warned", set())  # the next process
+    probe_env.write_text(json.dumps({precision.machine_key(): {"segmenter": {"fp32": "x"}, "teacher": {
+        "fp32": 1.0, "bf16": 2.0}}}))
+    with caplog.at_level("INFO", logger="carbseg.precision"):
+        assert precision.cpu_choice("teacher", measure_fn=FakeProbe(2.0, 0.5)).name == "fp32"  # the cached one
+        assert caplog.records == []  # the other workload's entry is not read
+        precision.cpu_choice("segmenter", measure_fn=FakeProbe(0.1, 0.7))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{probe_env}: the cached segmenter answer for this machine is malformed{tail}"]
+
+
+def test_why_a_cached_answer_is_measured_again_is_logged(probe_env, monkeypatch, caplog, tmp_path):
+    cores = precision.os.cpu_count()
+    _fake_cpu(monkeypatch, tmp_path, "mac", None, onednn_bf16=True)  # no flags: oneDNN's answer decides
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (cores + 0.5, 1.0, 1.0))
+    precision.cpu_choice("teacher", measure_fn=FakeProbe(0.1, 0.7))  # provisional: measured under load
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    precision.cpu_choice("segmenter", measure_fn=FakeProbe(2.0, 0.5))  # bf16
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    with caplog.at_level("INFO", logger="carbseg.precision"):
+        precision.cpu_choice("teacher", measure_fn=FakeProbe(0.1, 0.7))
+        precision.cpu_choice("segmenter", measure_fn=FakeProbe(0.1, 0.7))
+    start = "precision: the cached {} probe answer is measured again: "
+    assert [r.getMessage() for r in caplog.records] == [
+        start.format("teacher") + f"provisional (measured under load: load average {cores + 0.5:.1f} >= {cores} "
+                                   "cores), the machine is idle now",
+        start.format("segmenter") + "bf16, but this CPU has no native bf16 (a cache copied from another CPU?)"]
+
+
+def test_the_cache_keeps_timings_to_the_microsecond_and_a_failed_write_is_no_error(probe_env, monkeypatch):
+    import errno
+
+    import carbseg.io
+
+    precision.cpu_choice("teacher", measure_fn=FakeProbe(fp32=0.0123456789, bf16=0.0051234567))
+    assert json.loads(probe_env.read_text())[precision.machine_key()] == {
+        "teacher": {"fp32": 0.012346, "bf16": 0.005123}}
+
+    def failing(path, obj):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(carbseg.io, "write_json_atomic", failing)
+    assert precision.cpu_choice("segmenter", measure_fn=FakeProbe(0.1, 0.7)).name == "fp32"
+
+
+def test_cached_answers_and_clear_cache_of_another_file(probe_env, tmp_path, caplog):
+    """The answers of a given cache file (doctor): a damaged one has none, silently (doctor says "not measured
+    yet"); malformed entries and unknown workloads are left out."""
+    precision.cpu_choice("teacher", measure_fn=FakeProbe(0.1, 0.7))
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text("{not json")
+    with caplog.at_level("INFO", logger="carbseg.precision"):
+        assert precision.cached_answers(damaged) == [] and caplog.records == []
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"K": {"teacher": {"fp32": 0.1, "bf16": 0.7}, "segmenter": {"fp32": "x"},
+                                       "encoder": {"fp32": 0.1, "bf16": 0.7}}, "L": 5}))
+    assert precision.cached_answers(other) == [("K", "teacher", {"fp32": 0.1, "bf16": 0.7})]
+    assert precision.clear_cache(other) == 1 and not other.exists() and probe_env.exists()
+    assert precision.clear_cache(other) is None
+
+
+def _while_another_start_holds_the_lock(probe_env, monkeypatch, write):
+    """Start a teacher choice in a thread while this test holds the cache's lock (another process
+    probing); once it waits, ``write(probe_env)`` (what that process left) and release. Its choice and probe."""
+    import fcntl
+
+    probe_env.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(probe_env.with_name(probe_env.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    waiting, sleep = threading.Event(), time.sleep
+
+    def noted_sleep(seconds):
+        waiting.set()
+        sleep(seconds)
+
+    monkeypatch.setattr(precision.time, "sleep", noted_sleep)
+    probe, result = FakeProbe(fp32=0.1, bf16=0.7), []
+    thread = threading.Thread(target=lambda: result.append(precision.cpu_choice("teacher", measure_fn=probe)))
+    thread.start()
+    assert waiting.wait(timeout=30)
+    write(probe_env)
+    lock.close()
+    thread.join(timeout=30)
+    return result[0], probe
+
+
+def test_a_start_that_waited_uses_the_other_probes_answer_even_provisional(probe_env, monkeypatch):
+    """The other process measured under load (provisional): the start that waited for it is on a busy
+    machine too, so it uses that answer rather than measuring again."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    entry = {"fp32": 2.0, "bf16": 0.5, "provisional": True, "measured_under": "another probe was running"}
+    choice, probe = _while_another_start_holds_the_lock(
+        probe_env, monkeypatch, lambda path: path.write_text(json.dumps({precision.machine_key(): {"teacher": entry}})))
+    assert probe.calls == [] and choice.name == "bf16" and choice.reason.startswith(f"cached probe ({probe_env})")
+
+
+def test_the_reads_under_the_lock_do_not_warn(probe_env, monkeypatch, caplog):
+    """Only the read before the probe reports a damaged file; the re-read after waiting for another probe
+    and the read-modify-write say nothing (here the file was damaged while this start waited)."""
+    with caplog.at_level("WARNING", logger="carbseg.precision"):
+        choice, probe = _while_another_start_holds_the_lock(probe_env, monkeypatch,
+                                                            lambda path: path.write_text("{not json"))
+    assert probe.calls == ["teacher"] and choice.name == "fp32" and caplog.records == []
+    assert json.loads(probe_env.read_text())[precision.machine_key()]["teacher"]["fp32"] == 0.1
+
+
+def test_the_cache_path_default_and_its_overrides(monkeypatch, tmp_path):
+    monkeypatch.delenv(precision.ENV_CACHE, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert precision.cache_path() == tmp_path / "home" / ".cache" / "carbseg" / "cpu_precision.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert precision.cache_path() == tmp_path / "xdg" / "carbseg" / "cpu_precision.json"
+    monkeypatch.setenv(precision.ENV_CACHE, str(tmp_path / "mine.json"))
+    assert precision.cache_path() == tmp_path / "mine.json"
+
+
+def test_the_reason_of_a_probe_under_load_names_the_pairs_and_the_load(probe_env, monkeypatch):
+    cores = precision.os.cpu_count()
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (cores + 1.0, 1.0, 1.0))
+    choice = precision.cpu_choice("teacher", measure_fn=lambda w, under_load: {
+        "fp32": 0.02, "bf16": 0.008, "bf16_wins": 6, "pairs": 7})
+    assert choice == precision.PrecisionChoice("bf16", (
+        "probe: bf16 autocast 2.50x fp32's speed on the teacher probe (bf16 needs >= 1.2x in most interleaved pairs: "
+        f"6 of 7); provisional (measured under load: load average {cores + 1.0:.1f} >= {cores} cores), again when idle"))
+
+
+def test_cpu_model_from_cpuinfo_else_what_platform_knows(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nModel Name\t: Vendor CPU: rev 2 @ 2.00GHz \nmodel name\t: the second\n")
+    monkeypatch.setattr(precision, "CPUINFO", info)
+    assert precision.cpu_model() == "Vendor CPU: rev 2 @ 2.00GHz"
+    monkeypatch.setattr(precision, "CPUINFO", tmp_path / "no-cpuinfo")  # not Linux
+    for processor, machine, model in (("arm", "arm64", "arm"), ("", "arm64", "arm64"), ("", "", "unknown CPU")):
+        monkeypatch.setattr(precision.platform, "processor", lambda processor=processor: processor)
+        monkeypatch.setattr(precision.platform, "machine", lambda machine=machine: machine)
+        assert precision.cpu_model() == model
