@@ -433,3 +433,46 @@ def test_objective_keeps_nothing_of_a_non_finite_step():
     assert len(objective.queue) == 0 and loss.coefficient.item() == 0.7
     objective(terms, 1)
     assert len(objective.queue) == 1
+
+
+def test_the_queue_and_every_term_live_on_the_device_of_the_logits(monkeypatch):
+    """The "meta" device stands in for a GPU: anything made on the CPU (the window, the fill count, the
+    zero pixel counts, the coefficient's positions) would show, without a GPU."""
+    import dataclasses
+
+    from carbseg.losses import carb
+
+    # single process: the collective is a no-op; let the pair stay where it is (NCCL's GPU case)
+    monkeypatch.setattr(carb.distributed, "collective_device", lambda preferred=None: torch.device(preferred))
+    queue = carb.LossQueue(3)
+    queue.load_state_dict({"size": 3, "consistent": [1.0], "inconsistent": [2.0]})  # a checkpoint: CPU
+    meta = torch.device("meta")
+    queue.push(torch.tensor(1.0, device=meta), torch.tensor(2.0, device=meta), keep=torch.tensor(True, device=meta))
+    queue.push(torch.tensor(1.0, device=meta), torch.tensor(2.0, device=meta))
+    assert {queue._window.device, queue._filled.device, queue.coefficient(0.5).device} == {meta}
+    logits = torch.zeros(2, 3, 4, 4, device=meta)
+    teacher = torch.zeros(2, 4, 4, dtype=torch.long, device=meta)
+    labels = torch.ones(2, 3, dtype=torch.bool, device=meta)
+    for patch, regions in [(None, True), (None, False), (logits[..., :2, :2], True)]:
+        terms = carb.carb_loss(logits, teacher, patch, None if patch is None else teacher[..., :2, :2], labels,
+                               regions=regions)
+        assert {getattr(terms, f.name).device for f in dataclasses.fields(terms)} == {meta}, (patch, regions)
+
+
+def test_push_gathers_the_pair_on_the_collective_device_and_brings_it_back(monkeypatch):
+    """CPU values with a collective on another device (meta stands in for NCCL's GPU): the pair is averaged
+    there and the queue stays on the values' device; a float pushed beside a tensor joins the tensor's device."""
+    from carbseg.losses import carb
+
+    seen = []
+    monkeypatch.setattr(carb.distributed, "collective_device", lambda preferred=None: torch.device("meta"))
+    monkeypatch.setattr(carb.distributed, "all_reduce_mean_", lambda t: seen.append(t.device.type))
+    queue = carb.LossQueue(2)
+    with pytest.raises(NotImplementedError, match="meta"):  # meta holds no values to bring back ...
+        queue.push(torch.tensor(1.0), 2.0)
+    assert seen == ["meta"]  # ... but the all-reduce saw the pair on the collective device
+    monkeypatch.setattr(carb.distributed, "collective_device", lambda preferred=None: torch.device(preferred))
+    meta = torch.device("meta")
+    queue = carb.LossQueue(2)
+    queue.push(torch.tensor(1.0, device=meta), 2.0)  # CE_incons as a float beside a CE_cons tensor
+    assert queue._window.device == meta and seen[-1] == "meta"
