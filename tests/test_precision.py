@@ -1100,3 +1100,26 @@ def test_cpu_model_from_cpuinfo_else_what_platform_knows(monkeypatch, tmp_path):
         monkeypatch.setattr(precision.platform, "processor", lambda processor=processor: processor)
         monkeypatch.setattr(precision.platform, "machine", lambda machine=machine: machine)
         assert precision.cpu_model() == model
+
+
+def test_autocast_to_the_dtype_asked_for():
+    cpu = torch.device("cpu")
+    assert [precision.autocast(cpu, dtype).fast_dtype for dtype in (torch.bfloat16, torch.float16)] == [
+        torch.bfloat16, torch.float16]
+    assert precision.autocast(cpu, torch.float16).device == "cpu"
+    assert not isinstance(precision.autocast(cpu, None), torch.autocast)
+
+
+def test_the_process_remembers_each_answer_per_cache_file(probe_env, monkeypatch, tmp_path):
+    """Asked again, the same answer without reading the file; another cache file (another
+    ``$CARBSEG_PRECISION_CACHE``) is read for its own answer."""
+    probe = FakeProbe(fp32=2.0, bf16=0.5)
+    monkeypatch.setattr(precision, "measure", probe)
+    first = precision.cpu_choice("teacher")
+    assert first.name == "bf16" and precision.cpu_choice("teacher") is first and probe.calls == ["teacher"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({precision.machine_key(): {"teacher": {"fp32": 0.1, "bf16": 0.7}}}))
+    monkeypatch.setenv(precision.ENV_CACHE, str(other))
+    assert precision.cpu_choice("teacher").name == "fp32" and probe.calls == ["teacher"]
+    with pytest.raises(ValueError, match=re.escape("workload must be one of ('teacher', 'segmenter')")):
+        precision.cpu_choice("encoder")
