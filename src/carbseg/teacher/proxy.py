@@ -207,6 +207,14 @@ class ProxyTeacher:
         self.classifier = ProxyClassifier(c.weight.to(device), c.bias.to(device), c.mean.to(device), c.std.to(device))
         return self
 
+    def _scores_at_own_size(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) scores of the (B, 3, h, w) images ``x``: their coarse grid covers ceil(size / 16)
+        cells from the top-left corner; it is brought to the covered size and cropped to ``x``'s."""
+        s = self.classifier.scores(self.features(x))
+        return F.interpolate(s, size=(-(-x.shape[-2] // GRID_STRIDE) * GRID_STRIDE,
+                                      -(-x.shape[-1] // GRID_STRIDE) * GRID_STRIDE),
+                             mode="bilinear", align_corners=False)[..., : x.shape[-2], : x.shape[-1]]
+
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) class scores averaged over the scales (before any label restriction)."""
         with torch.no_grad():
@@ -216,13 +224,9 @@ class ProxyTeacher:
                 x = images.float()
                 if scale != 1.0:
                     x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-                s = self.classifier.scores(self.features(x))
-                if self.flip_average:
-                    s = 0.5 * (s + self.classifier.scores(self.features(x.flip(-1))).flip(-1))
-                # The coarse grid covers ceil(size / 16) cells: bring it to the scaled size, then the view's.
-                s = F.interpolate(s, size=(-(-x.shape[-2] // GRID_STRIDE) * GRID_STRIDE,
-                                           -(-x.shape[-1] // GRID_STRIDE) * GRID_STRIDE),
-                                  mode="bilinear", align_corners=False)[..., : x.shape[-2], : x.shape[-1]]
+                s = self._scores_at_own_size(x)
+                if self.flip_average:  # mirrored back in pixels: the mirror's grid starts at the other edge
+                    s = 0.5 * (s + self._scores_at_own_size(x.flip(-1)).flip(-1))
                 if s.shape[-2:] != (h, w):
                     s = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
                 total = s if total is None else total + s
