@@ -688,3 +688,20 @@ def test_flip_averaged_scores_are_mirrored_exactly_at_any_width(features):
     for size in ((40, 72), (32, 80), (50, 90)):
         view = torch.rand(1, 3, *size) * 255
         torch.testing.assert_close(teacher.scores(view.flip(-1)), teacher.scores(view).flip(-1), atol=1e-5, rtol=0)
+
+
+def test_fit_classifier_runs_the_documented_lbfgs(monkeypatch):
+    """The optimiser's settings decide the fitted weights (a file users compare across versions): full-batch
+    L-BFGS, 100 iterations, history 20, strong-Wolfe line search, tolerances 1e-9 / 1e-12, step 1."""
+    seen = {}
+
+    class RecordingLBFGS(torch.optim.LBFGS):
+        def __init__(self, params, **kwargs):
+            seen.update(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "LBFGS", RecordingLBFGS)
+    torch.manual_seed(0)
+    fit_classifier(torch.randn(20, 2), torch.nn.functional.one_hot(torch.arange(20) % 2, 2).float())
+    assert seen == {"lr": 1.0, "max_iter": 100, "history_size": 20, "line_search_fn": "strong_wolfe",
+                    "tolerance_grad": 1e-9, "tolerance_change": 1e-12}
