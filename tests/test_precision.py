@@ -1123,3 +1123,14 @@ def test_the_process_remembers_each_answer_per_cache_file(probe_env, monkeypatch
     assert precision.cpu_choice("teacher").name == "fp32" and probe.calls == ["teacher"]
     with pytest.raises(ValueError, match=re.escape("workload must be one of ('teacher', 'segmenter')")):
         precision.cpu_choice("encoder")
+
+
+def test_a_resumed_cpu_run_keeps_the_recorded_choices():
+    """training_precision alone (no training): what the resumed-run tests check end to end, which the
+    mutation run leaves out for their cost."""
+    from carbseg.precision import PrecisionChoice, training_precision
+
+    kept = training_precision("auto", "cpu", clip_teacher=True,
+                              saved={"device": "cpu", "model": "bf16", "teacher": "fp32"})
+    assert kept == {"model": PrecisionChoice("bf16", "train.amp = auto, as chosen when this run started"),
+                    "teacher": PrecisionChoice("fp32", "auto, as chosen when this run started")}
