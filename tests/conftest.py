@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import tqdm
 
 # On a CPU, precision "auto" is a timed probe's answer (carbseg.precision.cpu_choice): the suite pins
 # it to fp32 so that its exact-value checks hold on every machine (CPU processes the tests start
@@ -15,6 +16,10 @@ import pytest
 os.environ["CARBSEG_CPU_PRECISION"] = "fp32"
 os.environ["CARBSEG_PRECISION_CACHE"] = os.path.join(tempfile.gettempdir(),
                                                      f"carbseg-tests-{os.getpid()}-precision.json")
+
+# No tqdm monitor thread: mutation testing (docs/testing.md) forks the test process once per mutant, and a
+# fork taken while that thread holds tqdm's lock leaves every progress bar of the child waiting forever.
+tqdm.tqdm.monitor_interval = 0
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
