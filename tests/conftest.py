@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ os.environ["CARBSEG_CPU_PRECISION"] = "fp32"
 os.environ["CARBSEG_PRECISION_CACHE"] = os.path.join(tempfile.gettempdir(),
                                                      f"carbseg-tests-{os.getpid()}-precision.json")
 
-# No tqdm monitor thread: mutation testing (docs/testing.md) forks the test process once per mutant, and a
-# fork taken while that thread holds tqdm's lock leaves every progress bar of the child waiting forever.
-tqdm.tqdm.monitor_interval = 0
+# tqdm's lock, a per-process one: by default it includes a multiprocessing lock, shared by every process
+# forked from this one. Mutation testing (docs/testing.md) forks the test process once per mutant and kills
+# a child on timeout; a child killed inside a progress bar left that lock held, and every later child's
+# progress bar waited forever.
+tqdm.tqdm.set_lock(threading.RLock())
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
