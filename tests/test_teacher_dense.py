@@ -391,15 +391,6 @@ def test_naclip_neighbourhood_is_cached_per_grid():
         torch.testing.assert_close(dense.neighbourhood(grid, torch.float64, "cpu"), reference_omega(*grid, 2.0))
 
 
-class _BlockWithOwnForward(torch.nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.inner = block
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 @pytest.mark.parametrize("change", ["bias_kv", "cross_attention_norm", "wrapped_last_trunk_block"])
 def test_blocks_trunk_block_cannot_compute_run_their_own_forward(change):
     model = random_clip()
@@ -409,7 +400,7 @@ def test_blocks_trunk_block_cannot_compute_run_their_own_forward(change):
     elif change == "cross_attention_norm":  # open_clip's cross-attention block
         blocks[1].ln_1_kv = torch.nn.LayerNorm(64)
     else:
-        blocks[1] = _BlockWithOwnForward(blocks[1])
+        blocks[1] = _WrappedBlock(blocks[1])
     dense = DenseCLIP(model.visual)
     assert not dense._standard_trunk
     images = torch.randn(1, 3, 64, 48)
