@@ -692,11 +692,7 @@ def test_scores_average_the_mirror_image_and_the_zooms(features):
 def test_flip_averaged_scores_are_mirrored_exactly_at_any_width(features):
     """The mirror's 16-px grid starts at the other edge: averaged on the coarse grid, the two grids were
     misaligned by (ceil(W/16) * 16 - W) px for a width that is not a multiple of 16 (GLV's zoomed patches)."""
-    torch.manual_seed(0)
-    d = features.out_channels
-    w = ProxyWeights(ProxyClassifier(torch.randn(3, d) / d ** 0.5, torch.randn(3), torch.zeros(d), torch.ones(d)),
-                     NAMES, "folder", "train", [], 0)
-    teacher = ProxyTeacher(features, w, _ClassSet(NAMES))
+    teacher = _random_teacher(features)
     for size in ((40, 72), (32, 80), (50, 90)):
         view = torch.rand(1, 3, *size) * 255
         torch.testing.assert_close(teacher.scores(view.flip(-1)), teacher.scores(view).flip(-1), atol=1e-5, rtol=0)
